@@ -1,0 +1,1 @@
+"""blt_jax: the Byte Latent Transformer in JAX/Flax."""

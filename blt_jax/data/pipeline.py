@@ -1,0 +1,402 @@
+"""Config-driven train/eval loaders built from grain datasets.
+
+Train: documents -> seeded shuffle -> repeat forever -> per-host shard ->
+encode `[BOS] bytes [EOS]` -> pack into windows -> batch -> thread prefetch.
+The resulting grain iterator is checkpointable (`get_state`/`set_state`).
+
+Eval: documents -> per-host shard -> encode -> pack (final window padded) ->
+batch; a fixed number of fixed-shape batches, identical on every host.
+
+Batches are dicts of numpy arrays of shape [B_host, seq_len]:
+  tokens     int32    input ids
+  targets    int32    next-token ids (tokens shifted by one in the stream)
+  loss_mask  float32  1 for real targets, 0 for padding (eval only)
+  <extra>    float32  per-token arrays a source provides, e.g. `entropies`
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from blt_jax import tokenizer
+from blt_jax.data import packing
+from blt_jax.data import sources as sources_lib
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Data settings read by `make_train_iterator` / `make_eval_iterator`."""
+  cfg = ml_collections.ConfigDict()
+  # Training data: paths and/or glob patterns of .txt (one document per file),
+  # .jsonl (one per line), .parquet / .arrow / .feather (one per row).
+  # Empty: the running Python's standard library sources (no download).
+  cfg.sources = []
+  # jsonl field, or parquet/arrow column, that holds the document text.
+  cfg.text_field = "text"
+  # Validation data, same forms as `sources`. Empty: a hash-based split of
+  # the training documents with `validation_fraction` held out.
+  cfg.validation_sources = []
+  # Fraction of documents held out for validation when `validation_sources`
+  # is empty (decided per document by a stable hash of its path/line key).
+  cfg.validation_fraction = 0.02
+  # Stdlib corpus only: also read the test suites (test/, tests/, idle_test/).
+  cfg.stdlib_include_tests = False
+  # Document shuffle seed; None uses the `seed` passed to make_train_iterator.
+  cfg.shuffle_seed = None
+  # Threads that read and encode documents (grain ReadOptions.num_threads).
+  cfg.num_threads = 4
+  # Documents read ahead by those threads (ReadOptions.prefetch_buffer_size).
+  cfg.read_buffer_size = 64
+  # Batches prepared ahead in a background thread (0 disables).
+  cfg.prefetch = 2
+  # Cap on eval batches per evaluation; None or <= 0 means a full pass.
+  cfg.max_eval_batches = None
+  return cfg
+
+
+def _resolve_host(
+    process_index: int | None, process_count: int | None
+) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if process_index is None:
+      process_index = jax.process_index()
+    if process_count is None:
+      process_count = jax.process_count()
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+        f"invalid host shard: process_index={process_index},"
+        f" process_count={process_count}"
+    )
+  return int(process_index), int(process_count)
+
+
+def _per_host_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} must be a positive multiple"
+        f" of process_count={process_count}"
+    )
+  return global_batch_size // process_count
+
+
+def _as_list(value: Any) -> list[str]:
+  if value is None:
+    return []
+  if isinstance(value, str):
+    return [value] if value else []
+  return list(value)
+
+
+def _get(cfg: ml_collections.ConfigDict, name: str) -> Any:
+  """Reads a field, falling back to the default for configs that omit it."""
+  if name in cfg:
+    return cfg[name]
+  return default_data_config()[name]
+
+
+def build_sources(
+    data_cfg: ml_collections.ConfigDict,
+) -> tuple[sources_lib.DocumentSource, sources_lib.DocumentSource]:
+  """The (train, validation) document sources a data config describes."""
+  patterns = _as_list(_get(data_cfg, "sources"))
+  val_patterns = _as_list(_get(data_cfg, "validation_sources"))
+  text_field = _get(data_cfg, "text_field")
+  if patterns:
+    docs = sources_lib.file_corpus(patterns, text_field, name="sources")
+  else:
+    docs = sources_lib.stdlib_corpus(_get(data_cfg, "stdlib_include_tests"))
+  if val_patterns:
+    val = sources_lib.file_corpus(
+        val_patterns, text_field, name="validation_sources"
+    )
+    return docs, val
+  fraction = float(_get(data_cfg, "validation_fraction"))
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+  train, val = docs.split(fraction)
+  if not len(train):
+    raise ValueError(
+        f"no training documents left after holding out validation_fraction="
+        f"{fraction} of {len(docs)} documents"
+    )
+  return train, val
+
+
+def document_dataset(
+    source: Any,
+    *,
+    seed: int | None,
+    shuffle: bool,
+    repeat: bool,
+    process_index: int,
+    process_count: int,
+) -> grain.MapDataset:
+  """Encoded documents for one host: `{"ids": int32[n], <extra>: ...}`.
+
+  Sharding comes after shuffle/repeat, so within every global epoch the hosts
+  read disjoint documents whose union is the whole corpus.
+  """
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed)
+  if repeat:
+    ds = ds.repeat(None)  # Reshuffles each epoch.
+  ds = ds[process_index::process_count]
+  return ds.map(packing.to_token_doc)
+
+
+def _stack(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def build_train_dataset(
+    source: Any,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    num_threads: int = 4,
+    read_buffer_size: int = 64,
+    prefetch: int = 2,
+) -> grain.IterDataset:
+  """Infinite batches of `batch_size` packed windows for one host."""
+  if not len(source):
+    raise ValueError(f"training source {source!r} has no documents")
+  docs = document_dataset(
+      source,
+      seed=seed,
+      shuffle=True,
+      repeat=True,
+      process_index=process_index,
+      process_count=process_count,
+  )
+  ds = docs.to_iter_dataset(
+      grain.ReadOptions(
+          num_threads=num_threads, prefetch_buffer_size=read_buffer_size
+      )
+  )
+  # Restoring a state under a different data setup would silently shift the
+  # data position; the packer checks this metadata on set_state.
+  metadata = {
+      "num_documents": len(source),
+      "seed": seed,
+      "process_index": process_index,
+      "process_count": process_count,
+  }
+  ds = packing.PackedWindowsIterDataset(ds, seq_len, metadata=metadata)
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+  if prefetch > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(
+        ds, prefetch_buffer_size=prefetch
+    )
+  return ds
+
+
+def make_train_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """Infinite, checkpointable iterator of this host's training batches.
+
+  Args:
+    data_cfg: see `default_data_config` (reads sources, text_field,
+      validation_sources, validation_fraction, stdlib_include_tests,
+      shuffle_seed, num_threads, read_buffer_size, prefetch).
+    seq_len: tokens per row.
+    global_batch_size: rows per step over all hosts; must divide evenly.
+    seed: shuffle seed unless `data_cfg.shuffle_seed` is set.
+    process_index: this host (default `jax.process_index()`).
+    process_count: number of hosts (default `jax.process_count()`).
+
+  Returns:
+    A grain DatasetIterator of dicts {tokens, targets, loss_mask[, extras]}
+    of shape [global_batch_size // process_count, seq_len]. `get_state()`
+    returns a JSON-native dict (see `state_to_bytes`) and `set_state(state)`
+    resumes at exactly that position.
+  """
+  process_index, process_count = _resolve_host(process_index, process_count)
+  batch_size = _per_host_batch_size(global_batch_size, process_count)
+  train, _ = build_sources(data_cfg)
+  shuffle_seed = _get(data_cfg, "shuffle_seed")
+  ds = build_train_dataset(
+      train,
+      seq_len=seq_len,
+      batch_size=batch_size,
+      seed=int(seed if shuffle_seed is None else shuffle_seed),
+      process_index=process_index,
+      process_count=process_count,
+      num_threads=int(_get(data_cfg, "num_threads")),
+      read_buffer_size=int(_get(data_cfg, "read_buffer_size")),
+      prefetch=int(_get(data_cfg, "prefetch")),
+  )
+  return iter(ds)
+
+
+def _num_tokens(source: Any, i: int) -> int:
+  if hasattr(source, "num_tokens"):
+    return int(source.num_tokens(i))
+  return len(packing.to_token_doc(source[i])[packing.IDS])
+
+
+def _num_windows(num_tokens: int, seq_len: int) -> int:
+  """Windows a padded pass cuts from a stream of `num_tokens` tokens."""
+  return 0 if num_tokens < 2 else math.ceil((num_tokens - 1) / seq_len)
+
+
+class EvalIterator:
+  """A finite pass over the validation set in fixed-shape batches.
+
+  Iterating (again) starts a fresh pass. Every host yields `num_batches`
+  batches of [batch_size, seq_len], so collective eval steps stay in lock
+  step; rows past this host's data are all padding (loss_mask 0).
+  `num_real_rows[b]` is how many rows of batch `b` hold real windows.
+  """
+
+  def __init__(
+      self,
+      source: Any,
+      *,
+      seq_len: int,
+      batch_size: int,
+      process_index: int,
+      process_count: int,
+      num_threads: int = 4,
+      read_buffer_size: int = 64,
+      prefetch: int = 2,
+      max_batches: int | None = None,
+  ):
+    self.source = source
+    self.seq_len = seq_len
+    self.batch_size = batch_size
+    self.process_index = process_index
+    self.process_count = process_count
+    self._num_threads = num_threads
+    self._read_buffer_size = read_buffer_size
+    self._prefetch = prefetch
+    self.extra_fields = tuple(getattr(source, "extra_fields", ()))
+    # Every host counts every host's windows (cheap: file sizes / an index)
+    # so all agree on the number of batches without communicating.
+    tokens_per_host = [0] * process_count
+    for i in range(len(source)):
+      tokens_per_host[i % process_count] += _num_tokens(source, i)
+    windows = [_num_windows(t, seq_len) for t in tokens_per_host]
+    num_batches = max(math.ceil(w / batch_size) for w in windows)
+    if max_batches is not None and max_batches > 0:
+      num_batches = min(num_batches, max_batches)
+    self.num_batches = num_batches
+    mine = windows[process_index]
+    self.num_real_rows = [
+        int(np.clip(mine - b * batch_size, 0, batch_size))
+        for b in range(num_batches)
+    ]
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def _padding_rows(self, n: int) -> dict[str, np.ndarray]:
+    shape = (n, self.seq_len)
+    rows = {
+        "tokens": np.full(shape, tokenizer.BOE_ID, np.int32),
+        "targets": np.full(shape, tokenizer.BOE_ID, np.int32),
+        "loss_mask": np.zeros(shape, np.float32),
+    }
+    for name in self.extra_fields:
+      rows[name] = np.zeros(shape, np.float32)
+    return rows
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    docs = document_dataset(
+        self.source,
+        seed=None,
+        shuffle=False,
+        repeat=False,
+        process_index=self.process_index,
+        process_count=self.process_count,
+    )
+    ds = docs.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=self._num_threads,
+            prefetch_buffer_size=self._read_buffer_size,
+        )
+    )
+    ds = packing.PackedWindowsIterDataset(ds, self.seq_len, pad_final=True)
+    ds = ds.batch(self.batch_size, drop_remainder=False, batch_fn=_stack)
+    if self._prefetch > 0:
+      ds = grain.experimental.ThreadPrefetchIterDataset(
+          ds, prefetch_buffer_size=self._prefetch
+      )
+    it = iter(ds)
+    try:
+      for b in range(self.num_batches):
+        batch = next(it, None) if self.num_real_rows[b] else None
+        n = 0 if batch is None else len(batch["tokens"])
+        if n != self.num_real_rows[b]:
+          raise RuntimeError(
+              f"eval batch {b} has {n} windows, expected"
+              f" {self.num_real_rows[b]}; did the validation data change?"
+          )
+        if n == 0:
+          yield self._padding_rows(self.batch_size)
+        elif n < self.batch_size:
+          pad = self._padding_rows(self.batch_size - n)
+          yield {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
+        else:
+          yield batch
+    finally:
+      it.close()
+
+
+def make_eval_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    seq_len: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalIterator:
+  """Re-iterable validation pass for this host (see `EvalIterator`).
+
+  Reads the same fields as `make_train_iterator` plus `max_eval_batches`;
+  documents are read in a fixed order (no shuffle).
+  """
+  process_index, process_count = _resolve_host(process_index, process_count)
+  batch_size = _per_host_batch_size(global_batch_size, process_count)
+  _, val = build_sources(data_cfg)
+  if not len(val):
+    raise ValueError(
+        "no validation documents: set data.validation_sources or a positive"
+        " data.validation_fraction"
+    )
+  return EvalIterator(
+      val,
+      seq_len=seq_len,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      num_threads=int(_get(data_cfg, "num_threads")),
+      read_buffer_size=int(_get(data_cfg, "read_buffer_size")),
+      prefetch=int(_get(data_cfg, "prefetch")),
+      max_batches=_get(data_cfg, "max_eval_batches"),
+  )
+
+
+def state_to_bytes(state: dict[str, Any]) -> bytes:
+  """Serialises an iterator state (`iterator.get_state()`) as UTF-8 JSON."""
+  return json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+
+
+def state_from_bytes(data: bytes | str) -> dict[str, Any]:
+  """Inverse of `state_to_bytes`; pass the result to `iterator.set_state`."""
+  return json.loads(data)

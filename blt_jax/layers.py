@@ -1,0 +1,176 @@
+"""Building blocks with weights (spec 5): RMSNorm, interleaved RoPE, SwiGLU, self- and cross-attention.
+
+Params are float32 and annotated with logical axis names (mapped onto the mesh by `sharding.py`); compute runs in
+the stack's `dtype`. Parameter names mirror the reference state dict (`attention.wq`, `feed_forward.w1`, ...).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blt_jax import attention
+from blt_jax.config import StackConfig, init_std_factor
+
+
+def trunc_normal(std: float):
+  """Truncated normal at +-3 std, as the reference's `init_weights` (spec 13.2)."""
+  return jax.nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+
+
+class Linear(nn.Module):
+  """Bias-free projection; kernel `[in, out]` (the transpose of torch's Linear weight)."""
+  features: int
+  axes: Tuple[str, str]
+  std: float
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", nn.with_logical_partitioning(trunc_normal(self.std), self.axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    dtype = jnp.dtype(self.dtype)
+    return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding table `[num, dim]`."""
+  num_embeddings: int
+  features: int
+  std: float
+  axes: Tuple[str, str] = ("vocab", "embed")
+
+  @nn.compact
+  def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+    table = self.param("embedding", nn.with_logical_partitioning(trunc_normal(self.std), self.axes),
+                       (self.num_embeddings, self.features), jnp.float32)
+    return jnp.take(table, ids, axis=0)
+
+
+class RMSNorm(nn.Module):
+  """`x / sqrt(mean(x^2) + eps) * w`, normalised and scaled in float32 then rounded once (spec 5.1)."""
+  eps: float = 1e-5
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps) * scale
+    return y.astype(jnp.dtype(self.dtype))
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """cos, sin `[S, head_dim/2]` in float32 for positions 0..S-1 (spec 5.4)."""
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32)[: head_dim // 2] / head_dim
+  inv_freq = 1.0 / (jnp.float32(theta) ** exponents)
+  angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BSHD: jnp.ndarray, cos_SD2: jnp.ndarray, sin_SD2: jnp.ndarray) -> jnp.ndarray:
+  """Rotate interleaved pairs (2i, 2i+1) in float32, round once to x's dtype (Meta/GPT-J layout, spec 5.4)."""
+  B, S, H, D = x_BSHD.shape
+  x = x_BSHD.astype(jnp.float32).reshape(B, S, H, D // 2, 2)
+  x0, x1 = x[..., 0], x[..., 1]
+  c, s = cos_SD2[None, :, None, :], sin_SD2[None, :, None, :]
+  out = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+  return out.reshape(B, S, H, D).astype(x_BSHD.dtype)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head (optionally grouped-query) self-attention with RoPE and the stack's mask (spec 5.2, 6)."""
+  stack: StackConfig
+  std: float
+
+  @nn.compact
+  def __call__(self, x_BSD, cos, sin, doc_BS):
+    c = self.stack
+    B, S, _ = x_BSD.shape
+    H, K, D = c.n_heads, c.kv_heads, c.hd
+    q = Linear(H * D, ("embed", "heads"), self.std, c.dtype, name="wq")(x_BSD).reshape(B, S, H, D)
+    k = Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wk")(x_BSD).reshape(B, S, K, D)
+    v = Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wv")(x_BSD).reshape(B, S, K, D)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = attention.self_attention(q, k, v, doc_BS if c.document_mask else None, c.sliding_window)
+    return Linear(c.dim, ("heads", "embed"), self.std, c.dtype, name="wo")(out.reshape(B, S, H * D))
+
+
+class FeedForward(nn.Module):
+  """SwiGLU: `w2(silu(w1 x) * w3 x)` (spec 5.3)."""
+  stack: StackConfig
+  factor: float
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.stack
+    std_in, std_out = c.dim ** -0.5 / self.factor, c.ffn_dim ** -0.5 / self.factor
+    a = Linear(c.ffn_dim, ("embed", "mlp"), std_in, c.dtype, name="w1")(x)
+    b = Linear(c.ffn_dim, ("embed", "mlp"), std_in, c.dtype, name="w3")(x)
+    return Linear(c.dim, ("mlp", "embed"), std_out, c.dtype, name="w2")(jax.nn.silu(a) * b)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm block `h = x + attn(norm(x)); out = h + ffn(norm(h))` (spec 5.5)."""
+  stack: StackConfig
+  depth: int
+
+  @nn.compact
+  def __call__(self, x_BSD, cos, sin, doc_BS):
+    c = self.stack
+    factor = init_std_factor(c.init_std_factor, self.depth, c.n_layers, c.dim)
+    h = x_BSD + SelfAttention(c, c.dim ** -0.5 / factor, name="attention")(
+        RMSNorm(c.norm_eps, c.dtype, name="attention_norm")(x_BSD), cos, sin, doc_BS)
+    return h + FeedForward(c, factor, name="feed_forward")(RMSNorm(c.norm_eps, c.dtype, name="ffn_norm")(h))
+
+
+def block(stack: StackConfig, depth: int, name: str) -> TransformerBlock:
+  """A block, rematerialised in the backward pass when the stack asks for it."""
+  cls = nn.remat(TransformerBlock) if stack.remat else TransformerBlock
+  return cls(stack, depth, name=name)
+
+
+# attend(q_BQHD, k_BTHD, v_BTHD) -> out_BQHD, closing over the ids that define who sees whom.
+AttendFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+class CrossAttention(nn.Module):
+  """Norms on both sides, no RoPE; returns `x + wo(attn)` (the residual is inside, spec 5.6).
+
+  Callers add `x` again, so the net update is `2x + wo(attn)`: the double residual the released weights were
+  trained with (quirk Q1).
+  """
+  dim: int
+  n_heads: int
+  std: float
+  norm_eps: float = 1e-5
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x_BQD, kv_BTD, attend: AttendFn):
+    B, Q, _ = x_BQD.shape
+    T = kv_BTD.shape[1]
+    H, D = self.n_heads, self.dim // self.n_heads
+    xq = RMSNorm(self.norm_eps, self.dtype, name="cross_attn_norm_q")(x_BQD)
+    xkv = RMSNorm(self.norm_eps, self.dtype, name="cross_attn_norm_kv")(kv_BTD)
+    q = Linear(self.dim, ("embed", "heads"), self.std, self.dtype, name="wq")(xq).reshape(B, Q, H, D)
+    k = Linear(self.dim, ("embed", "heads"), self.std, self.dtype, name="wk")(xkv).reshape(B, T, H, D)
+    v = Linear(self.dim, ("embed", "heads"), self.std, self.dtype, name="wv")(xkv).reshape(B, T, H, D)
+    out = attend(q, k, v).reshape(B, Q, H * D)
+    return x_BQD + Linear(self.dim, ("heads", "embed"), self.std, self.dtype, name="wo")(out)
+
+
+def cross_attention_std(dim: int, mode: str, index: int, n_self_layers: int) -> float:
+  """Init std of cross-attention projections: factor by cross-layer index (spec 13.2)."""
+  return dim ** -0.5 / init_std_factor(mode, index, n_self_layers, dim)
+
+
+def stack_rope(stack: StackConfig, seq_len: int):
+  return rope_tables(seq_len, stack.hd, stack.rope_theta)
+
+
+def maybe_doc_ids(stack: StackConfig, doc_BS: Optional[jnp.ndarray]) -> Optional[jnp.ndarray]:
+  return doc_BS if stack.document_mask else None

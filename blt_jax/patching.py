@@ -1,0 +1,299 @@
+"""Patching as fixed-shape, jit-able jnp functions (spec section 3).
+
+Conventions: the model input has N tokens. With `include_next_token=True` the
+patcher decides patch starts for T = N + 1 positions (position N is the
+not-yet-seen next token, which the model requires, spec 3.2); otherwise T = N.
+A patching is a boolean start mask `starts_BT`; `starts_to_patches` turns it
+into right-padded lengths with a fixed number of patch columns.
+
+Every public function is jitted; all arguments except the arrays are static
+(hashable Python values), so each configuration compiles once.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blt_jax import tokenizer
+
+DEFAULT_THRESHOLD = 1.335442066192627  # Released BLT-1B (spec 3.6, 3.7).
+MODES = ("entropy", "space", "static", "byte")
+
+
+class Patches(NamedTuple):
+  """Fixed-shape patching of T positions into at most P patches."""
+
+  patch_lengths_BP: jnp.ndarray  # int32, zero right-padded; rows sum to T.
+  patch_ids_BT: jnp.ndarray  # int32, patch of each position (incl. next).
+  num_patches_B: jnp.ndarray  # int32, non-empty patches per row (<= P).
+  overflow_B: jnp.ndarray  # bool, the row needed more than P patches.
+
+
+def _num_positions(num_tokens: int, include_next_token: bool) -> int:
+  return num_tokens + 1 if include_next_token else num_tokens
+
+
+def _positions(num_positions: int) -> jnp.ndarray:
+  return jnp.arange(num_positions, dtype=jnp.int32)
+
+
+def _force_first_two(starts_BT: jnp.ndarray) -> jnp.ndarray:
+  """Positions 0 and 1 always start (the model needs patch 0 == [BOS])."""
+  return starts_BT | (_positions(starts_BT.shape[1]) < 2)[None, :]
+
+
+def _scalar_in(value, dtype) -> jnp.ndarray:
+  """Rounds a threshold once into `dtype`, as torch does for a Python scalar."""
+  if isinstance(value, (int, float)):
+    # Directly from the Python double: no intermediate float32 rounding.
+    return jnp.asarray(np.asarray(value, np.float64).astype(dtype))
+  return jnp.asarray(value).astype(dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("threshold", "threshold_add", "monotonicity",
+                     "include_next_token", "compare_dtype"))
+def entropy_starts(
+    entropies_BN: jnp.ndarray,
+    threshold: float,
+    threshold_add: float | None = None,
+    monotonicity: bool = False,
+    include_next_token: bool = True,
+    compare_dtype=jnp.float32,
+) -> jnp.ndarray:
+  """Entropy patch starts, bool [B, T] (spec 3.3).
+
+  Position p >= 2 is decided by e[p-1] (and e[p-2]), so with
+  `include_next_token` the last entropy e[N-1] decides position N.
+  `compare_dtype=jnp.bfloat16` reproduces realtime patching, where the test is
+  bf16(e) > bf16(threshold) (quirk Q4). `monotonicity` wins over
+  `threshold_add` when both are set, as in the reference.
+  """
+  batch, num_tokens = entropies_BN.shape
+  num_positions = _num_positions(num_tokens, include_next_token)
+  e_BN = entropies_BN.astype(jnp.float32).astype(compare_dtype)
+  # e_prev[p] = e[p-1] and e_prev2[p] = e[p-2]; positions 0/1 are forced below.
+  e_prev_BT = jnp.pad(e_BN, ((0, 0), (1, 0)))[:, :num_positions]
+  e_prev2_BT = jnp.pad(e_BN, ((0, 0), (2, 0)))[:, :num_positions]
+  pos_1T = _positions(num_positions)[None, :]
+  thr = _scalar_in(threshold, compare_dtype)
+  if monotonicity:
+    # Spec 3.3 / quirk Q13: p = 2 always starts.
+    diff_BT = e_prev_BT - e_prev2_BT
+    starts_BT = (diff_BT > thr) | (pos_1T == 2)
+  elif threshold_add is not None:
+    thr_add = _scalar_in(threshold_add, compare_dtype)
+    diff_BT = e_prev_BT - e_prev2_BT
+    both_BT = (diff_BT > thr_add) & (e_prev_BT > thr)
+    # Quirk Q13 (spec 3.3): p = 2 always starts, p = 3 never does.
+    starts_BT = jnp.where(pos_1T == 3, False, both_BT | (pos_1T == 2))
+  else:
+    starts_BT = e_prev_BT > thr
+  starts_BT = jnp.broadcast_to(starts_BT, (batch, num_positions))
+  return _force_first_two(starts_BT)
+
+
+def _space_like(tokens_BN: jnp.ndarray) -> jnp.ndarray:
+  """Byte is not [0-9A-Za-z] and not a UTF-8 continuation byte; specials too."""
+  b = tokens_BN - tokenizer.OFFSET
+  return (
+      (b < ord("0"))
+      | ((b > ord("9")) & (b < ord("A")))
+      | ((b > ord("Z")) & (b < ord("a")))
+      | ((b > ord("z")) & (b < 0x80))
+      | (b >= 0xC0)
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("include_next_token",))
+def space_starts(
+    tokens_BN: jnp.ndarray, include_next_token: bool = True
+) -> jnp.ndarray:
+  """SpaceByte-like starts, bool [B, T] (spec 3.4).
+
+  The first byte of a run of space-like bytes ends its patch (`[BOS] [Hello ]
+  [world]`); special ids always do. Tokens t-1 and t decide position t + 1.
+  The reference's padding-row bug (Q14) does not arise with fixed shapes.
+  """
+  num_tokens = tokens_BN.shape[1]
+  num_positions = _num_positions(num_tokens, include_next_token)
+  space_BN = _space_like(tokens_BN)
+  prev_space_BN = jnp.pad(space_BN, ((0, 0), (1, 0)))[:, :num_tokens]
+  ends_BN = (space_BN & ~prev_space_BN) | (tokens_BN < tokenizer.OFFSET)
+  starts_BT = jnp.pad(ends_BN, ((0, 0), (1, 0)))[:, :num_positions]
+  return _force_first_two(starts_BT)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("batch", "num_tokens", "patch_size", "include_next_token",
+                     "first_patch_single_byte"))
+def static_starts(
+    batch: int,
+    num_tokens: int,
+    patch_size: int,
+    include_next_token: bool = True,
+    first_patch_single_byte: bool = True,
+) -> jnp.ndarray:
+  """Static starts every `patch_size` positions, bool [B, T] (spec 3.4).
+
+  The reference gives lengths patch_size, ..., remainder, whose first patch is
+  not 1 byte; the model asserts that it is. `first_patch_single_byte=True`
+  splits position 1 off as the training packer does (spec 13.5).
+  """
+  if (isinstance(patch_size, bool)
+      or not isinstance(patch_size, numbers.Integral) or patch_size < 1):
+    # The reference's float default 4.5 is broken (quirk Q15).
+    raise ValueError(
+        f"static patching needs an int patch_size >= 1, got {patch_size!r}")
+  patch_size = int(patch_size)
+  pos_T = _positions(_num_positions(num_tokens, include_next_token))
+  starts_T = pos_T % patch_size == 0
+  if first_patch_single_byte:
+    starts_T = starts_T | (pos_T == 1)
+  return jnp.broadcast_to(starts_T[None, :], (batch, pos_T.shape[0]))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("batch", "num_tokens", "include_next_token"))
+def byte_starts(
+    batch: int, num_tokens: int, include_next_token: bool = True
+) -> jnp.ndarray:
+  """Every position is its own patch, bool [B, T] (spec 3.4)."""
+  num_positions = _num_positions(num_tokens, include_next_token)
+  return jnp.ones((batch, num_positions), dtype=bool)
+
+
+def _last_start_index(starts_BT: jnp.ndarray) -> jnp.ndarray:
+  """Index of the latest start at or before every position (0 if none)."""
+  idx_BT = jnp.where(starts_BT, _positions(starts_BT.shape[1])[None, :], 0)
+  return jax.lax.cummax(idx_BT, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("max_patch_length",))
+def limit_patch_length(
+    starts_BT: jnp.ndarray, max_patch_length: int | None
+) -> jnp.ndarray:
+  """Splits every patch longer than m into m, m, ..., remainder (spec 3.5)."""
+  if max_patch_length is None:
+    return starts_BT
+  if max_patch_length < 1:
+    raise ValueError(f"max_patch_length must be >= 1, got {max_patch_length}")
+  pos_T = _positions(starts_BT.shape[1])
+  offset_BT = pos_T[None, :] - _last_start_index(starts_BT)
+  return starts_BT | (offset_BT % max_patch_length == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("max_patches",))
+def starts_to_patches(starts_BT: jnp.ndarray, max_patches: int) -> Patches:
+  """Start mask -> fixed-shape `Patches` with `max_patches` columns.
+
+  Position 0 is treated as a start. If a row needs more than `max_patches`
+  patches, no byte is dropped: every position past the last representable
+  patch is merged into patch `max_patches - 1`, so lengths still sum to T and
+  ids stay < max_patches; `overflow_B` flags the row so callers can raise or
+  count.
+  """
+  batch, num_positions = starts_BT.shape
+  if max_patches < 1:
+    raise ValueError(f"max_patches must be >= 1, got {max_patches}")
+  starts_BT = starts_BT.at[:, 0].set(True)
+  raw_ids_BT = jnp.cumsum(starts_BT.astype(jnp.int32), axis=1) - 1
+  needed_B = raw_ids_BT[:, -1] + 1
+  patch_ids_BT = jnp.minimum(raw_ids_BT, max_patches - 1)
+  rows_BT = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, num_positions))
+  lengths_BP = jnp.zeros((batch, max_patches), jnp.int32)
+  lengths_BP = lengths_BP.at[rows_BT, patch_ids_BT].add(1)
+  return Patches(
+      patch_lengths_BP=lengths_BP,
+      patch_ids_BT=patch_ids_BT,
+      num_patches_B=jnp.minimum(needed_B, max_patches),
+      overflow_B=needed_B > max_patches,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("num_positions",))
+def patch_ids_from_lengths(
+    patch_lengths_BP: jnp.ndarray, num_positions: int
+) -> jnp.ndarray:
+  """Patch id of every position, int32 [B, num_positions] (spec 10.2).
+
+  With c = [0, cumsum(lengths)], id[j] = #{m : c_m <= j} - 1. Zero-length
+  patches repeat a c value and are skipped; positions past sum(lengths) get P
+  (out of range), as in the reference.
+  """
+  lengths_BP = jnp.asarray(patch_lengths_BP).astype(jnp.int32)
+  batch = lengths_BP.shape[0]
+  bounds_BC = jnp.concatenate(
+      [jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(lengths_BP, axis=1)], axis=1
+  )
+  rows_BC = jnp.broadcast_to(jnp.arange(batch)[:, None], bounds_BC.shape)
+  # Count patch boundaries at every position; those >= num_positions drop out.
+  counts_BT = jnp.zeros((batch, num_positions), jnp.int32)
+  counts_BT = counts_BT.at[rows_BC, bounds_BC].add(1, mode="drop")
+  return jnp.cumsum(counts_BT, axis=1) - 1
+
+
+@functools.partial(jax.jit, static_argnames=("num_tokens",))
+def decoder_patch_ids(
+    patch_lengths_BP: jnp.ndarray, num_tokens: int
+) -> jnp.ndarray:
+  """Decoder ids: patch ids of lengths[:, 1:] (spec 10.1 step 10, 10.3)."""
+  return patch_ids_from_lengths(patch_lengths_BP[:, 1:], num_tokens)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("mode", "threshold", "threshold_add", "monotonicity",
+                     "patch_size", "first_patch_single_byte",
+                     "max_patch_length", "include_next_token", "max_patches",
+                     "compare_dtype"))
+def patch(
+    tokens_BN: jnp.ndarray,
+    entropies_BN: jnp.ndarray | None = None,
+    *,
+    mode: str = "entropy",
+    threshold: float = DEFAULT_THRESHOLD,
+    threshold_add: float | None = None,
+    monotonicity: bool = False,
+    patch_size: int | None = None,
+    first_patch_single_byte: bool = True,
+    max_patch_length: int | None = None,
+    include_next_token: bool = True,
+    max_patches: int | None = None,
+    compare_dtype=jnp.float32,
+) -> Patches:
+  """Patches a batch: mode starts -> max_patch_length -> fixed-shape Patches.
+
+  `max_patches=None` uses T columns, which can never overflow. All arguments
+  but the two arrays are static (hashable), so a jnp threshold is not allowed.
+  """
+  batch, num_tokens = tokens_BN.shape
+  if mode == "entropy":
+    if entropies_BN is None:
+      raise ValueError("mode 'entropy' needs entropies_BN")
+    starts_BT = entropy_starts(
+        entropies_BN, threshold, threshold_add=threshold_add,
+        monotonicity=monotonicity, include_next_token=include_next_token,
+        compare_dtype=compare_dtype)
+  elif mode == "space":
+    starts_BT = space_starts(tokens_BN, include_next_token=include_next_token)
+  elif mode == "static":
+    starts_BT = static_starts(
+        batch, num_tokens, patch_size, include_next_token=include_next_token,
+        first_patch_single_byte=first_patch_single_byte)
+  elif mode == "byte":
+    starts_BT = byte_starts(
+        batch, num_tokens, include_next_token=include_next_token)
+  else:
+    raise ValueError(f"unknown patching mode {mode!r}; expected one of {MODES}")
+  starts_BT = limit_patch_length(starts_BT, max_patch_length)
+  if max_patches is None:
+    max_patches = starts_BT.shape[1]
+  return starts_to_patches(starts_BT, max_patches)

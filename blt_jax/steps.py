@@ -1,0 +1,133 @@
+"""Pure, jit-able train and eval steps for the BLT and the entropy model.
+
+A batch is a dict of `[B, N]` arrays: `tokens`, `targets`, `loss_mask` and optionally precomputed `entropies`.
+For the BLT, patches are made inside the step (entropy model, space, static or byte patching), so the whole
+text -> ids -> entropies -> patches -> logits -> loss line runs in one compiled program with fixed shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from blt_jax import loss as loss_lib
+from blt_jax import patching
+from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
+from blt_jax.entropy_model import EntropyModel, compute_entropies
+from blt_jax.model import BLT, init_blt
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Everything static that the steps close over."""
+  model: Any  # BLTConfig or EntropyModelConfig
+  patching: Optional[PatchingConfig] = None  # BLT only
+  max_patches: int = 0  # BLT only
+  entropy_model: Optional[EntropyModelConfig] = None  # BLT with in-graph entropy patching
+
+  @property
+  def is_blt(self) -> bool:
+    return isinstance(self.model, BLTConfig)
+
+
+def make_init_fn(sc: StepConfig, tx: optax.GradientTransformation, rng: jax.Array) -> Callable[[], TrainState]:
+  """`() -> TrainState` with boxed params, so `sharding.init_sharded` can shard params and optimizer moments."""
+  def init():
+    if sc.is_blt:
+      params = init_blt(rng, sc.model)
+    else:
+      params = EntropyModel(sc.model).init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def make_patches(sc: StepConfig, batch, entropy_params) -> patching.Patches:
+  """Fixed-shape patches of `batch["tokens"]` with the next-token convention the model needs (spec 3.2)."""
+  tokens = batch["tokens"]
+  entropies = None
+  if sc.patching.mode == "entropy":
+    if "entropies" in batch:  # precomputed by scripts/precompute_entropies.py
+      entropies = batch["entropies"]
+    else:
+      entropies = compute_entropies(entropy_params, tokens, sc.entropy_model)
+    entropies = jax.lax.stop_gradient(entropies)
+  return patching.patch(tokens, entropies, include_next_token=True, max_patches=sc.max_patches,
+                        **sc.patching.patch_kwargs())
+
+
+def loss_terms(sc: StepConfig, params, batch, entropy_params=None):
+  """(loss sum in nats, counted bytes, patch stats) of one batch."""
+  tokens = batch["tokens"]
+  stats = {}
+  if sc.is_blt:
+    patches = make_patches(sc, batch, entropy_params)
+    logits = BLT(sc.model).apply({"params": params}, tokens, patches.patch_lengths_BP)
+    stats = dict(num_patches=jnp.sum(patches.num_patches_B).astype(jnp.float32),
+                 overflow_rows=jnp.sum(patches.overflow_B).astype(jnp.float32))
+  else:
+    logits = EntropyModel(sc.model).apply({"params": params}, tokens)
+  loss_sum, count = loss_lib.cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
+  return loss_sum, count, stats
+
+
+def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule):
+  """`(state, batches_ABN, entropy_params) -> (state, metrics)`; A micro-batches are accumulated exactly.
+
+  The loss is the masked sum over all micro-batches divided by the total number of counted bytes, so any
+  split into micro-batches gives the same gradient. A non-finite loss or gradient leaves the state unchanged
+  and reports `finite = False`; the trainer then stops.
+  """
+  def micro(params, batch, entropy_params):
+    def f(p):
+      s, n, stats = loss_terms(sc, p, batch, entropy_params)
+      return s, (n, stats)
+    (s, (n, stats)), g = jax.value_and_grad(f, has_aux=True)(params)
+    return s, n, stats, g
+
+  def step(state: TrainState, batches, entropy_params=None):
+    first = jax.tree_util.tree_map(lambda x: x[0], batches)
+    s, n, stats, g = micro(state.params, first, entropy_params)
+    num_micro = jax.tree_util.tree_leaves(batches)[0].shape[0]
+    if num_micro > 1:
+      def body(carry, batch):
+        s_acc, n_acc, stats_acc, g_acc = carry
+        s_i, n_i, stats_i, g_i = micro(state.params, batch, entropy_params)
+        return (s_acc + s_i, n_acc + n_i, jax.tree_util.tree_map(jnp.add, stats_acc, stats_i),
+                jax.tree_util.tree_map(jnp.add, g_acc, g_i)), None
+      rest = jax.tree_util.tree_map(lambda x: x[1:], batches)
+      (s, n, stats, g), _ = jax.lax.scan(body, (s, n, stats, g), rest)
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree_util.tree_map(lambda x: x / denom, g)
+    loss = s / denom
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = TrainState(step=jnp.where(finite, state.step + 1, state.step),
+                           params=jax.tree_util.tree_map(keep, params, state.params),
+                           opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state))
+    metrics = dict(loss=loss, bpb=loss / loss_lib.LN2, grad_norm=grad_norm, lr=schedule(state.step),
+                   bytes=n, finite=finite, **stats)
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(sc: StepConfig):
+  """`(params, batch, entropy_params) -> dict(loss_sum, count, ...)`: sums, for exact multi-batch averages."""
+  def step(params, batch, entropy_params=None):
+    s, n, stats = loss_terms(sc, params, batch, entropy_params)
+    return dict(loss_sum=s, count=n, **stats)
+  return step

@@ -1,0 +1,100 @@
+"""The training config schema: every field with its default and one comment. Files in `configs/` override it.
+
+`python -m blt_jax.train --config configs/tiny.py --config.optimizer.lr=1e-3` loads `get_config()` from the file;
+ml_collections rejects overrides of unknown keys, and `validate` rejects bad values before anything is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from blt_jax import data as data_lib
+from blt_jax import optimizer as optimizer_lib
+from blt_jax import sharding
+from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
+
+
+def _dataclass_config(instance) -> ml_collections.ConfigDict:
+  d = dataclasses.asdict(instance)
+  for k, v in d.items():
+    if isinstance(v, tuple):
+      d[k] = list(v)
+  return ml_collections.ConfigDict(d)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model_type = "blt"  # "blt" or "entropy_model": which model this run trains
+  c.model = _dataclass_config(BLTConfig())  # BLTConfig fields (model_type=blt)
+  c.entropy_model = _dataclass_config(EntropyModelConfig())  # EntropyModelConfig fields (model_type=entropy_model)
+  # Converted or trained entropy model dir (`convert` output, or a training workdir's `export/`), used when
+  # model_type=blt and patching.mode=entropy.
+  c.entropy_checkpoint = ""
+  c.patching = _dataclass_config(PatchingConfig())  # PatchingConfig fields (ignored for model_type=entropy_model)
+  c.patching.max_patches = 0  # patches per row (P_max); 0 = seq_len + 1, which can never overflow
+  c.patching.on_overflow = "count"  # "count": merge the tail into the last patch and log; "error": stop the run
+  c.data = data_lib.default_data_config()  # documents, split, loader threads
+  c.seq_len = 4096  # bytes per training row
+  c.global_batch_size = 8  # rows per optimizer step across all hosts (per micro-step with grad accumulation)
+  c.grad_accum_steps = 1  # micro-batches summed per optimizer step
+  c.optimizer = optimizer_lib.default_optimizer_config()  # AdamW + schedule (spec 13.1)
+  c.num_steps = 1000  # optimizer steps; also the cosine schedule length
+  c.param_dtype = "float32"  # master weights
+  c.compute_dtype = "bfloat16"  # activations and matmuls
+  c.remat = False  # rematerialise every transformer block in the backward pass
+  c.mesh = sharding.default_mesh_config()  # data/fsdp/tensor sizes (one may be -1), logical rules, multi-host
+  c.seed = 0  # params init and data order
+  c.log_every = 10  # steps between metric lines / TensorBoard points
+  c.eval_every = 100  # steps between validation passes (0 = only at the end)
+  c.eval_batches = 8  # validation batches per pass (0 = the whole validation split)
+  c.checkpoint_every = 100  # steps between checkpoints (the final step is always saved)
+  c.keep_checkpoints = 3  # newest checkpoints kept
+  c.async_checkpointing = True  # write checkpoints in the background
+  return c
+
+
+def model_config(cfg: ml_collections.ConfigDict):
+  """The typed model config of the run (compute dtype and remat folded in)."""
+  extra = dict(dtype=cfg.compute_dtype, remat=cfg.remat)
+  if cfg.model_type == "blt":
+    return BLTConfig.from_dict({**cfg.model.to_dict(), **extra})
+  if cfg.model_type == "entropy_model":
+    return EntropyModelConfig.from_dict({**cfg.entropy_model.to_dict(), **extra})
+  raise ValueError(f"config.model_type={cfg.model_type!r}: expected 'blt' or 'entropy_model'")
+
+
+def patching_config(cfg: ml_collections.ConfigDict) -> PatchingConfig:
+  d = cfg.patching.to_dict()
+  d.pop("max_patches")
+  d.pop("on_overflow")
+  return PatchingConfig.from_dict(d)
+
+
+def max_patches(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.patching.max_patches or cfg.seq_len + 1
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Fail at start-up, naming the field, on values that would otherwise fail deep inside a jitted step."""
+  model_config(cfg)
+  if cfg.model_type == "blt":
+    pc = patching_config(cfg)
+    if pc.mode == "entropy" and not cfg.entropy_checkpoint:
+      raise ValueError("config.patching.mode='entropy' needs config.entropy_checkpoint (a converted or trained "
+                       "entropy model dir); or pick patching.mode in space/static/byte")
+    if cfg.patching.on_overflow not in ("count", "error"):
+      raise ValueError(f"config.patching.on_overflow={cfg.patching.on_overflow!r}: expected 'count' or 'error'")
+    if cfg.patching.max_patches < 0:
+      raise ValueError(f"config.patching.max_patches must be >= 0, got {cfg.patching.max_patches}")
+    if cfg.seq_len > cfg.model.max_encoder_seq_length:
+      raise ValueError(f"config.seq_len={cfg.seq_len} exceeds model.max_encoder_seq_length="
+                       f"{cfg.model.max_encoder_seq_length} (the RoPE table bound, Q17)")
+  elif cfg.seq_len > cfg.entropy_model.max_seqlen:
+    raise ValueError(f"config.seq_len={cfg.seq_len} exceeds entropy_model.max_seqlen={cfg.entropy_model.max_seqlen}")
+  for name in ("seq_len", "global_batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every"):
+    if int(cfg[name]) < 1:
+      raise ValueError(f"config.{name} must be >= 1, got {cfg[name]}")
+  for name in ("param_dtype", "compute_dtype"):
+    if cfg[name] not in ("float32", "bfloat16"):
+      raise ValueError(f"config.{name}={cfg[name]!r}: expected 'float32' or 'bfloat16'")

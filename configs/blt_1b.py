@@ -1,0 +1,51 @@
+"""The released BLT-1B shape (spec 14.3): 1.46B params without hash tables, 4.53B with them.
+
+Patches with the released entropy model (convert facebook/blt's `entropy_model/` with `python -m blt_jax.convert`).
+Mesh for a pod slice: FSDP over all chips (the 3B hash-table params shard over fsdp x tensor).
+"""
+from blt_jax.train_config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model_type = "blt"
+  m = c.model
+  m.dim_local_encoder = 1024
+  m.n_layers_local_encoder = 1
+  m.n_heads_local_encoder = 16
+  m.dim_global = 2048
+  m.n_layers_global = 25
+  m.n_heads_global = 16
+  m.dim_local_decoder = 1024
+  m.n_layers_local_decoder = 9
+  m.n_heads_local_decoder = 16
+  m.cross_attn_k = 2
+  m.cross_attn_nheads = 16
+  m.cross_attn_all_layers_encoder = False
+  m.cross_attn_all_layers_decoder = True
+  m.encoder_hash_byte_group_size = [3, 4, 5, 6, 7, 8]
+  m.encoder_hash_byte_group_vocab = 500002
+  m.encoder_hash_byte_group_nb_functions = 1
+  m.local_attention_window_len = 512
+  m.max_seqlen = 4096
+  m.max_encoder_seq_length = 24576
+  m.rope_theta = 500000.0
+  c.entropy_checkpoint = "checkpoints/blt_1b/entropy_model"
+  c.patching.mode = "entropy"
+  c.patching.threshold = 1.335442066192627
+  c.patching.max_patches = 4096  # the reference's data.seq_len in patches
+  c.seq_len = 16384  # bytes per row (~4.1 bytes/patch at the released threshold)
+  c.global_batch_size = 256
+  c.num_steps = 240000
+  c.compute_dtype = "bfloat16"
+  c.remat = True
+  c.optimizer.lr = 4e-4
+  c.optimizer.warmup = 2000
+  c.optimizer.clip = 1.0
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  c.log_every = 50
+  c.eval_every = 2000
+  c.checkpoint_every = 1000
+  return c

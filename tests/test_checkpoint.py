@@ -1,0 +1,155 @@
+"""Training checkpoints (sharded state, iterator state, keep-N, crash safety) and standalone params."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from blt_jax import checkpoint
+from blt_jax import sharding
+
+SPECS = {"w": P("fsdp", "tensor"), "table": P(None, ("fsdp", "tensor")), "scale": P(), "step": P()}
+SHAPES = {"w": (8, 4), "table": (3, 16), "scale": (4,), "step": ()}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+
+
+def _state(mesh, seed):
+  """A sharded train-state-like tree built with device_put (no compilation)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, shape in SHAPES.items():
+    value = np.asarray(seed, np.int32) if name == "step" else rng.normal(size=shape).astype(np.float32)
+    out[name] = jax.device_put(value, NamedSharding(mesh, SPECS[name]))
+  return {"params": {k: out[k] for k in ("w", "table", "scale")}, "opt": {"mu": out["w"] * 0 + 1.0},
+          "step": out["step"]}
+
+
+def _abstract(state):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_roundtrip_sharded_state(tmp_path, mesh):
+  state = _state(mesh, 7)
+  iterator_state = b'{"last_seen_indices": {"0": 41}, "worker_count": 0}\x00\xff'
+  with checkpoint.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=2) as ckpt:
+    assert ckpt.save(7, state, iterator_state, {"loss": 1.5, "config": {"lr": 4e-4}})
+    ckpt.wait_until_finished()
+    restored, data_state, meta = ckpt.restore(7, _abstract(state))
+  _assert_same(restored, state)
+  assert data_state == iterator_state  # bytes survive json (base64)
+  assert meta == {"loss": 1.5, "config": {"lr": 4e-4}}
+  for x, y in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+    assert x.sharding.is_equivalent_to(y.sharding, x.ndim)
+  assert restored["params"]["table"].addressable_shards[0].data.shape == (3, 4)
+  assert (tmp_path / "checkpoints" / "7" / "data" / "process_0-of-1.json").exists()
+
+
+def test_restore_into_other_shardings(tmp_path, mesh):
+  state = _state(mesh, 3)
+  with checkpoint.Checkpointer(tmp_path, async_checkpointing=False) as ckpt:
+    ckpt.save(3, state, {"epoch": 1}, force=True)
+  # A fresh process with another layout: everything replicated on a (1, 8, 1) mesh, params sharded by fsdp.
+  other = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                  sharding=NamedSharding(other, P())), state)
+  target["params"]["w"] = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(other, P("fsdp")))
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    restored, data_state, meta = ckpt.restore(None, target)
+  _assert_same(restored, state)
+  assert data_state == {"epoch": 1} and meta == {}
+  assert restored["params"]["w"].sharding.spec == P("fsdp")
+  assert restored["params"]["w"].addressable_shards[0].data.shape == (1, 4)
+
+
+def test_interval_keep_n_and_resume_from_latest(tmp_path, mesh):
+  state = _state(mesh, 0)
+  with checkpoint.Checkpointer(tmp_path, save_interval_steps=10, max_to_keep=2) as ckpt:
+    assert ckpt.latest_step() is None
+    saved = [step for step in range(0, 45, 5) if ckpt.save(step, state, f"it{step}", {"step": step})]
+    assert saved == [0, 10, 20, 30, 40]
+    assert ckpt.save(41, state, "it41", {"step": 41}, force=True)
+    assert not ckpt.save(41, state, "again", {}, force=True)  # already saved: skipped, not an error
+    ckpt.wait_until_finished()
+    assert ckpt.latest_step() == 41
+    assert ckpt.all_steps() == (40, 41)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["40", "41"]
+  # Resume: a new Checkpointer (new process) finds the newest step and its iterator state.
+  with checkpoint.Checkpointer(tmp_path, save_interval_steps=10, max_to_keep=2) as ckpt:
+    assert ckpt.latest_step() == 41
+    _, data_state, meta = ckpt.restore(abstract_state=_abstract(state))
+    assert data_state == "it41" and meta == {"step": 41}
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 10"):
+      ckpt.restore(10, _abstract(state))
+
+
+def test_unfinished_save_is_ignored(tmp_path, mesh):
+  state = _state(mesh, 5)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(20, state, None, {}, force=True)
+  # What a crash in the middle of writing step 30 leaves behind: orbax's tmp dir, never renamed.
+  tmp = tmp_path / "checkpoints" / "30.orbax-checkpoint-tmp-1700000000000000"
+  (tmp / "state").mkdir(parents=True)
+  (tmp / "state" / "partial").write_bytes(b"\x00" * 10)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 20
+    restored, data_state, _ = ckpt.restore(None, _abstract(state))
+    _assert_same(restored, state)
+    assert data_state is None
+    # Step 30 can be saved again afterwards.
+    assert ckpt.save(30, state, None, {}, force=True)
+    ckpt.wait_until_finished()
+    assert ckpt.latest_step() == 30
+  assert not tmp.exists()  # removed in the background when the Checkpointer opened the directory
+
+
+def test_no_checkpoint_error(tmp_path):
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(FileNotFoundError, match="no finalized checkpoint"):
+      ckpt.restore()
+
+
+@pytest.mark.parametrize("value", [None, b"\x00\x01binary", "text", {"a": [1, 2], "b": {"c": "d"}}])
+def test_data_state_encoding(value):
+  wrapped = json.loads(json.dumps(checkpoint.encode_data_state(value)))
+  assert checkpoint.decode_data_state(wrapped) == value
+  with pytest.raises(TypeError):
+    checkpoint.encode_data_state(3.5)
+
+
+def test_save_and_load_params(tmp_path, mesh):
+  params = _state(mesh, 11)["params"]
+  config = {"dim": 8, "n_layers": 2, "sliding_window": None, "sizes": (3, 4)}
+  path = checkpoint.save_params(tmp_path / "entropy_model", params, config)
+  assert (path / "config.json").exists() and (path / "params").is_dir()
+  assert not list(tmp_path.glob(".*tmp*"))
+  loaded, loaded_config = checkpoint.load_params(path)
+  _assert_same(loaded, params)
+  assert loaded_config == {"dim": 8, "n_layers": 2, "sliding_window": None, "sizes": [3, 4]}
+  # Into given shardings.
+  loaded, _ = checkpoint.load_params(path, _abstract(params))
+  assert loaded["table"].sharding.spec == P(None, ("fsdp", "tensor"))
+  _assert_same(loaded, params)
+  with pytest.raises(FileExistsError):
+    checkpoint.save_params(path, params, config)
+  checkpoint.save_params(path, jax.tree_util.tree_map(lambda x: x * 2, params), {"dim": 9}, overwrite=True)
+  assert checkpoint.load_params(path)[1] == {"dim": 9}
+
+
+def test_load_params_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpoint.load_params(tmp_path / "missing")
+  (tmp_path / "no_config" / "params").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    checkpoint.load_params(tmp_path / "no_config")

@@ -1,0 +1,181 @@
+"""The full BLT forward: golden parity with the reference, invariances, causality, no recompiles."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blt_jax import patching
+from blt_jax.config import BLTConfig, EntropyModelConfig, blt_config_from_reference, entropy_config_from_reference
+from blt_jax.convert.mapping import params_from_state_dict
+from blt_jax.entropy_model import compute_entropies, init_entropy_model
+from blt_jax.model import BLT, init_blt
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def golden_models(golden):
+  arrays, meta = golden
+  blt_cfg = blt_config_from_reference(meta["blt_args"])
+  ent_cfg = entropy_config_from_reference(meta["entropy_model_args"])
+  strip = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  return (blt_cfg, params_from_state_dict(strip("blt/"), blt_cfg),
+          ent_cfg, params_from_state_dict(strip("entropy_model/"), ent_cfg))
+
+
+def test_golden_end_to_end(golden, golden_models):
+  """tokens -> entropies -> patches -> encoder -> global -> logits, each stage against the reference."""
+  arrays, meta = golden
+  blt_cfg, blt_params, ent_cfg, ent_params = golden_models
+  tokens = jnp.asarray(arrays["tokens"], jnp.int32)
+  entropies = compute_entropies(ent_params, tokens, ent_cfg)
+  np.testing.assert_allclose(entropies, arrays["entropies"], atol=TOL)
+
+  # Boundaries from the reference's entropies: ours agree to 1e-6, but a value within 1e-6 of the threshold
+  # would flip a boundary, and the patch rule is tested exactly on its own in test_patching.py.
+  P = arrays["patch_lengths_include_next"].shape[1]
+  patches = patching.patch(tokens, jnp.asarray(arrays["entropies"]), threshold=meta["threshold"], max_patches=P)
+  np.testing.assert_array_equal(patches.patch_lengths_BP, arrays["patch_lengths_include_next"])
+  ours = patching.patch(tokens, entropies, threshold=meta["threshold"], max_patches=P)
+  np.testing.assert_array_equal(ours.patch_lengths_BP, arrays["patch_lengths_include_next"])
+  np.testing.assert_array_equal(patches.patch_ids_BT[:, :-1], arrays["patch_ids"])
+
+  logits, state = BLT(blt_cfg).apply({"params": blt_params}, tokens, patches.patch_lengths_BP,
+                                     mutable=["intermediates"])
+  inter = state["intermediates"]
+  np.testing.assert_allclose(inter["local_encoder_h"][0], arrays["blt_local_encoder_h"], atol=TOL)
+  np.testing.assert_allclose(inter["local_encoder_patch_h"][0], arrays["blt_local_encoder_patch_h"], atol=TOL)
+  # Global states of real patches. The reference ran with sdpa (plain causal), so its zero-length padding patches
+  # after row 0's EOS patch also saw the earlier document; with the released block-causal semantics they do not.
+  # Those states are never read by the decoder.
+  real = np.asarray(arrays["patch_lengths_include_next"]) > 0
+  np.testing.assert_allclose(np.asarray(inter["global_h"][0])[real], arrays["blt_global_h"][real], atol=TOL)
+  np.testing.assert_allclose(logits, arrays["blt_logits"], atol=TOL)
+
+
+def test_golden_logits_jitted(golden, golden_models):
+  arrays, _ = golden
+  blt_cfg, blt_params, _, _ = golden_models
+  fwd = jax.jit(lambda p, t, l: BLT(blt_cfg).apply({"params": p}, t, l))
+  logits = fwd(blt_params, jnp.asarray(arrays["tokens"], jnp.int32),
+               jnp.asarray(arrays["patch_lengths_include_next"], jnp.int32))
+  np.testing.assert_allclose(logits, arrays["blt_logits"], atol=TOL)
+
+
+def test_extra_patch_padding_leaves_logits_unchanged(golden, golden_models):
+  arrays, _ = golden
+  blt_cfg, blt_params, _, _ = golden_models
+  tokens = jnp.asarray(arrays["tokens"], jnp.int32)
+  lengths = jnp.asarray(arrays["patch_lengths_include_next"], jnp.int32)
+  wide = jnp.pad(lengths, ((0, 0), (0, 25)))
+  apply = lambda l: BLT(blt_cfg).apply({"params": blt_params}, tokens, l)
+  np.testing.assert_allclose(apply(wide), apply(lengths), atol=1e-5)
+
+
+def test_trailing_byte_padding_leaves_real_logits_unchanged(golden, golden_models):
+  """Padding bytes appended to the last patch (as the data pipeline does) do not change earlier logits."""
+  arrays, _ = golden
+  blt_cfg, blt_params, _, _ = golden_models
+  tokens = jnp.asarray(arrays["tokens"], jnp.int32)
+  lengths = np.asarray(arrays["patch_lengths_include_next"])
+  n_pad = 7
+  padded_tokens = jnp.pad(tokens, ((0, 0), (0, n_pad)))
+  padded_lengths = lengths.copy()
+  for b in range(len(lengths)):
+    last = np.nonzero(lengths[b])[0][-1]
+    padded_lengths[b, last] += n_pad
+  apply = lambda t, l: BLT(blt_cfg).apply({"params": blt_params}, t, jnp.asarray(l))
+  # The last real byte's logits depend on whether the next token opens a patch; compare all bytes before it.
+  n = tokens.shape[1]
+  np.testing.assert_allclose(apply(padded_tokens, padded_lengths)[:, : n - 1], apply(tokens, lengths)[:, : n - 1],
+                             atol=1e-5)
+
+
+def test_batch_rows_are_independent(golden, golden_models):
+  arrays, _ = golden
+  blt_cfg, blt_params, _, _ = golden_models
+  tokens = jnp.asarray(arrays["tokens"], jnp.int32)
+  lengths = jnp.asarray(arrays["patch_lengths_include_next"], jnp.int32)
+  apply = lambda t, l: BLT(blt_cfg).apply({"params": blt_params}, t, l)
+  both = apply(tokens, lengths)
+  swapped = apply(tokens[::-1], lengths[::-1])
+  np.testing.assert_allclose(swapped[::-1], both, atol=1e-5)
+  alone = apply(tokens[1:], lengths[1:])
+  np.testing.assert_allclose(alone[0], both[1], atol=1e-5)
+
+
+def _tiny_configs(**blt_overrides):
+  blt_cfg = BLTConfig(dim_local_encoder=32, n_layers_local_encoder=2, n_heads_local_encoder=4, dim_global=48,
+                      n_layers_global=2, n_heads_global=4, dim_local_decoder=32, n_layers_local_decoder=2,
+                      n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4),
+                      encoder_hash_byte_group_vocab=211, encoder_hash_byte_group_nb_functions=2,
+                      local_attention_window_len=8, max_seqlen=64, max_encoder_seq_length=128, **blt_overrides)
+  ent_cfg = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, sliding_window=8, max_seqlen=64)
+  return blt_cfg, ent_cfg
+
+
+MODES = [dict(mode="entropy", threshold=1.0), dict(mode="entropy", threshold=0.5, monotonicity=True),
+         dict(mode="entropy", threshold=1.0, threshold_add=0.1, max_patch_length=3),
+         dict(mode="space"), dict(mode="static", patch_size=3), dict(mode="byte")]
+
+
+WINDOWS = dict(cross_attn_all_layers_encoder=True, cross_attn_window_encoder=2, cross_attn_window_decoder=2,
+               downsampling_by_pooling="avg")
+CASES = [(m, {}) for m in MODES] + [(MODES[0], WINDOWS), (MODES[3], WINDOWS)]
+
+
+@pytest.mark.parametrize("patch_kwargs,blt_overrides", CASES,
+                         ids=[f"{'-'.join(f'{a}{b}' for a, b in m.items())}{'-windows' if o else ''}" for m, o in CASES])
+def test_no_byte_sees_a_later_byte(patch_kwargs, blt_overrides):
+  """Perturb byte t: logits at positions < t do not change, for every patching mode (full pipeline)."""
+  blt_cfg, ent_cfg = _tiny_configs(**blt_overrides)
+  blt_params = init_blt(jax.random.PRNGKey(0), blt_cfg)
+  ent_params = init_entropy_model(jax.random.PRNGKey(1), ent_cfg)
+  rng = np.random.default_rng(0)
+  N = 40
+  tokens = rng.integers(4, 260, size=(2, N)).astype(np.int32)
+  tokens[:, 0] = 1
+  tokens[0, 17] = 2  # a document boundary inside row 0
+  tokens[:, 9] = 32 + 4  # spaces for space patching
+
+  @jax.jit
+  def pipeline(tokens):
+    entropies = compute_entropies(ent_params, tokens, ent_cfg)
+    # Scale the untrained model's entropies (~5.5 nats) so that thresholds give varied patches.
+    entropies = (entropies - 5.0) * 4.0
+    patches = patching.patch(tokens, entropies, max_patches=N + 1, **patch_kwargs)
+    return BLT(blt_cfg).apply({"params": blt_params}, tokens, patches.patch_lengths_BP)
+
+  base = np.asarray(pipeline(jnp.asarray(tokens)))
+  for t in (5, 18, 30):
+    bumped = tokens.copy()
+    bumped[:, t] = (bumped[:, t] - 4 + 37) % 256 + 4
+    out = np.asarray(pipeline(jnp.asarray(bumped)))
+    np.testing.assert_allclose(out[:, :t], base[:, :t], atol=1e-5, err_msg=f"logits before {t} changed")
+    assert np.abs(out[:, t:] - base[:, t:]).max() > 1e-4  # the perturbation is visible from t on
+
+
+def test_forward_and_grad_compile_once():
+  blt_cfg, _ = _tiny_configs()
+  params = init_blt(jax.random.PRNGKey(0), blt_cfg)
+  traces = []
+
+  @jax.jit
+  def loss_and_grad(params, tokens, lengths):
+    traces.append(1)
+    def loss(p):
+      logits = BLT(blt_cfg).apply({"params": p}, tokens, lengths)
+      return jnp.mean(jax.nn.logsumexp(logits, -1))
+    return jax.value_and_grad(loss)(params)
+
+  rng = np.random.default_rng(1)
+  for _ in range(3):
+    tokens = jnp.asarray(rng.integers(4, 260, size=(2, 24)), jnp.int32)
+    starts = jnp.asarray(rng.random((2, 25)) < 0.4)
+    lengths = patching.starts_to_patches(patching.limit_patch_length(starts.at[:, :2].set(True), 6), 25)
+    value, grads = loss_and_grad(params, tokens, lengths.patch_lengths_BP)
+    assert np.isfinite(value)
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+  assert len(traces) == 1
