@@ -56,6 +56,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.prefetch = 2
   # Cap on eval batches per evaluation; None or <= 0 means a full pass.
   cfg.max_eval_batches = None
+  # Directory written by scripts/precompute_entropies.py: batches then carry
+  # per-token `entropies` and entropy patching skips the in-graph entropy model.
+  cfg.entropy_store = ""
   return cfg
 
 
@@ -104,7 +107,19 @@ def _get(cfg: ml_collections.ConfigDict, name: str) -> Any:
 def build_sources(
     data_cfg: ml_collections.ConfigDict,
 ) -> tuple[sources_lib.DocumentSource, sources_lib.DocumentSource]:
-  """The (train, validation) document sources a data config describes."""
+  """The (train, validation) sources a data config describes (with stored entropies if configured)."""
+  train, val = build_document_sources(data_cfg)
+  store = _get(data_cfg, "entropy_store")
+  if store:
+    from blt_jax import entropy_store  # pylint: disable=g-import-not-at-top
+    return entropy_store.maybe_annotate(train, store), entropy_store.maybe_annotate(val, store)
+  return train, val
+
+
+def build_document_sources(
+    data_cfg: ml_collections.ConfigDict,
+) -> tuple[sources_lib.DocumentSource, sources_lib.DocumentSource]:
+  """The (train, validation) document sources (raw bytes) a data config describes."""
   patterns = _as_list(_get(data_cfg, "sources"))
   val_patterns = _as_list(_get(data_cfg, "validation_sources"))
   text_field = _get(data_cfg, "text_field")

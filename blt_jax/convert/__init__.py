@@ -1,0 +1,165 @@
+"""Convert released checkpoints into blt_jax params, and load converted checkpoints.
+
+  config, params = convert("hf-weights/blt_1b")                 # one model dir -> (BLTConfig, numpy params)
+  convert_dir("hf-weights/blt_1b", "ckpt/blt_1b")               # -> ckpt/blt_1b[/entropy_model] on disk
+  config, params, patching = load_converted("ckpt/blt_1b")      # -> typed config, params (jax arrays)
+
+Output layout of `convert_dir` (each model dir is a `checkpoint.save_params` dir: `params/` + `config.json`):
+  out/config.json                {"format": "blt_jax", "model_type": "blt" | "entropy_model", "model": {...},
+                                  "patching": {...} (BLT, when the source states it), "source": src, ...}
+  out/params/                    orbax PyTree of float32 params
+  out/entropy_model/{config.json,params/}   the BLT's entropy model, when the source ships one
+When `src` is itself an entropy model, `out/` is that model.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+from types import ModuleType
+from typing import Any, Dict, Optional, Tuple, Union
+
+import jax
+import numpy as np
+
+from blt_jax import config as config_lib
+from blt_jax.convert import reference
+from blt_jax.convert.mapping import ConversionError
+
+PathLike = Union[str, os.PathLike]
+ModelConfig = Union[config_lib.BLTConfig, config_lib.EntropyModelConfig]
+
+OUTPUT_FORMAT = "blt_jax"
+BLT, ENTROPY = reference.BLT, reference.ENTROPY
+
+# Source format -> reader module with `load_model(src, parent=None) -> LoadedModel` and `entropy_model_dir(src)`.
+# A Hugging Face `transformers` reader (its own key table, spec 14.4) slots in here as a second entry.
+_FORMATS: Dict[str, ModuleType] = {"reference": reference}
+SUPPORTED_FORMATS = tuple(_FORMATS)
+
+__all__ = ["ConversionError", "SUPPORTED_FORMATS", "convert", "convert_dir", "load_converted", "param_count"]
+
+
+# pylint: disable=redefined-builtin  (`format=` is the public argument name, as in the CLI's --format)
+
+
+def convert(src: PathLike, format: str = "reference") -> Tuple[ModelConfig, Dict[str, Any]]:
+  """(config, float32 numpy params) of the one model in directory `src` (a BLT or an entropy model)."""
+  loaded = _reader(format).load_model(src)
+  return loaded.config, loaded.params
+
+
+def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
+                entropy_src: Optional[PathLike] = None, overwrite: bool = False) -> Dict[str, Any]:
+  """Converts `src` (and its entropy model) into the output layout at `out`; returns a summary dict.
+
+  `entropy_src` names the BLT's entropy model dir when it is not `src/entropy_model/` (e.g. the sibling
+  `hf-weights/entropy_model/`). `out` appears only once everything is written (staged, then renamed).
+  """
+  from blt_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when writing)
+  reader = _reader(format)
+  src, out = pathlib.Path(src), pathlib.Path(out)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+  if entropy_src is not None and not pathlib.Path(entropy_src).is_dir():  # fail before loading a large BLT
+    raise ConversionError(f"{entropy_src}: entropy model directory does not exist")
+  main = reader.load_model(src)
+  entropy, entropy_dir = None, None
+  if main.model_type == BLT:
+    entropy_dir = pathlib.Path(entropy_src) if entropy_src is not None else reader.entropy_model_dir(src)
+    if entropy_dir is not None:
+      entropy = reader.load_model(entropy_dir, parent=src if entropy_src is None else None)
+      if entropy.model_type != ENTROPY:
+        raise ConversionError(f"{entropy.weights_file}: expected the entropy model, found a {entropy.model_type}")
+  elif entropy_src is not None:
+    raise ConversionError(f"{src} is itself an entropy model; entropy_src is only for a BLT source")
+
+  staging = out.parent / f".{out.name}.converting"
+  if staging.exists():
+    shutil.rmtree(staging)  # leftover of an interrupted run
+  try:
+    checkpoint.save_params(staging, main.params, _config_json(main, src, format, entropy is not None))
+    if entropy is not None:
+      checkpoint.save_params(staging / reference.ENTROPY_SUBDIR, entropy.params,
+                             _config_json(entropy, entropy_dir, format, False))
+    if out.is_dir():
+      shutil.rmtree(out)
+    elif out.exists():
+      out.unlink()
+    staging.rename(out)
+  finally:
+    if staging.exists():
+      shutil.rmtree(staging)
+
+  models = [_summary(main, out)]
+  if entropy is not None:
+    models.append(_summary(entropy, out / reference.ENTROPY_SUBDIR))
+  return {"out": str(out), "source": str(src), "format": format, "models": models,
+          "patching": main.patching.to_dict() if main.patching else None}
+
+
+def load_converted(path: PathLike, abstract: Any = None, shardings: Any = None
+                   ) -> Tuple[ModelConfig, Any, Optional[config_lib.PatchingConfig]]:
+  """(typed config, params, PatchingConfig or None) of a `convert_dir` output dir (or its entropy_model/).
+
+  `abstract`: a tree of `jax.ShapeDtypeStruct`s with shardings to restore onto; `shardings`: a tree of
+  shardings matching the params (the abstract tree is then built from the config). Neither: default device.
+  """
+  from blt_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when reading)
+  meta = checkpoint.read_params_config(path)
+  if meta.get("format") != OUTPUT_FORMAT or meta.get("model_type") not in (BLT, ENTROPY):
+    raise ConversionError(f"{pathlib.Path(path) / 'config.json'}: not a blt_jax converted checkpoint "
+                          f"(format={meta.get('format')!r}, model_type={meta.get('model_type')!r})")
+  cls = config_lib.BLTConfig if meta["model_type"] == BLT else config_lib.EntropyModelConfig
+  config = cls.from_dict(meta["model"])
+  patching = config_lib.PatchingConfig.from_dict(meta["patching"]) if meta.get("patching") else None
+  if abstract is None and shardings is not None:
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            abstract_params(config), shardings)
+  params, _ = checkpoint.load_params(path, abstract)
+  return config, params, patching
+
+
+def abstract_params(config: ModelConfig) -> Any:
+  """ShapeDtypeStructs of the params `config` builds (nothing is materialised)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  if isinstance(config, config_lib.BLTConfig):
+    from blt_jax.model import init_blt as init  # pylint: disable=g-import-not-at-top
+  else:
+    from blt_jax.entropy_model import init_entropy_model as init  # pylint: disable=g-import-not-at-top
+  return nn.meta.unbox(jax.eval_shape(lambda: init(jax.random.PRNGKey(0), config)))
+
+
+def param_count(params: Any) -> int:
+  return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(params)))
+
+
+def _reader(format: str) -> ModuleType:
+  if format not in _FORMATS:
+    raise ValueError(f"unknown checkpoint format {format!r}; supported formats: {', '.join(SUPPORTED_FORMATS)}")
+  return _FORMATS[format]
+
+
+def _config_json(loaded: reference.LoadedModel, src: pathlib.Path, format: str,
+                 has_entropy_model: bool) -> Dict[str, Any]:
+  meta = {"format": OUTPUT_FORMAT, "model_type": loaded.model_type, "model": loaded.config.to_dict(),
+          "source": str(src), "source_format": format, "weights_file": str(loaded.weights_file)}
+  if loaded.patching is not None:
+    meta["patching"] = loaded.patching.to_dict()
+  if has_entropy_model:
+    meta["entropy_model"] = reference.ENTROPY_SUBDIR  # relative to this dir
+  return meta
+
+
+def _summary(loaded: reference.LoadedModel, path: pathlib.Path) -> Dict[str, Any]:
+  c = loaded.config
+  if loaded.model_type == BLT:
+    dims = {"dim_local_encoder": c.dim_local_encoder, "dim_global": c.dim_global,
+            "dim_local_decoder": c.dim_local_decoder, "n_layers_local_encoder": c.n_layers_local_encoder,
+            "n_layers_global": c.n_layers_global, "n_layers_local_decoder": c.n_layers_local_decoder,
+            "cross_attn_k": c.cross_attn_k, "hash_tables": c.num_hash_tables,
+            "hash_vocab": c.encoder_hash_byte_group_vocab}
+  else:
+    dims = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "vocab_size": c.vocab_size}
+  return {"model_type": loaded.model_type, "path": str(path), "params": param_count(loaded.params), "dims": dims,
+          "weights_file": str(loaded.weights_file), "config_file": str(loaded.config_file)}

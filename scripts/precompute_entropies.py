@@ -1,0 +1,79 @@
+"""Score a corpus with an entropy model once and store per-token entropies (tensorstore zarr).
+
+  python scripts/precompute_entropies.py --config configs/tiny_entropy.py --out runs/entropies_stdlib \
+      [--entropy_checkpoint runs/entropy_tiny]
+
+Scores the train and validation documents of the config's data section (the whole corpus), then training with
+`--config.data.entropy_store=runs/entropies_stdlib` patches from the stored values instead of running the entropy
+model inside every step (see BENCHMARKS.md for which is faster).
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from blt_jax import entropy_store  # noqa: E402
+from blt_jax.data import pipeline  # noqa: E402
+from blt_jax.train import load_entropy_model  # noqa: E402
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+class _Concat:
+  """Train + validation documents as one source (keys stay unique)."""
+
+  def __init__(self, *sources):
+    self.sources = sources
+    self.name = "+".join(getattr(s, "name", "?") for s in sources)
+
+  def _locate(self, i):
+    for s in self.sources:
+      if i < len(s):
+        return s, i
+      i -= len(s)
+    raise IndexError(i)
+
+  def __len__(self):
+    return sum(len(s) for s in self.sources)
+
+  def __getitem__(self, i):
+    s, j = self._locate(i)
+    return s[j]
+
+  def key(self, i):
+    s, j = self._locate(i)
+    return s.key(j)
+
+  def num_tokens(self, i):
+    s, j = self._locate(i)
+    return s.num_tokens(j)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="a configs/*.py file (its data section names the corpus)")
+  parser.add_argument("--out", required=True, help="store directory to write")
+  parser.add_argument("--entropy_checkpoint", default=None, help="defaults to the config's entropy_checkpoint")
+  args = parser.parse_args()
+  cfg = load_config(args.config)
+  ent_cfg, params = load_entropy_model(args.entropy_checkpoint or cfg.entropy_checkpoint)
+  train, val = pipeline.build_document_sources(cfg.data)
+  source = _Concat(train, val)
+  t0 = time.perf_counter()
+  report = lambda done, total: print(f"\r{done}/{total} documents", end="", flush=True)
+  summary = entropy_store.write_entropy_store(args.out, source, params, ent_cfg, progress=report)
+  dt = time.perf_counter() - t0
+  print(f"\nwrote {summary['tokens']} entropies of {summary['documents']} documents to {args.out} in {dt:.1f}s "
+        f"({summary['tokens'] / dt:.0f} tokens/s)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,83 @@
+"""Model configs: released shapes build abstractly with the spec's parameter counts; bad values are named."""
+import importlib.util
+import pathlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from blt_jax import train_config
+from blt_jax.config import BLTConfig, EntropyModelConfig, ffn_hidden_dim
+from blt_jax.entropy_model import init_entropy_model
+from blt_jax.model import init_blt
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _counts(tree):
+  return {k: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(v)) for k, v in tree.items()}
+
+
+@pytest.mark.parametrize("dim,expected", [(768, 2048), (1024, 2816), (2048, 5632), (4096, 11008), (32, 256)])
+def test_ffn_hidden_dim_matches_spec(dim, expected):
+  assert ffn_hidden_dim(dim, 256, 1.0) == expected
+
+
+def test_blt_1b_parameter_counts():
+  cfg = train_config.model_config(load_config("blt_1b"))
+  abstract = nn.meta.unbox(jax.eval_shape(lambda: init_blt(jax.random.PRNGKey(0), cfg)))
+  counts = _counts(abstract)
+  encoder = counts["local_encoder"] + counts["tok_embeddings"]
+  assert round(encoder / 1e6, 1) == 19.4  # spec 14.3
+  assert round(counts["global_transformer"] / 1e6, 1) == 1284.6
+  assert round(counts["local_decoder"] / 1e6, 1) == 157.9
+  assert counts["hash_embeddings"] == 6 * 500002 * 1024
+  total = sum(counts.values())
+  assert round(total / 1e9, 2) == 4.53
+  assert round((total - counts["hash_embeddings"]) / 1e9, 2) == 1.46
+
+
+def test_entropy_100m_parameter_count():
+  cfg = train_config.model_config(load_config("entropy_100m"))
+  abstract = jax.eval_shape(lambda: init_entropy_model(jax.random.PRNGKey(0), cfg))
+  total = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(abstract)))
+  assert round(total / 1e6, 1) == 99.5  # spec 2.1
+
+
+def test_blt_7b_builds_with_global_input_projection():
+  cfg = train_config.model_config(load_config("blt_7b"))
+  assert cfg.global_input_dim != cfg.dim_global
+  abstract = nn.meta.unbox(jax.eval_shape(lambda: init_blt(jax.random.PRNGKey(0), cfg)))
+  proj = abstract["global_transformer"]["token_embedding_projection"]["kernel"]
+  assert proj.shape == (cfg.global_input_dim, cfg.dim_global)
+  total = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract))
+  assert 6e9 < total - 6 * 500002 * 1280 < 9e9
+
+
+@pytest.mark.parametrize("name", ["tiny", "entropy_tiny", "tiny_entropy", "entropy_100m", "blt_1b", "blt_7b"])
+def test_shipped_configs_load_and_validate(name):
+  cfg = load_config(name)
+  train_config.validate(cfg)
+
+
+def test_bad_values_are_named():
+  with pytest.raises(ValueError, match="unknown blt config key"):
+    BLTConfig.from_dict({"dim_local_encoder": 8, "bogus": 1})
+  with pytest.raises(ValueError, match="dim_local_decoder"):
+    BLTConfig(dim_local_encoder=32, dim_local_decoder=64, cross_attn_nheads=4)
+  with pytest.raises(ValueError, match="downsampling_by_pooling"):
+    BLTConfig(downsampling_by_pooling="median")
+  with pytest.raises(ValueError, match="dtype"):
+    EntropyModelConfig(dtype="float8")
+  cfg = load_config("tiny")
+  cfg.seq_len = 100000
+  with pytest.raises(ValueError, match="max_encoder_seq_length"):
+    train_config.validate(cfg)
