@@ -1,0 +1,203 @@
+"""Benchmarks, reported as ratios measured in one run (shared machines are noisy; absolute numbers drift).
+
+  python scripts/benchmark.py --preset cpu      # small shapes, a couple of minutes on 2 cores
+  python scripts/benchmark.py --preset gpu      # 1B-class shapes on one H100/H200
+
+Sections:
+  attention   fast paths vs dense masked attention (encoder/decoder cross-attention, windowed self-attention)
+  patching    BLT train step with in-graph entropy patching vs precomputed entropies (the entropy model's cost)
+  train       BLT train-step throughput (bytes/s, patches/s) and MFU with the one FLOP model of blt_jax.flops
+Prints a markdown table; paste it into BENCHMARKS.md with the device line.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from blt_jax import attention, flops, masks, patching, steps  # noqa: E402
+from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig  # noqa: E402
+
+PRESETS = {
+    "cpu": dict(
+        attn=dict(B=1, N=2048, P=512, k=2, H=4, D=32, W=128),
+        blt=BLTConfig(dim_local_encoder=128, n_layers_local_encoder=1, n_heads_local_encoder=4, dim_global=256,
+                      n_layers_global=4, n_heads_global=4, dim_local_decoder=128, n_layers_local_decoder=2,
+                      n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4,
+                      encoder_hash_byte_group_vocab=4096, local_attention_window_len=128, max_seqlen=1024,
+                      max_encoder_seq_length=1024),
+        entropy=EntropyModelConfig(dim=128, n_layers=2, n_heads=4, sliding_window=128, max_seqlen=1024),
+        batch=4, seq_len=1024, max_patches=342, steps=5),
+    "gpu": dict(
+        attn=dict(B=2, N=8192, P=2048, k=2, H=16, D=64, W=512),
+        # The released 1B shapes with 50002-row hash tables (the 500002-row tables plus AdamW state exceed one
+        # 80 GB card in fp32; they change no FLOPs).
+        # Global and decoder depths cut to 8 and 3 layers to keep XLA's compile inside the device time we have.
+        blt=BLTConfig(encoder_hash_byte_group_vocab=50002, n_layers_global=8, n_layers_local_decoder=3,
+                      dtype="bfloat16", remat=False),
+        entropy=EntropyModelConfig(dtype="bfloat16"),
+        batch=4, seq_len=8192, max_patches=2730, steps=10),
+}
+
+
+def timeit(fn, *args, repeats=5):
+  """Median seconds of `fn(*args)` after one compile+warmup call; inf when it does not fit in memory."""
+  try:
+    jax.block_until_ready(fn(*args))
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return float("inf")
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def bench_attention(p):
+  B, N, P, k, H, D, W = (p[x] for x in ("B", "N", "P", "k", "H", "D", "W"))
+  key = jax.random.PRNGKey(0)
+  rng = np.random.default_rng(0)
+  starts = jnp.asarray(rng.random((B, N + 1)) < (P / N) * 0.9).at[:, :2].set(True)
+  lengths = patching.starts_to_patches(starts, P).patch_lengths_BP
+  ids = patching.patch_ids_from_lengths(lengths, N)
+  dec_ids = patching.decoder_patch_ids(lengths, N)
+  dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  q_slots = jax.random.normal(key, (B, P * k, H, D), dtype)
+  bytes_kv = jax.random.normal(key, (B, N, H, D), dtype)
+  rows = []
+  fast = jax.jit(lambda q, kv, i: attention.encoder_cross_attention(q, kv, kv, i, P, k))
+  dense = jax.jit(lambda q, kv, i: attention.masked_attention(q, kv, kv, masks.dense_encoder_cross_mask(i, P, k)))
+  rows.append(("encoder cross-attention (segment softmax vs dense)", timeit(fast, q_slots, bytes_kv, ids),
+               timeit(dense, q_slots, bytes_kv, ids)))
+  fast = jax.jit(lambda q, kv, i: attention.decoder_cross_attention(q, kv, kv, i, k))
+  dense = jax.jit(lambda q, kv, i: attention.masked_attention(q, kv, kv, masks.dense_decoder_cross_mask(i, P, k)))
+  rows.append(("decoder cross-attention (gather vs dense)", timeit(fast, bytes_kv, q_slots, dec_ids),
+               timeit(dense, bytes_kv, q_slots, dec_ids)))
+  doc = masks.document_ids(jnp.zeros((B, N), jnp.int32))
+  fast = jax.jit(lambda x, d: attention.self_attention(x, x, x, d, W))
+  dense = jax.jit(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(d, N, W)))
+  rows.append((f"window-{W} self-attention (blocked vs dense)", timeit(fast, bytes_kv, doc),
+               timeit(dense, bytes_kv, doc)))
+  return [dict(name=n, fast_s=f, dense_s=d, speedup=d / f) for n, f, d in rows]
+
+
+def _random_params(abstract):
+  """Random weights leaf by leaf (one tiny compile per shape; a whole-model init jit compiles for minutes on GPU)."""
+  leaves, treedef = jax.tree_util.tree_flatten(abstract)
+  fill = jax.jit(lambda key, x: 0.02 * jax.random.normal(key, x.shape, x.dtype))
+  out = []
+  for i, leaf in enumerate(leaves):
+    if leaf.ndim == 1:  # norm scales
+      out.append(jnp.ones(leaf.shape, leaf.dtype))
+    else:
+      out.append(fill(jax.random.PRNGKey(i), jnp.zeros(leaf.shape, leaf.dtype)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _text_batch(B, N, seed=0):
+  """Bytes of this repository's Python sources (real text), as [BOS] bytes rows."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  blob = b"".join(open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(os.path.join(root, "blt_jax"))
+                  for f in sorted(fs) if f.endswith(".py"))
+  stream = np.frombuffer(blob * (1 + B * (N + 1) // len(blob)), np.uint8).astype(np.int32) + 4
+  rows = stream[: B * (N + 1)].reshape(B, N + 1)
+  rows[:, 0] = 1
+  return dict(tokens=rows[:, :-1], targets=rows[:, 1:], loss_mask=np.ones((B, N), np.float32))
+
+
+def bench_train(preset):
+  blt_cfg, ent_cfg = preset["blt"], preset["entropy"]
+  B, N = preset["batch"], preset["seq_len"]
+  ent_params = _random_params(jax.eval_shape(lambda: nn.meta.unbox(
+      steps.EntropyModel(ent_cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"])))
+  tx = optax.adamw(1e-4)
+  schedule = lambda s: 1e-4
+  batch = {k: jnp.asarray(v)[None] for k, v in _text_batch(B, N).items()}
+  # Threshold picked so the random entropy model gives ~4.5 bytes/patch on this text.
+  ent = steps.compute_entropies(ent_params, batch["tokens"][0], ent_cfg)
+  threshold = float(jnp.quantile(ent[:, 1:], 1 - 1 / 4.5))
+  pc = PatchingConfig(mode="entropy", threshold=threshold)
+  # P_max = N/3: room for 1.5x the mean patch count; the global model's cost scales with P_max, not real patches.
+  sc = steps.StepConfig(blt_cfg, pc, preset["max_patches"], ent_cfg)
+  params = _random_params(jax.eval_shape(lambda: nn.meta.unbox(steps.init_blt(jax.random.PRNGKey(0), blt_cfg))))
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params))
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  # Not donated: with donation this loop measured 5x slower on H100 (under investigation, see BENCHMARKS.md).
+  step = jax.jit(steps.make_train_step(sc, tx, schedule))
+  with_entropies = dict(batch, entropies=jnp.asarray(ent)[None])
+
+  def run(state, b, n):
+    """Median seconds per step, each step blocked on."""
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      state, m = step(state, b, ent_params)
+      jax.block_until_ready((state, m))
+      times.append(time.perf_counter() - t)
+    return state, m, float(np.median(times))
+
+  state, m, _ = run(state, batch, 1)
+  state, m, t_graph = run(state, batch, preset["steps"])
+  state, m2, _ = run(state, with_entropies, 1)
+  state, m2, t_pre = run(state, with_entropies, preset["steps"])
+  mean_patch = B * (N + 1) / float(m["num_patches"])
+  fpb = flops.blt_train_flops_per_byte(blt_cfg, N, mean_patch)
+  peak = flops.device_peak_flops(jax.devices()[0])
+  # The in-graph step also runs the entropy model forward: count it for MFU of that step.
+  ent_fpb = flops.entropy_model_train_flops_per_byte(ent_cfg, N) / 3
+  return dict(params=int(n_params), batch=B, seq_len=N, mean_patch_length=mean_patch,
+              overflow_rows=float(m["overflow_rows"]),
+              step_s_in_graph=t_graph, step_s_precomputed=t_pre, precomputed_speedup=t_graph / t_pre,
+              bytes_per_s_precomputed=B * N / t_pre, patches_per_s_precomputed=B * (N + 1) / mean_patch / t_pre,
+              bytes_per_s_in_graph=B * N / t_graph,
+              mfu_precomputed=flops.mfu(fpb, B * N / t_pre, peak),
+              mfu_in_graph=flops.mfu(fpb + ent_fpb, B * N / t_graph, peak),
+              loss=float(m["loss"]))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  parser.add_argument("--sections", default="attention,train")
+  parser.add_argument("--json", default="", help="also write the results here")
+  args = parser.parse_args()
+  preset = PRESETS[args.preset]
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, {jax.device_count()} device(s)")
+  results = {}
+  if "attention" in args.sections:
+    results["attention"] = bench_attention(preset["attn"])
+    print(f"\nattention, shapes {preset['attn']}")
+    print("| kernel | fast (ms) | dense (ms) | speedup |\n|---|---|---|---|")
+    for r in results["attention"]:
+      print(f"| {r['name']} | {r['fast_s'] * 1e3:.2f} | {r['dense_s'] * 1e3:.2f} | {r['speedup']:.1f}x |")
+  if "train" in args.sections:
+    r = results["train"] = bench_train(preset)
+    print(f"\nBLT train step: {r['params'] / 1e6:.1f}M params, batch {r['batch']} x {r['seq_len']} bytes, "
+          f"{r['mean_patch_length']:.2f} bytes/patch")
+    print("| patching | step (ms) | bytes/s | MFU |\n|---|---|---|---|")
+    print(f"| entropy model in the step | {r['step_s_in_graph'] * 1e3:.1f} | {r['bytes_per_s_in_graph']:.0f} | "
+          f"{r['mfu_in_graph'] * 100:.1f}% |")
+    print(f"| precomputed entropies | {r['step_s_precomputed'] * 1e3:.1f} | {r['bytes_per_s_precomputed']:.0f} | "
+          f"{r['mfu_precomputed'] * 100:.1f}% |")
+    print(f"precomputed / in-graph speedup: {r['precomputed_speedup']:.2f}x; "
+          f"patches/s (precomputed): {r['patches_per_s_precomputed']:.0f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
