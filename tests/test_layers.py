@@ -1,0 +1,58 @@
+"""Building blocks against hand-worked values (spec 5)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blt_jax import layers
+
+
+def test_rmsnorm_hand_case():
+  x = jnp.array([[3.0, 4.0]])
+  params = {"params": {"scale": jnp.array([1.0, 2.0])}}
+  y = layers.RMSNorm(eps=0.0).apply(params, x)
+  rms = np.sqrt((9 + 16) / 2)
+  np.testing.assert_allclose(y, [[3 / rms, 8 / rms]], rtol=1e-6)
+
+
+def test_rope_rotates_interleaved_pairs():
+  """Dims (2i, 2i+1) form one 2-D vector rotated by pos * theta^(-2i/hd) (Meta layout, not rotate_half)."""
+  hd, theta = 4, 100.0
+  cos, sin = layers.rope_tables(3, hd, theta)
+  x = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 1, hd).repeat(3, axis=1)
+  out = np.asarray(layers.apply_rope(x, cos, sin))[0, :, 0]
+  for pos in range(3):
+    for i in range(hd // 2):
+      angle = pos * theta ** (-2 * i / hd)
+      a, b = x[0, 0, 0, 2 * i], x[0, 0, 0, 2 * i + 1]
+      np.testing.assert_allclose(out[pos, 2 * i], a * np.cos(angle) - b * np.sin(angle), rtol=1e-5)
+      np.testing.assert_allclose(out[pos, 2 * i + 1], a * np.sin(angle) + b * np.cos(angle), rtol=1e-5)
+
+
+def test_rope_keeps_dtype_and_norm():
+  cos, sin = layers.rope_tables(8, 16, 500000.0)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 3, 16)).astype(jnp.bfloat16)
+  y = layers.apply_rope(x, cos, sin)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(jnp.linalg.norm(y.astype(jnp.float32), axis=-1),
+                             jnp.linalg.norm(x.astype(jnp.float32), axis=-1), rtol=1e-2)
+
+
+def test_linear_is_x_times_kernel_and_params_are_logically_annotated():
+  lin = layers.Linear(3, ("embed", "mlp"), std=0.1)
+  boxed = lin.init(jax.random.PRNGKey(0), jnp.ones((1, 2)))
+  assert boxed["params"]["kernel"].names == ("embed", "mlp")
+  kernel = nn.meta.unbox(boxed)["params"]["kernel"]
+  assert float(jnp.abs(kernel).max()) <= 0.3 + 1e-6  # truncated at 3 std
+  x = jnp.array([[1.0, 2.0]])
+  np.testing.assert_allclose(lin.apply({"params": {"kernel": kernel}}, x), x @ kernel, rtol=1e-6)
+
+
+def test_cross_attention_returns_input_plus_update():
+  """CrossAttention returns x + wo(attn) (the residual inside; callers add x again: Q1)."""
+  xattn = layers.CrossAttention(dim=8, n_heads=2, std=0.1)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 8))
+  kv = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 8))
+  nothing = lambda q, k, v: jnp.zeros_like(q)  # fully masked rows give 0
+  params = xattn.init(jax.random.PRNGKey(2), x, kv, nothing)
+  np.testing.assert_allclose(xattn.apply(params, x, kv, nothing), x, atol=1e-7)
