@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from blt_jax import loss as loss_lib
+from blt_jax import optimizer as optimizer_lib
 from blt_jax import patching
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
 from blt_jax.entropy_model import EntropyModel, compute_entropies
@@ -57,8 +58,10 @@ def make_patches(sc: StepConfig, batch, entropy_params) -> patching.Patches:
   tokens = batch["tokens"]
   entropies = None
   if sc.patching.mode == "entropy":
-    if "entropies" in batch:  # precomputed by scripts/precompute_entropies.py
+    if "entropies" in batch:  # precomputed by scripts/precompute_entropies.py (data.entropy_store)
       entropies = batch["entropies"]
+    elif entropy_params is None or sc.entropy_model is None:
+      raise ValueError("entropy patching needs an entropy model (entropy_params) or batches with 'entropies'")
     else:
       entropies = compute_entropies(entropy_params, tokens, sc.entropy_model)
     entropies = jax.lax.stop_gradient(entropies)
@@ -73,21 +76,34 @@ def loss_terms(sc: StepConfig, params, batch, entropy_params=None):
   if sc.is_blt:
     patches = make_patches(sc, batch, entropy_params)
     logits = BLT(sc.model).apply({"params": params}, tokens, patches.patch_lengths_BP)
-    stats = dict(num_patches=jnp.sum(patches.num_patches_B).astype(jnp.float32),
-                 overflow_rows=jnp.sum(patches.overflow_B).astype(jnp.float32))
+    # Rows without a counted byte are eval padding (e.g. a host past its share of the validation set): their
+    # patches would deflate bytes-per-patch.
+    real_B = jnp.any(batch["loss_mask"] > 0, axis=-1)
+    stats = dict(num_patches=jnp.sum(jnp.where(real_B, patches.num_patches_B, 0)).astype(jnp.float32),
+                 overflow_rows=jnp.sum(patches.overflow_B & real_B).astype(jnp.float32))
   else:
     logits = EntropyModel(sc.model).apply({"params": params}, tokens)
   loss_sum, count = loss_lib.cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
   return loss_sum, count, stats
 
 
-def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    micro_batch_sharding=None, grad_shardings=None):
   """`(state, batches_ABN, entropy_params) -> (state, metrics)`; A micro-batches are accumulated exactly.
 
   The loss is the masked sum over all micro-batches divided by the total number of counted bytes, so any
   split into micro-batches gives the same gradient. A non-finite loss or gradient leaves the state unchanged
-  and reports `finite = False`; the trainer then stops.
+  and reports `finite = False`; the trainer then stops. On a mesh, pass the sharding of one micro-batch's arrays
+  and the params' shardings: they pin the scan's slices and gradient accumulators, which XLA otherwise may replicate.
   """
+  def constrain(tree, shardings):
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+  def constrain_batch(batch):
+    if micro_batch_sharding is None:
+      return batch
+    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, micro_batch_sharding), batch)
+
   def micro(params, batch, entropy_params):
     def f(p):
       s, n, stats = loss_terms(sc, p, batch, entropy_params)
@@ -96,21 +112,22 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     return s, n, stats, g
 
   def step(state: TrainState, batches, entropy_params=None):
-    first = jax.tree_util.tree_map(lambda x: x[0], batches)
+    first = constrain_batch(jax.tree_util.tree_map(lambda x: x[0], batches))
     s, n, stats, g = micro(state.params, first, entropy_params)
+    g = constrain(g, grad_shardings)
     num_micro = jax.tree_util.tree_leaves(batches)[0].shape[0]
     if num_micro > 1:
       def body(carry, batch):
         s_acc, n_acc, stats_acc, g_acc = carry
-        s_i, n_i, stats_i, g_i = micro(state.params, batch, entropy_params)
-        return (s_acc + s_i, n_acc + n_i, jax.tree_util.tree_map(jnp.add, stats_acc, stats_i),
-                jax.tree_util.tree_map(jnp.add, g_acc, g_i)), None
+        s_i, n_i, stats_i, g_i = micro(state.params, constrain_batch(batch), entropy_params)
+        g_sum = constrain(jax.tree_util.tree_map(jnp.add, g_acc, g_i), grad_shardings)
+        return (s_acc + s_i, n_acc + n_i, jax.tree_util.tree_map(jnp.add, stats_acc, stats_i), g_sum), None
       rest = jax.tree_util.tree_map(lambda x: x[1:], batches)
       (s, n, stats, g), _ = jax.lax.scan(body, (s, n, stats, g), rest)
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree_util.tree_map(lambda x: x / denom, g)
     loss = s / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optimizer_lib.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

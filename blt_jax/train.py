@@ -81,7 +81,7 @@ class Trainer:
     patch_cfg = None
     if isinstance(model_cfg, BLTConfig):
       patch_cfg = train_config.patching_config(cfg)
-      if patch_cfg.mode == "entropy":
+      if patch_cfg.mode == "entropy" and not cfg.data.entropy_store:  # else batches carry stored entropies
         entropy_cfg, params = load_entropy_model(cfg.entropy_checkpoint)
         self.entropy_params = jax.device_put(params, sharding.replicated(self.mesh))
     self.sc = steps.StepConfig(model_cfg, patch_cfg, train_config.max_patches(cfg) if patch_cfg else 0, entropy_cfg)
@@ -97,7 +97,8 @@ class Trainer:
     batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, sharding.BATCH_AXES))
     eval_sharding = sharding.data_sharding(self.mesh)
     rep = sharding.replicated(self.mesh)
-    self.train_step = jax.jit(steps.make_train_step(self.sc, self.tx, self.schedule),
+    self.train_step = jax.jit(steps.make_train_step(self.sc, self.tx, self.schedule, eval_sharding,
+                                                    self.state_shardings.params),
                               in_shardings=(self.state_shardings, batch_sharding, rep),
                               out_shardings=(self.state_shardings, rep), donate_argnums=0)
     self.eval_step = jax.jit(steps.make_eval_step(self.sc), in_shardings=(self.state_shardings.params,
@@ -109,6 +110,7 @@ class Trainer:
     self.seq_len = cfg.seq_len
     self.writer = metrics_lib.MetricsWriter(workdir, total_steps=cfg.num_steps)
     self.history: list = []  # (step, metrics dict) of every logged step, for tests and notes
+    self.state = None  # the final train state once `run()` returns
     self.flops_per_byte = self._flops_per_byte(4.5)
 
   def _flops_per_byte(self, mean_patch_length: float) -> float:
@@ -170,7 +172,7 @@ class Trainer:
       is_log = step % cfg.log_every == 0 or step == cfg.num_steps
       window["steps"] += 1
       if is_log or self.sc.is_blt and cfg.patching.on_overflow == "error":
-        self._check(jax.device_get(metrics), step)
+        self._check(jax.device_get(metrics), step, state)
       if is_log:
         host = jax.device_get(metrics)
         now = time.perf_counter()
@@ -194,20 +196,28 @@ class Trainer:
         self.writer.write_scalars(step, val)
         self.history.append((step, val))
       if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
-        self._check(jax.device_get(metrics), step)  # never checkpoint a state that stopped updating
+        self._check(jax.device_get(metrics), step, state)  # never checkpoint a state that stopped updating
         self.checkpointer.save(step, state, iterator.get_state(), self._meta(step), force=True)
     self.checkpointer.wait_until_finished()
+    self.state = state
     self._export(state.params)
     self.writer.flush()
     return dict(start_step=start_step, final_step=step, history=self.history,
                 final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()} if metrics else {})
 
-  def _check(self, host_metrics, step: int) -> None:
-    if not bool(host_metrics["finite"]):
+  def _check(self, host_metrics, step: int, state) -> None:
+    # A step with a non-finite loss leaves `state.step` behind, so steps skipped between checks are caught too.
+    applied = int(jax.device_get(state.step))
+    if not bool(host_metrics["finite"]) or applied != step:
       self.checkpointer.wait_until_finished()
+      if bool(host_metrics["finite"]):
+        what = (f"{step - applied} step(s) before step {step} had a non-finite loss or gradient (not logged: "
+                f"log_every={self.cfg.log_every})")
+      else:
+        what = (f"non-finite loss or gradient at step {step} (loss={float(host_metrics['loss'])}, grad_norm="
+                f"{float(host_metrics['grad_norm'])})")
       raise TrainingError(
-          f"non-finite loss or gradient at step {step} (loss={float(host_metrics['loss'])}, grad_norm="
-          f"{float(host_metrics['grad_norm'])}); the update was not applied and the last good checkpoint "
+          f"{what}; those updates were not applied and the last good checkpoint "
           f"(step {self.checkpointer.latest_step()}) in {self.workdir} is intact. Lower optimizer.lr or check data.")
     if self.sc.is_blt and self.cfg.patching.on_overflow == "error" and float(host_metrics["overflow_rows"]) > 0:
       self.checkpointer.wait_until_finished()
@@ -244,27 +254,31 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
 
 def main(argv=None) -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and the final export go here.")
-
-  def _main(_):
-    cfg = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir
-    if cfg is None or workdir is None:
-      raise app.UsageError("both --config and --workdir are required")
-    logging.basicConfig(level=logging.WARNING)
-    try:
-      summary = train(cfg, workdir)
-    except (ValueError, FileNotFoundError, TrainingError) as e:
-      raise SystemExit(f"error: {e}") from None
-    if jax.process_index() == 0:
-      print(f"done: steps {summary['start_step']} -> {summary['final_step']}; export in "
-            f"{os.path.join(workdir, 'export')}", flush=True)
-
-  app.run(_main, argv=argv)
+  try:
+    flags.FLAGS(sys.argv if argv is None else argv)
+    cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if cfg is not None:
+      cfg.keys()  # a config file that failed to load only raises when first used
+  except Exception as e:  # pylint: disable=broad-except
+    # Unknown keys, bad values and unreadable config files surface here: one line, no traceback.
+    raise SystemExit(f"error: bad command line: {type(e).__name__}: {e}") from None
+  if cfg is None or workdir is None:
+    raise SystemExit("usage: python -m blt_jax.train --config configs/<name>.py --workdir DIR [--config.a.b=value]")
+  logging.basicConfig(level=logging.WARNING)
+  try:
+    summary = train(cfg, workdir)
+  except (ValueError, FileNotFoundError, TrainingError) as e:
+    raise SystemExit(f"error: {e}") from None
+  if jax.process_index() == 0:
+    print(f"done: steps {summary['start_step']} -> {summary['final_step']}; export in "
+          f"{os.path.join(workdir, 'export')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ from blt_jax import sharding
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
 
 
+def _overridable(d: dict) -> ml_collections.ConfigDict:
+  """ConfigDict of `d` with lists as tuples: command-line flags can override tuple fields but not list fields."""
+  return ml_collections.ConfigDict({k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def _dataclass_config(instance) -> ml_collections.ConfigDict:
-  d = dataclasses.asdict(instance)
-  for k, v in d.items():
-    if isinstance(v, tuple):
-      d[k] = list(v)
-  return ml_collections.ConfigDict(d)
+  return _overridable(dataclasses.asdict(instance))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.patching = _dataclass_config(PatchingConfig())  # PatchingConfig fields (ignored for model_type=entropy_model)
   c.patching.max_patches = 0  # patches per row (P_max); 0 = seq_len + 1, which can never overflow
   c.patching.on_overflow = "count"  # "count": merge the tail into the last patch and log; "error": stop the run
-  c.data = data_lib.default_data_config()  # documents, split, loader threads
+  c.data = _overridable(data_lib.default_data_config().to_dict())  # documents, split, loader threads
   c.seq_len = 4096  # bytes per training row
   c.global_batch_size = 8  # rows per optimizer step across all hosts (per micro-step with grad accumulation)
   c.grad_accum_steps = 1  # micro-batches summed per optimizer step
@@ -80,9 +81,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   model_config(cfg)
   if cfg.model_type == "blt":
     pc = patching_config(cfg)
-    if pc.mode == "entropy" and not cfg.entropy_checkpoint:
+    if pc.mode == "entropy" and not cfg.entropy_checkpoint and not cfg.data.entropy_store:
       raise ValueError("config.patching.mode='entropy' needs config.entropy_checkpoint (a converted or trained "
-                       "entropy model dir); or pick patching.mode in space/static/byte")
+                       "entropy model dir) or config.data.entropy_store (precomputed entropies); or pick "
+                       "patching.mode in space/static/byte")
     if cfg.patching.on_overflow not in ("count", "error"):
       raise ValueError(f"config.patching.on_overflow={cfg.patching.on_overflow!r}: expected 'count' or 'error'")
     if cfg.patching.max_patches < 0:
@@ -95,6 +97,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for name in ("seq_len", "global_batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every"):
     if int(cfg[name]) < 1:
       raise ValueError(f"config.{name} must be >= 1, got {cfg[name]}")
-  for name in ("param_dtype", "compute_dtype"):
-    if cfg[name] not in ("float32", "bfloat16"):
-      raise ValueError(f"config.{name}={cfg[name]!r}: expected 'float32' or 'bfloat16'")
+  # Params are always created in float32; accepting another value would silently ignore it.
+  if cfg.param_dtype != "float32":
+    raise ValueError(f"config.param_dtype={cfg.param_dtype!r}: only 'float32' master weights are supported")
+  if cfg.compute_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.compute_dtype={cfg.compute_dtype!r}: expected 'float32' or 'bfloat16'")

@@ -1,0 +1,485 @@
+"""The trainer end to end on a micro BLT: meshes, resume, gradient accumulation, guards, entropy patching, CLI and
+multi-process training.
+
+Every run uses configs/tiny.py shrunk further (`MICRO`: seq_len 64, 8 rows, one layer per stage, fp32) on a few
+stdlib files copied to a tmp corpus. XLA compilation dominates the time, so the module turns on a persistent
+compilation cache: runs with the same mesh and shapes (most use (data, fsdp, tensor) = (2, 2, 2), the CLI run
+included) compile their programs once.
+"""
+import contextlib
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import PartitionSpec as P
+
+from blt_jax import checkpoint as ckpt_lib
+from blt_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DRIVER = ROOT / "tests" / "multiprocess_train_driver.py"
+_spec = importlib.util.spec_from_file_location("multiprocess_train_driver", DRIVER)
+driver = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(driver)
+
+# The same fp32 run on different meshes differs only in reduction order: measured <= 1.2e-7 relative on loss and
+# grad norm over 3 steps, so 1e-5 leaves a wide margin while still catching any real divergence.
+MESH_RTOL = 1e-5
+# A resumed run replays the same compiled programs on the same data from exactly restored arrays.
+RESUME_RTOL = 1e-6
+
+MICRO = {
+    "model.dim_local_encoder": 32,
+    "model.dim_local_decoder": 32,
+    "model.n_heads_local_encoder": 2,
+    "model.n_heads_local_decoder": 2,
+    "model.n_layers_local_decoder": 1,
+    "model.dim_global": 64,  # = cross_attn_k * dE: no global input projection, as in tiny
+    "model.n_layers_global": 1,
+    "model.n_heads_global": 2,
+    "model.cross_attn_nheads": 2,
+    "model.encoder_hash_byte_group_size": (3, 4),
+    "model.encoder_hash_byte_group_vocab": 512,
+    "model.multiple_of": 32,
+    "model.max_seqlen": 128,
+    "model.max_encoder_seq_length": 128,
+    "model.local_attention_window_len": 32,
+    "seq_len": 64,
+    "global_batch_size": 8,
+    "num_steps": 2,
+    "log_every": 1,
+    "eval_batches": 1,
+    # Constant lr from the first update: every step changes the params, and the schedule (hence the compiled
+    # step) does not depend on num_steps, so runs of different lengths share programs.
+    "optimizer.scheduler": "constant",
+    "data.num_threads": 1,
+    "mesh.data": 2,
+    "mesh.fsdp": 2,
+    "mesh.tensor": 2,
+}
+CORPUS_FILES = ("bisect.py", "heapq.py", "shlex.py", "string.py", "textwrap.py", "json/encoder.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """A persistent XLA cache for this module only (restored afterwards); returns its env for subprocesses.
+
+  Set BLT_JAX_TEST_XLA_CACHE to a directory to keep the cache across sessions (reruns then skip most compiles).
+  """
+  path = os.environ.get("BLT_JAX_TEST_XLA_CACHE") or str(tmp_path_factory.mktemp("xla_cache"))
+  settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  old = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # jax decides once per process whether the cache is on
+  yield {name.upper(): str(value) for name, value in settings.items()}
+  for name, value in old.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """Data overrides: six stdlib modules as .txt training documents, and a 300-byte validation document.
+
+  The validation set is 5 windows of 64 bytes, so an 8-row eval batch has 3 padding rows.
+  """
+  root = tmp_path_factory.mktemp("corpus")
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  (root / "train").mkdir()
+  for name in CORPUS_FILES:
+    shutil.copy(stdlib / name, root / "train" / (pathlib.Path(name).stem + ".txt"))
+  (root / "val.txt").write_bytes((stdlib / "this.py").read_bytes()[:300])
+  return {"data.sources": (str(root / "train" / "*.txt"),), "data.validation_sources": (str(root / "val.txt"),)}
+
+
+@pytest.fixture(scope="module")
+def micro(corpus):
+  """`micro(overrides)`: a fresh micro config."""
+  def make(overrides=None):
+    return driver.apply_overrides(driver.load_config("tiny"), {**MICRO, **corpus, **(overrides or {})})
+  return make
+
+
+class _Tap:
+  """Wraps the train iterator: records each batch's tokens; can crash or corrupt the n-th batch of this run."""
+
+  def __init__(self, inner, record, fail_at=None, nan_at=None):
+    self.inner, self.record, self.fail_at, self.nan_at = inner, record, fail_at, nan_at
+    self.calls = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.calls += 1
+    if self.calls == self.fail_at:
+      raise RuntimeError(f"simulated crash while loading batch {self.calls}")
+    batch = next(self.inner)
+    self.record.append(batch["tokens"].copy())
+    if self.calls == self.nan_at:  # NaN counted bytes -> NaN loss, without changing any shape or dtype
+      batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+@contextlib.contextmanager
+def tapped(record, **kwargs):
+  original = train.data_lib.make_train_iterator
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train.data_lib, "make_train_iterator", lambda *a, **k: _Tap(original(*a, **k), record, **kwargs))
+    yield
+
+
+def run(cfg, workdir):
+  """(summary, trainer) of a full `Trainer.run()`; `trainer.state` is the final state."""
+  trainer = train.Trainer(cfg, str(workdir))
+  try:
+    summary = trainer.run()
+  finally:
+    trainer.close()
+  return summary, trainer
+
+
+def train_rows(summary):
+  """{step: train metrics} of the logged steps (eval rows left out)."""
+  return {step: m for step, m in summary["history"] if "loss" in m}
+
+
+def as_numpy(tree):
+  return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def assert_trees_close(a, b, rtol, atol=0.0):
+  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def straight(micro, tmp_path_factory):
+  """6 steps in one go on mesh (2, 2, 2), checkpoint every 3: the reference for the resume tests."""
+  record = []
+  with tapped(record):
+    summary, trainer = run(micro({"num_steps": 6, "checkpoint_every": 3}), tmp_path_factory.mktemp("straight"))
+  return dict(summary=summary, trainer=trainer, params=as_numpy(trainer.state.params), batches=record)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Meshes.
+
+
+def _leaf(tree, *keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def test_meshes_give_same_losses_and_params_are_sharded(micro, straight, tmp_path):
+  ref = train_rows(straight["summary"])
+  for shape in ((8, 1, 1), (1, 8, 1)):
+    cfg = micro({"mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2], "num_steps": 3})
+    summary, trainer = run(cfg, tmp_path / "x".join(map(str, shape)))
+    got = train_rows(summary)
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+      for key in ("loss", "grad_norm", "mean_patch_length"):
+        np.testing.assert_allclose(got[step][key], ref[step][key], rtol=MESH_RTOL, err_msg=f"{shape} step {step} {key}")
+    w1 = _leaf(trainer.state.params, "global_transformer", "layers_0", "feed_forward", "w1", "kernel")
+    if shape == (1, 8, 1):  # ("embed", "mlp") -> ("fsdp", "tensor"), tensor of size 1
+      assert w1.sharding.spec == P("fsdp", "tensor")
+      assert w1.addressable_shards[0].data.shape == (w1.shape[0] // 8, w1.shape[1])
+    else:  # pure data parallelism: every device holds the whole kernel
+      assert w1.addressable_shards[0].data.shape == w1.shape
+    evals = [(s, m) for s, m in summary["history"] if "val_loss" in m]
+    ref_evals = [(s, m) for s, m in straight["summary"]["history"] if "val_loss" in m]
+    np.testing.assert_allclose(evals[0][1]["val_loss"], ref_evals[0][1]["val_loss"], rtol=MESH_RTOL)
+    np.testing.assert_allclose(evals[0][1]["val_bytes_per_patch"], ref_evals[0][1]["val_bytes_per_patch"])
+
+  # The eval batch has 3 padding rows (see `corpus`); their patches must not count.
+  for step, m in straight["summary"]["history"]:
+    if "val_bytes_per_patch" in m:
+      assert 2.0 < m["val_bytes_per_patch"] < 16.0, (step, m)
+
+  state = straight["trainer"].state  # mesh (2, 2, 2)
+  params = state.params
+  ffn = _leaf(params, "global_transformer", "layers_0", "feed_forward")
+  w1, w2 = ffn["w1"]["kernel"], ffn["w2"]["kernel"]
+  assert w1.sharding.spec == P("fsdp", "tensor")  # ("embed", "mlp")
+  assert w2.sharding.spec == P("tensor", "fsdp")  # ("mlp", "embed")
+  assert w1.addressable_shards[0].data.shape == (w1.shape[0] // 2, w1.shape[1] // 2)
+  table = params["hash_embeddings"]["embedding"]  # ("hash_tables", "hash_vocab", "embed"): rows over fsdp x tensor
+  assert table.sharding.spec == P(None, ("fsdp", "tensor"), None)
+  assert table.addressable_shards[0].data.shape == (2, 512 // 4, 32)
+  scale = params["global_transformer"]["layers_0"]["ffn_norm"]["scale"]
+  assert scale.sharding.spec in (P(), P(None))
+  # Adam moments follow their params.
+  mu_w1 = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+           if "mu" in jax.tree_util.keystr(path) and "global_transformer']['layers_0']['feed_forward']['w1'" in
+           jax.tree_util.keystr(path)]
+  assert len(mu_w1) == 1 and mu_w1[0].sharding.spec == P("fsdp", "tensor")
+  # Overall one device holds well under half of the params (only norms and tiny vectors are replicated).
+  total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  per_device = sum(x.addressable_shards[0].data.size for x in jax.tree_util.tree_leaves(params))
+  assert per_device < total / 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Resume.
+
+
+def _assert_matches_straight(straight, rows, steps_, params=None):
+  ref = train_rows(straight["summary"])
+  assert sorted(rows) == list(steps_)
+  for step in steps_:
+    np.testing.assert_allclose(rows[step]["loss"], ref[step]["loss"], rtol=RESUME_RTOL, err_msg=f"step {step}")
+    np.testing.assert_allclose(rows[step]["grad_norm"], ref[step]["grad_norm"], rtol=RESUME_RTOL)
+  if params is not None:
+    assert_trees_close(params, straight["params"], rtol=RESUME_RTOL, atol=1e-7)
+
+
+def test_stop_and_resume_equals_straight_run(micro, straight, tmp_path):
+  record = []
+  with tapped(record):
+    first, _ = run(micro({"num_steps": 3, "checkpoint_every": 3}), tmp_path)
+    second, trainer = run(micro({"num_steps": 6, "checkpoint_every": 3}), tmp_path)
+  assert (first["start_step"], first["final_step"]) == (0, 3)
+  assert (second["start_step"], second["final_step"]) == (3, 6)
+  _assert_matches_straight(straight, train_rows(first), [1, 2, 3])
+  _assert_matches_straight(straight, train_rows(second), [4, 5, 6], as_numpy(trainer.state.params))
+  assert int(trainer.state.step) == 6
+  # Data order: the resumed run read batches 4..6 of the straight run, not batches 1..3 again.
+  assert len(record) == 6
+  for got, want in zip(record, straight["batches"]):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_crash_keeps_last_checkpoint_and_rerun_resumes(micro, straight, tmp_path):
+  cfg = micro({"num_steps": 6, "checkpoint_every": 3})
+  with tapped([], fail_at=4), pytest.raises(RuntimeError, match="simulated crash"):
+    train.train(cfg, str(tmp_path))
+  with ckpt_lib.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == (3,)
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name]
+  record = []
+  with tapped(record):
+    summary, trainer = run(micro({"num_steps": 6, "checkpoint_every": 3}), tmp_path)
+  assert summary["start_step"] == 3
+  _assert_matches_straight(straight, train_rows(summary), [4, 5, 6], as_numpy(trainer.state.params))
+  for got, want in zip(record, straight["batches"][3:]):
+    np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Gradient accumulation.
+
+
+def test_grad_accumulation_is_exact(micro, straight, tmp_path):
+  # The trainer's own jitted step on mesh (2, 2, 2): the [1, 8, L] program is the one `straight` compiled.
+  trainer = train.Trainer(micro(), str(tmp_path))
+  init = jax.jit(lambda: nn.meta.unbox(trainer._init_fn()), out_shardings=trainer.state_shardings)
+  batch = next(train.data_lib.make_train_iterator(trainer.cfg.data, 64, 8, 0, process_index=0, process_count=1))
+  # Unequal counted bytes per micro-batch: averaging per-micro-batch means would be wrong here.
+  batch["loss_mask"][5:, 40:] = 0.0
+  # [1, 8, L] (one micro-batch of 8 rows) vs [2, 4, L] (the same rows as two micro-batches of 4).
+  one, m_one = trainer.train_step(init(), train._stack_to_global([batch], trainer.mesh), None)
+  halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+  two, m_two = trainer.train_step(init(), train._stack_to_global(halves, trainer.mesh), None)
+  trainer.close()
+  m_one, m_two = jax.device_get(m_one), jax.device_get(m_two)
+  assert bool(m_one["finite"]) and bool(m_two["finite"])
+  assert float(m_one["bytes"]) == float(m_two["bytes"]) == 8 * 64 - 3 * 24
+  assert float(m_one["num_patches"]) == float(m_two["num_patches"])
+  np.testing.assert_allclose(m_two["loss"], m_one["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_two["grad_norm"], m_one["grad_norm"], rtol=1e-5)
+  # Adam's first update is lr * g / (|g| + eps): entries with |g| near eps amplify fp32 summation-order noise, so
+  # params get an absolute tolerance well below the lr (2e-3) that any real disagreement would show.
+  assert_trees_close(two.params, one.params, rtol=1e-5, atol=2e-5)
+  assert_trees_close(two.opt_state, one.opt_state, rtol=1e-4, atol=1e-8)
+  assert int(one.step) == int(two.step) == 1
+  assert not np.allclose(np.asarray(one.params["local_decoder"]["output"]["kernel"]),
+                         np.asarray(init().params["local_decoder"]["output"]["kernel"]))  # the update did happen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Guards.
+
+
+def test_unknown_config_key_is_rejected(micro):
+  cfg = micro()
+  cfg.lock()  # as --config does
+  with pytest.raises(AttributeError, match="nonexistent"):
+    cfg.model.nonexistent = 1
+  with pytest.raises(KeyError, match="nonexistent"):
+    cfg.update_from_flattened_dict({"optimizer.nonexistent": 1})
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    ({"patching.mode": "entropy"}, ValueError, "needs config.entropy_checkpoint"),
+    ({"seq_len": 256}, ValueError, r"seq_len=256 exceeds model.max_encoder_seq_length=128"),
+    ({"param_dtype": "bfloat16"}, ValueError, "param_dtype"),
+    ({"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1}, ValueError, "must equal the number of devices"),
+    ({"mesh.data": 3, "mesh.fsdp": -1, "mesh.tensor": 1}, ValueError, "does not divide the 8 available devices"),
+    ({"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1, "global_batch_size": 4}, ValueError,
+     r"global_batch_size=4 is not divisible by the 8 batch shards"),
+    ({"data.sources": ("{tmp}/nothing/*.txt",)}, ValueError, "matched no files"),
+    ({"patching.mode": "entropy", "entropy_checkpoint": "{tmp}/no_such_model"}, FileNotFoundError,
+     "no_such_model.*no entropy model found"),
+])
+def test_bad_setups_fail_at_start_up(micro, tmp_path, overrides, error, match):
+  overrides = {k: tuple(x.format(tmp=tmp_path) for x in v) if isinstance(v, tuple)
+               else v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
+  cfg = micro(overrides)
+  with pytest.raises(error, match=match):
+    train.train(cfg, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(micro, straight, tmp_path):
+  # Step 3 is not logged (log_every=2): its skipped update must still stop the run before step 4 is checkpointed.
+  cfg = micro({"num_steps": 4, "checkpoint_every": 2, "log_every": 2})
+  with tapped([], nan_at=3), pytest.raises(train.TrainingError) as info:
+    train.train(cfg, str(tmp_path))
+  message = str(info.value)
+  assert "1 step(s) before step 4 had a non-finite loss" in message, message
+  assert f"last good checkpoint (step 2) in {tmp_path} is intact" in message, message
+  with ckpt_lib.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == (2,)
+
+  # The checkpoint is intact: a rerun resumes from it and matches the straight run at step 3; then a NaN at the
+  # logged step 4 stops it, naming that step.
+  record = []
+  trainer = train.Trainer(micro({"num_steps": 4, "checkpoint_every": 2, "log_every": 1}), str(tmp_path))
+  try:
+    with tapped(record, nan_at=2), pytest.raises(train.TrainingError) as info:
+      trainer.run()
+  finally:
+    trainer.close()
+  message = str(info.value)
+  assert "non-finite loss or gradient at step 4 (loss=nan" in message, message
+  assert "last good checkpoint (step 2)" in message, message
+  _assert_matches_straight(straight, {s: m for s, m in trainer.history if "loss" in m}, [3])
+  for got, want in zip(record, straight["batches"][2:4]):
+    np.testing.assert_array_equal(got, want)
+  with ckpt_lib.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == (2,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Entropy patching end to end.
+
+
+def test_entropy_model_then_entropy_patched_blt(micro, corpus, tmp_path):
+  ecfg = driver.apply_overrides(driver.load_config("entropy_tiny"), {
+      **corpus, **{k: v for k, v in MICRO.items() if not k.startswith("model.")},
+      "entropy_model.dim": 32, "entropy_model.n_layers": 1, "entropy_model.n_heads": 2,
+      "entropy_model.multiple_of": 32, "entropy_model.max_seqlen": 128, "entropy_model.sliding_window": 32})
+  summary = train.train(ecfg, str(tmp_path / "entropy"))
+  assert summary["final_step"] == 2
+  meta = json.loads((tmp_path / "entropy" / "export" / "config.json").read_text())
+  assert meta["model_type"] == "entropy_model"
+
+  cfg = micro({"patching.mode": "entropy", "entropy_checkpoint": str(tmp_path / "entropy"),
+               "patching.threshold": 2.0, "patching.max_patch_length": 8})
+  summary = train.train(cfg, str(tmp_path / "blt"))
+  rows = train_rows(summary)
+  assert sorted(rows) == [1, 2]
+  for m in rows.values():
+    assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
+    assert 1.0 <= m["mean_patch_length"] <= 8.0
+  assert json.loads((tmp_path / "blt" / "export" / "config.json").read_text())["patching"]["mode"] == "entropy"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Command line.
+
+
+def _flag(key, value):
+  return f"--config.{key}={value!r}" if isinstance(value, tuple) else f"--config.{key}={value}"
+
+
+def test_cli_trains_and_rejects_unknown_keys(corpus, compile_cache, tmp_path):
+  workdir = tmp_path / "run"
+  flags = [_flag(k, v) for k, v in {**MICRO, **corpus}.items()]
+  env = dict(os.environ, **compile_cache)  # XLA_FLAGS from conftest: the same 8 devices, so cached programs fit
+  cmd = [sys.executable, "-m", "blt_jax.train", "--config", "configs/tiny.py", "--workdir"]
+  proc = subprocess.run(cmd + [str(workdir)] + flags, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "done: steps 0 -> 2" in proc.stdout
+  assert (workdir / "checkpoints" / "2").is_dir()
+  meta = json.loads((workdir / "export" / "config.json").read_text())
+  assert meta["model"]["dim_global"] == 64 and meta["model"]["encoder_hash_byte_group_size"] == [3, 4]
+  assert list(workdir.glob("events.out.tfevents*"))
+
+  bad = subprocess.run(cmd + [str(tmp_path / "bad"), "--config.nonexistent=1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0
+  assert "nonexistent" in bad.stderr
+  assert not (tmp_path / "bad").exists()  # rejected while parsing flags, before anything is written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Two processes.
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_one_mesh(corpus, tmp_path):
+  overrides = {**MICRO, **corpus, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2,
+               "mesh.coordinator_address": f"127.0.0.1:{_free_port()}", "mesh.num_processes": 2}
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+  procs, logs = [], []
+  for i in range(2):
+    # Output to files, not pipes: a process blocked on a full pipe would stall the other one in a collective.
+    logs.append((tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt"))
+    with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
+      procs.append(subprocess.Popen([sys.executable, str(DRIVER), str(tmp_path / "run"),
+                                     json.dumps({**overrides, "mesh.process_id": i})],
+                                    cwd=ROOT, env=env, stdout=out, stderr=err))
+  try:
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  reports = []
+  for p, (out, err) in zip(procs, logs):
+    assert p.returncode == 0, f"rc={p.returncode}\n{err.read_text()[-4000:]}"
+    reports.append(json.loads([line for line in out.read_text().splitlines() if line.startswith("{")][-1]))
+  assert [r["process"] for r in reports] == [0, 1]
+  assert all(r["process_count"] == 2 and r["device_count"] == 4 for r in reports)
+  assert sorted(reports[0]["losses"]) == ["1", "2"]
+  assert reports[0]["losses"] == reports[1]["losses"]  # one global computation, replicated scalars
+  assert all(np.isfinite(v) for v in reports[0]["losses"].values())
+  assert reports[0]["evals"] == reports[1]["evals"]
+  # Process 1 has no validation document, so it feeds only padding rows: they must not count as patches.
+  assert all(2.0 < m["val_bytes_per_patch"] < 16.0 for m in reports[0]["evals"].values())
+  workdir = tmp_path / "run"
+  assert (workdir / "checkpoints" / "2" / "data" / "process_1-of-2.json").is_file()
+  assert (workdir / "export" / "config.json").is_file()
