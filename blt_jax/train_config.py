@@ -6,6 +6,8 @@ ml_collections rejects overrides of unknown keys, and `validate` rejects bad val
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
@@ -53,6 +55,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # newest checkpoints kept
   c.async_checkpointing = True  # write checkpoints in the background
   return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (configs may build on each other through this)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def model_config(cfg: ml_collections.ConfigDict):

@@ -2,19 +2,13 @@
 8B-scale description and the HF note that the 7B needs the global input projection (k*dE != dG). When converting the
 released weights, dims are read from the checkpoint, not from here.
 """
-import importlib.util
 import os
 
-
-def _blt_1b():
-  spec = importlib.util.spec_from_file_location("blt_1b", os.path.join(os.path.dirname(__file__), "blt_1b.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from blt_jax.train_config import load_config_file
 
 
 def get_config():
-  c = _blt_1b()
+  c = load_config_file(os.path.join(os.path.dirname(__file__), "blt_1b.py"))
   m = c.model
   m.dim_local_encoder = 1280
   m.n_heads_local_encoder = 20

@@ -4,19 +4,13 @@
   python -m blt_jax.train --config configs/tiny_entropy.py --workdir runs/tiny_entropy \
       --config.entropy_checkpoint=runs/entropy_tiny
 """
-import importlib.util
 import os
 
-
-def _tiny():
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(os.path.dirname(__file__), "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from blt_jax.train_config import load_config_file
 
 
 def get_config():
-  c = _tiny()
+  c = load_config_file(os.path.join(os.path.dirname(__file__), "tiny.py"))
   c.patching.mode = "entropy"
   c.patching.threshold = 2.0  # pick for a target mean patch length on your data (issue #106)
   c.patching.max_patch_length = 16

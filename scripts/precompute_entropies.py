@@ -8,7 +8,6 @@ Scores the train and validation documents of the config's data section (the whol
 model inside every step (see BENCHMARKS.md for which is faster).
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -18,13 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blt_jax import entropy_store  # noqa: E402
 from blt_jax.data import pipeline  # noqa: E402
 from blt_jax.train import load_entropy_model  # noqa: E402
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from blt_jax.train_config import load_config_file  # noqa: E402
 
 
 class _Concat:
@@ -63,7 +56,7 @@ def main():
   parser.add_argument("--out", required=True, help="store directory to write")
   parser.add_argument("--entropy_checkpoint", default=None, help="defaults to the config's entropy_checkpoint")
   args = parser.parse_args()
-  cfg = load_config(args.config)
+  cfg = load_config_file(args.config)
   ent_cfg, params = load_entropy_model(args.entropy_checkpoint or cfg.entropy_checkpoint)
   train, val = pipeline.build_document_sources(cfg.data)
   source = _Concat(train, val)

@@ -6,7 +6,6 @@
 Loads configs/tiny.py, applies the json dict of dotted-key overrides (the mesh's coordinator_address, num_processes
 and process_id among them), trains, and prints one json line: {"process": i, "start_step": ..., "losses": {step: loss}, "evals": {step: {...}}}.
 """
-import importlib.util
 import json
 import os
 import sys
@@ -19,10 +18,8 @@ if ROOT not in sys.path:  # run as a script, only tests/ is on the path
 
 def load_config(name: str):
   """`get_config()` of configs/<name>.py."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from blt_jax.train_config import load_config_file  # pylint: disable=g-import-not-at-top
+  return load_config_file(os.path.join(CONFIGS, f"{name}.py"))
 
 
 def apply_overrides(cfg, overrides: dict):

@@ -1,5 +1,4 @@
 """Model configs: released shapes build abstractly with the spec's parameter counts; bad values are named."""
-import importlib.util
 import pathlib
 
 import flax.linen as nn
@@ -16,10 +15,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return train_config.load_config_file(str(CONFIGS / f"{name}.py"))
 
 
 def _counts(tree):

@@ -9,6 +9,7 @@ import re
 from typing import Dict, Optional, Tuple
 
 import numpy as np
+from flax import traverse_util
 
 Path = Tuple[str, ...]
 
@@ -88,15 +89,7 @@ def is_ignored(key: str) -> bool:
 
 def reference_keys_for(params: Dict, model: str) -> Dict[str, Tuple[Path, str, Optional[int]]]:
   """Inverse map (export, tests): reference key -> (path, kind, table) for every leaf of a params tree of ours."""
-  leaves = {}
-
-  def walk(tree, prefix):
-    for name, sub in tree.items():
-      if isinstance(sub, dict):
-        walk(sub, prefix + (name,))
-      else:
-        leaves[prefix + (name,)] = sub
-  walk(params, ())
+  leaves = traverse_util.flatten_dict(params)
   keys = {}
   for path, leaf in leaves.items():
     if path == ("hash_embeddings", "embedding"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Union
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import numpy as np
 
@@ -22,16 +23,7 @@ def expected_shapes(config: Union[BLTConfig, EntropyModelConfig]) -> Dict[K.Path
   else:
     from blt_jax.entropy_model import init_entropy_model as init
   abstract = nn.meta.unbox(jax.eval_shape(lambda: init(jax.random.PRNGKey(0), config)))
-  flat = {}
-
-  def walk(tree, prefix):
-    for name, sub in tree.items():
-      if isinstance(sub, Mapping):
-        walk(sub, prefix + (name,))
-      else:
-        flat[prefix + (name,)] = tuple(sub.shape)
-  walk(abstract, ())
-  return flat
+  return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(abstract).items()}
 
 
 def params_from_state_dict(state_dict: Mapping[str, Any], config: Union[BLTConfig, EntropyModelConfig],
