@@ -329,3 +329,19 @@ def test_cli_reports_errors_without_traceback(golden_sd, tmp_path, capsys):
   (tmp_path / "out").mkdir()
   assert cli.main(["--src", str(src), "--out", str(tmp_path / "out")]) == 2
   assert "already exists" in capsys.readouterr().err
+
+
+def test_readme_usage_snippet_runs(golden_sd, tmp_path):
+  """The README's "Using the model" code runs as written on a converted checkpoint."""
+  blt_sd, ent_sd, meta = golden_sd
+  src = write_pth_dir(tmp_path / "blt_1b", blt_sd, _train_args(meta))
+  write_pth_dir(src / "entropy_model", ent_sd, _train_args(meta))
+  out = tmp_path / "ckpt"
+  convert.convert_dir(str(src), str(out))
+  readme = (REPO / "README.md").read_text()
+  snippet = readme.split("## Using the model")[1].split("```python")[1].split("```")[0]
+  namespace = {}
+  exec(snippet.replace("checkpoints/blt_1b", str(out)), namespace)  # pylint: disable=exec-used
+  tokens = namespace["tokens"]
+  assert namespace["logits"].shape == (1, tokens.shape[1], 260)
+  assert np.isfinite(np.asarray(namespace["logits"])).all()
