@@ -89,6 +89,43 @@ def write_entropy_store(path: str, source: Any, params, config: EntropyModelConf
   return dict(documents=n_docs, tokens=int(offsets[-1]))
 
 
+class ConcatSource:
+  """Several document sources as one (train + validation: a store covers the whole corpus)."""
+
+  def __init__(self, *sources):
+    self.sources = sources
+    self.name = "+".join(getattr(s, "name", "?") for s in sources)
+
+  def _locate(self, i: int):
+    for source in self.sources:
+      if i < len(source):
+        return source, i
+      i -= len(source)
+    raise IndexError(i)
+
+  def __len__(self) -> int:
+    return sum(len(s) for s in self.sources)
+
+  def __getitem__(self, i: int):
+    source, j = self._locate(i)
+    return source[j]
+
+  def key(self, i: int) -> str:
+    source, j = self._locate(i)
+    return source.key(j)
+
+  def num_tokens(self, i: int) -> int:
+    source, j = self._locate(i)
+    return source.num_tokens(j)
+
+
+def write_corpus_store(path: str, data_cfg, params, config: EntropyModelConfig, progress=None) -> Dict[str, Any]:
+  """Scores the train and validation documents a data config names (see `data.build_document_sources`)."""
+  from blt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  train, val = pipeline.build_document_sources(data_cfg)
+  return write_entropy_store(path, ConcatSource(train, val), params, config, progress=progress)
+
+
 class EntropyAnnotatedSource:
   """A document source whose items carry the stored entropies: `{"ids": int32[n], "entropies": float32[n]}`."""
   extra_fields = ("entropies",)

@@ -15,39 +15,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blt_jax import entropy_store  # noqa: E402
-from blt_jax.data import pipeline  # noqa: E402
 from blt_jax.train import load_entropy_model  # noqa: E402
 from blt_jax.train_config import load_config_file  # noqa: E402
-
-
-class _Concat:
-  """Train + validation documents as one source (keys stay unique)."""
-
-  def __init__(self, *sources):
-    self.sources = sources
-    self.name = "+".join(getattr(s, "name", "?") for s in sources)
-
-  def _locate(self, i):
-    for s in self.sources:
-      if i < len(s):
-        return s, i
-      i -= len(s)
-    raise IndexError(i)
-
-  def __len__(self):
-    return sum(len(s) for s in self.sources)
-
-  def __getitem__(self, i):
-    s, j = self._locate(i)
-    return s[j]
-
-  def key(self, i):
-    s, j = self._locate(i)
-    return s.key(j)
-
-  def num_tokens(self, i):
-    s, j = self._locate(i)
-    return s.num_tokens(j)
 
 
 def main():
@@ -58,11 +27,9 @@ def main():
   args = parser.parse_args()
   cfg = load_config_file(args.config)
   ent_cfg, params = load_entropy_model(args.entropy_checkpoint or cfg.entropy_checkpoint)
-  train, val = pipeline.build_document_sources(cfg.data)
-  source = _Concat(train, val)
   t0 = time.perf_counter()
   report = lambda done, total: print(f"\r{done}/{total} documents", end="", flush=True)
-  summary = entropy_store.write_entropy_store(args.out, source, params, ent_cfg, progress=report)
+  summary = entropy_store.write_corpus_store(args.out, cfg.data, params, ent_cfg, progress=report)
   dt = time.perf_counter() - t0
   print(f"\nwrote {summary['tokens']} entropies of {summary['documents']} documents to {args.out} in {dt:.1f}s "
         f"({summary['tokens'] / dt:.0f} tokens/s)")

@@ -25,6 +25,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 
 from blt_jax import checkpoint as ckpt_lib
+from blt_jax import entropy_store
 from blt_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -406,6 +407,20 @@ def test_entropy_model_then_entropy_patched_blt(micro, corpus, tmp_path):
     assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
     assert 1.0 <= m["mean_patch_length"] <= 8.0
   assert json.loads((tmp_path / "blt" / "export" / "config.json").read_text())["patching"]["mode"] == "entropy"
+
+  # The same BLT patched from entropies scored once and stored (no entropy model in the step).
+  ent_cfg, ent_params = train.load_entropy_model(str(tmp_path / "entropy"))
+  entropy_store.write_corpus_store(str(tmp_path / "store"), cfg.data, ent_params, ent_cfg)
+  stored = micro({"patching.mode": "entropy", "entropy_checkpoint": "", "data.entropy_store": str(tmp_path / "store"),
+                  "patching.threshold": 2.0, "patching.max_patch_length": 8})
+  trainer = train.Trainer(stored, str(tmp_path / "blt_stored"))
+  assert trainer.entropy_params is None
+  try:
+    rows = train_rows(trainer.run())
+  finally:
+    trainer.close()
+  for m in rows.values():
+    assert np.isfinite(m["loss"]) and 1.0 <= m["mean_patch_length"] <= 8.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
