@@ -29,32 +29,39 @@ def _spec(path: str, dtype: str, shape: Sequence[int]) -> dict:
           "metadata": {"dtype": dtype, "shape": list(shape), "chunks": [min(max(int(shape[0]), 1), 1 << 20)]}}
 
 
-def _bucket_length(n: int, max_seqlen: int) -> int:
-  """Padded row length: a power of two up to `max_seqlen`, then whole multiples of it (the chunk size)."""
-  if n > max_seqlen:
-    return -(-n // max_seqlen) * max_seqlen
+def _bucket_length(n: int) -> int:
+  """Padded row length: the next power of two (at least 64)."""
   return max(64, 1 << (n - 1).bit_length())
 
 
 def compute_document_entropies(docs: Sequence[np.ndarray], params, config: EntropyModelConfig,
                                tokens_per_batch: int = 1 << 16):
-  """Entropies (float32) of each token list, batching documents of similar length; one compile per bucket."""
-  order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
-  out: list = [None] * len(docs)
+  """Entropies (float32) of each token list: the context resets every `max_seqlen` tokens (spec 2.3).
+
+  Documents are cut at those resets into independent pieces, pieces of similar length are batched, and every
+  batch of a bucket has the same shape: one compile per power-of-two length.
+  """
+  chunk = config.max_seqlen
+  pieces = [(d, start) for d, ids in enumerate(docs) for start in range(0, max(len(ids), 1), chunk)]
+  piece_len = lambda p: min(chunk, len(docs[p[0]]) - p[1])
+  pieces.sort(key=piece_len)
+  out = [np.zeros(len(ids), np.float32) for ids in docs]
   i = 0
-  while i < len(order):
-    length = _bucket_length(len(docs[order[i]]), config.max_seqlen)
+  while i < len(pieces):
+    length = _bucket_length(piece_len(pieces[i]))
     rows = max(1, tokens_per_batch // length)
     group = []
-    while i < len(order) and len(group) < rows and _bucket_length(len(docs[order[i]]), config.max_seqlen) == length:
-      group.append(order[i])
+    while i < len(pieces) and len(group) < rows and _bucket_length(piece_len(pieces[i])) == length:
+      group.append(pieces[i])
       i += 1
-    batch = np.zeros((len(group), length), np.int32)  # zero (BOE) padding after each document
-    for r, j in enumerate(group):
-      batch[r, :len(docs[j])] = docs[j]
+    batch = np.zeros((rows, length), np.int32)  # zero (BOE) padding after each piece; zero rows fill the batch
+    for r, (d, start) in enumerate(group):
+      piece = docs[d][start:start + chunk]
+      batch[r, :len(piece)] = piece
     ent = np.asarray(compute_entropies_jit(params, jnp.asarray(batch), config))
-    for r, j in enumerate(group):
-      out[j] = ent[r, :len(docs[j])].astype(np.float32)
+    for r, (d, start) in enumerate(group):
+      n = piece_len((d, start))
+      out[d][start:start + n] = ent[r, :n]
   return out
 
 
