@@ -104,6 +104,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.seq_len > cfg.model.max_encoder_seq_length:
       raise ValueError(f"config.seq_len={cfg.seq_len} exceeds model.max_encoder_seq_length="
                        f"{cfg.model.max_encoder_seq_length} (the RoPE table bound, Q17)")
+    if max_patches(cfg) > cfg.model.max_seqlen:
+      raise ValueError(f"config.patching.max_patches={max_patches(cfg)} (0 means seq_len + 1) exceeds "
+                       f"model.max_seqlen={cfg.model.max_seqlen} patches (the global RoPE table bound, Q17)")
   elif cfg.seq_len > cfg.entropy_model.max_seqlen:
     raise ValueError(f"config.seq_len={cfg.seq_len} exceeds entropy_model.max_seqlen={cfg.entropy_model.max_seqlen}")
   for name in ("seq_len", "global_batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every"):

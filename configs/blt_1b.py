@@ -33,8 +33,10 @@ def get_config():
   c.entropy_checkpoint = "checkpoints/blt_1b/entropy_model"
   c.patching.mode = "entropy"
   c.patching.threshold = 1.335442066192627
-  c.patching.max_patches = 4096  # the reference's data.seq_len in patches
-  c.seq_len = 16384  # bytes per row (~4.1 bytes/patch at the released threshold)
+  # The released model's global RoPE table covers 4096 patches (max_seqlen). At ~4.1 bytes/patch a 14 KiB row
+  # needs ~3500, leaving 16% headroom for denser rows (code, numbers); the global model runs over every slot.
+  c.patching.max_patches = 4096
+  c.seq_len = 14336  # bytes per row
   c.global_batch_size = 256
   c.num_steps = 240000
   c.compute_dtype = "bfloat16"

@@ -77,3 +77,7 @@ def test_bad_values_are_named():
   cfg.seq_len = 100000
   with pytest.raises(ValueError, match="max_encoder_seq_length"):
     train_config.validate(cfg)
+  cfg = load_config("tiny")
+  cfg.patching.max_patches = cfg.model.max_seqlen + 1
+  with pytest.raises(ValueError, match="max_patches=513 .* exceeds model.max_seqlen=512"):
+    train_config.validate(cfg)
