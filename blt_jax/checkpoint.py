@@ -104,14 +104,6 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # Training checkpoints.
 
 
-def default_checkpoint_config() -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict()
-  cfg.save_interval_steps = 1000  # periodic saves: steps that are multiples of this (force=True saves any step)
-  cfg.max_to_keep = 3  # keep the newest N steps; None keeps all
-  cfg.async_checkpointing = True  # write in a background thread while training continues
-  return cfg
-
-
 def _to_abstract(tree: Any) -> Any:
   """Restore targets: jax.Arrays become ShapeDtypeStructs with their shardings; structs stay as they are."""
 
@@ -140,12 +132,6 @@ class Checkpointer:
         cleanup_tmp_directories=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
-
-  @classmethod
-  def from_config(cls, workdir: Union[str, os.PathLike], ckpt_cfg: Any) -> "Checkpointer":
-    """From a ConfigDict with `default_checkpoint_config()`'s fields."""
-    return cls(workdir, save_interval_steps=ckpt_cfg.save_interval_steps, max_to_keep=ckpt_cfg.max_to_keep,
-               async_checkpointing=ckpt_cfg.async_checkpointing)
 
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)

@@ -171,6 +171,3 @@ def cross_attention_std(dim: int, mode: str, index: int, n_self_layers: int) -> 
 def stack_rope(stack: StackConfig, seq_len: int):
   return rope_tables(seq_len, stack.hd, stack.rope_theta)
 
-
-def maybe_doc_ids(stack: StackConfig, doc_BS: Optional[jnp.ndarray]) -> Optional[jnp.ndarray]:
-  return doc_BS if stack.document_mask else None

@@ -111,6 +111,7 @@ class Trainer:
     self.writer = metrics_lib.MetricsWriter(workdir, total_steps=cfg.num_steps)
     self.history: list = []  # (step, metrics dict) of every logged step, for tests and notes
     self.state = None  # the final train state once `run()` returns
+    self._eval_iterator = None
     self.flops_per_byte = self._flops_per_byte(4.5)
 
   def _flops_per_byte(self, mean_patch_length: float) -> float:
@@ -138,10 +139,11 @@ class Trainer:
 
   def evaluate(self, params) -> Dict[str, float]:
     cfg = self.cfg
-    iterator = data_lib.make_eval_iterator(cfg.data, cfg.seq_len, cfg.global_batch_size,
-                                           process_index=self.data_index, process_count=self.data_count)
+    if self._eval_iterator is None:  # re-iterable; building it counts every validation token, so only once
+      self._eval_iterator = data_lib.make_eval_iterator(cfg.data, cfg.seq_len, cfg.global_batch_size,
+                                                        process_index=self.data_index, process_count=self.data_count)
     total, count, patches = 0.0, 0.0, 0.0
-    for i, batch in enumerate(iterator):
+    for i, batch in enumerate(self._eval_iterator):
       if cfg.eval_batches and i >= cfg.eval_batches:
         break
       arrays = sharding.host_local_batch_to_global(batch, self.mesh)
