@@ -24,6 +24,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from blt_jax import paths
+
 DataState = Union[None, bytes, str, dict, list]
 
 CONFIG_FILE = "config.json"
@@ -122,7 +124,7 @@ class Checkpointer:
 
   def __init__(self, workdir: Union[str, os.PathLike], *, save_interval_steps: int = 1000,
                max_to_keep: Optional[int] = 3, async_checkpointing: bool = True, subdir: str = "checkpoints"):
-    self.directory = epath.Path(workdir) / subdir
+    self.directory = paths.resolve(workdir) / subdir
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_interval_steps), 1),
         max_to_keep=max_to_keep,
@@ -225,7 +227,7 @@ def save_params(path: Union[str, os.PathLike], params: Any, config_dict: Any, ov
   """
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  path = epath.Path(path)
+  path = paths.resolve(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
   config_json = json.dumps(_config_to_dict(config_dict), indent=2, sort_keys=True)  # fail before writing anything
@@ -257,7 +259,7 @@ def save_params(path: Union[str, os.PathLike], params: Any, config_dict: Any, ov
 
 def read_params_config(path: Union[str, os.PathLike]) -> dict:
   """`path/config.json` of a `save_params` directory, with clear errors for the usual mistakes."""
-  path = epath.Path(path)
+  path = paths.resolve(path)
   if not path.exists():
     raise FileNotFoundError(f"params checkpoint {path} does not exist")
   config_file = path / CONFIG_FILE
@@ -273,7 +275,7 @@ def load_params(path: Union[str, os.PathLike], abstract: Any = None) -> Tuple[An
   `abstract`: target tree of ShapeDtypeStructs with shardings (or arrays) to restore each shard in place; None
   restores every array unsharded on the default device (fine for small models such as the entropy model).
   """
-  path = epath.Path(path)
+  path = paths.resolve(path)
   config = read_params_config(path)
   params_dir = path / PARAMS_DIR
   if not params_dir.exists():

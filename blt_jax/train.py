@@ -24,7 +24,7 @@ from blt_jax import data as data_lib
 from blt_jax import flops as flops_lib
 from blt_jax import metrics as metrics_lib
 from blt_jax import optimizer as optimizer_lib
-from blt_jax import sharding, steps, train_config
+from blt_jax import paths, sharding, steps, train_config
 from blt_jax.config import BLTConfig, EntropyModelConfig
 
 log = logging.getLogger("blt_jax.train")
@@ -36,15 +36,16 @@ class TrainingError(RuntimeError):
 
 def load_entropy_model(path: str):
   """(EntropyModelConfig, params) from a converted model dir, a `save_params` dir, or a training workdir."""
-  candidates = [path, os.path.join(path, "export"), os.path.join(path, "entropy_model")]
+  root = paths.resolve(path)
+  candidates = [root, root / "export", root / "entropy_model"]
   for candidate in candidates:
-    if os.path.isfile(os.path.join(candidate, "config.json")):
+    if (candidate / "config.json").is_file():
       meta = ckpt_lib.read_params_config(candidate)
       if meta.get("model_type") == "entropy_model":
         params, _ = ckpt_lib.load_params(candidate)
         return EntropyModelConfig.from_dict(meta["model"]), params
   raise FileNotFoundError(f"entropy_checkpoint {path!r}: no entropy model found (looked for config.json with "
-                          f"model_type 'entropy_model' in {', '.join(candidates)})")
+                          f"model_type 'entropy_model' in {', '.join(map(str, candidates))})")
 
 
 def _stack_to_global(batches, mesh):
@@ -69,7 +70,7 @@ class Trainer:
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
     sharding.maybe_initialize_distributed(cfg.mesh)
     train_config.validate(cfg)
-    self.cfg, self.workdir = cfg, workdir
+    self.cfg, self.workdir = cfg, paths.resolve(workdir)
     self.mesh = sharding.make_mesh(cfg.mesh)
     self.rules = sharding.logical_axis_rules_from_config(cfg.mesh, self.mesh)
     shards = sharding.num_batch_shards(self.mesh)
@@ -103,12 +104,12 @@ class Trainer:
                               out_shardings=(self.state_shardings, rep), donate_argnums=0)
     self.eval_step = jax.jit(steps.make_eval_step(self.sc), in_shardings=(self.state_shardings.params,
                                                                           eval_sharding, rep), out_shardings=rep)
-    self.checkpointer = ckpt_lib.Checkpointer(workdir, save_interval_steps=cfg.checkpoint_every,
+    self.checkpointer = ckpt_lib.Checkpointer(self.workdir, save_interval_steps=cfg.checkpoint_every,
                                               max_to_keep=cfg.keep_checkpoints,
                                               async_checkpointing=cfg.async_checkpointing)
     self.data_index, self.data_count = sharding.process_data_shard(self.mesh)
     self.seq_len = cfg.seq_len
-    self.writer = metrics_lib.MetricsWriter(workdir, total_steps=cfg.num_steps)
+    self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=cfg.num_steps)
     self.history: list = []  # (step, metrics dict) of every logged step, for tests and notes
     self.state = None  # the final train state once `run()` returns
     self._eval_iterator = None
@@ -235,7 +236,7 @@ class Trainer:
     meta = {"format": "blt_jax", "model_type": model_type, "model": self.sc.model.to_dict()}
     if self.sc.patching is not None:
       meta["patching"] = self.sc.patching.to_dict()
-    ckpt_lib.save_params(os.path.join(self.workdir, "export"), params, meta, overwrite=True)
+    ckpt_lib.save_params(self.workdir / "export", params, meta, overwrite=True)
 
   def close(self) -> None:
     self.checkpointer.close()
@@ -280,7 +281,7 @@ def main(argv=None) -> None:
     raise SystemExit(f"error: {e}") from None
   if jax.process_index() == 0:
     print(f"done: steps {summary['start_step']} -> {summary['final_step']}; export in "
-          f"{os.path.join(workdir, 'export')}", flush=True)
+          f"{paths.resolve(workdir) / 'export'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,9 @@ def test_cli_converts_reference_layout(golden, golden_sd, blt_forward, tmp_path)
   write_pth_dir(src / "entropy_model", {**ent_sd, "rope_embeddings.freqs_cis": np.zeros((256, 8, 2, 2))},
                 _train_args(meta), weights="consolidated/consolidated.pth")
   out = tmp_path / "ckpt"
-  run = subprocess.run([sys.executable, "-m", "blt_jax.convert", "--format", "reference", "--src", str(src),
-                        "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+  # From another directory with relative paths, as a user would (orbax itself refuses relative paths).
+  run = subprocess.run([sys.executable, "-m", "blt_jax.convert", "--format", "reference", "--src", "blt_1b",
+                        "--out", "ckpt"], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}, timeout=300)
   assert run.returncode == 0, run.stderr
   blt_count = sum(v.size for v in blt_sd.values())

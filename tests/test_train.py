@@ -432,11 +432,14 @@ def _flag(key, value):
 
 
 def test_cli_trains_and_rejects_unknown_keys(corpus, compile_cache, tmp_path):
+  # Run from another directory with relative paths, as a user would (orbax itself refuses relative paths).
   workdir = tmp_path / "run"
   flags = [_flag(k, v) for k, v in {**MICRO, **corpus}.items()]
   env = dict(os.environ, **compile_cache)  # XLA_FLAGS from conftest: the same 8 devices, so cached programs fit
-  cmd = [sys.executable, "-m", "blt_jax.train", "--config", "configs/tiny.py", "--workdir"]
-  proc = subprocess.run(cmd + [str(workdir)] + flags, cwd=ROOT, env=env, capture_output=True, text=True,
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+  config = os.path.relpath(ROOT / "configs" / "tiny.py", tmp_path)
+  cmd = [sys.executable, "-m", "blt_jax.train", "--config", config, "--workdir"]
+  proc = subprocess.run(cmd + ["run"] + flags, cwd=tmp_path, env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "done: steps 0 -> 2" in proc.stdout
@@ -445,7 +448,7 @@ def test_cli_trains_and_rejects_unknown_keys(corpus, compile_cache, tmp_path):
   assert meta["model"]["dim_global"] == 64 and meta["model"]["encoder_hash_byte_group_size"] == [3, 4]
   assert list(workdir.glob("events.out.tfevents*"))
 
-  bad = subprocess.run(cmd + [str(tmp_path / "bad"), "--config.nonexistent=1"], cwd=ROOT, env=env,
+  bad = subprocess.run(cmd + ["bad", "--config.nonexistent=1"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0
   assert "nonexistent" in bad.stderr

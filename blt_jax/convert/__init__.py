@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 from types import ModuleType
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -23,6 +22,7 @@ import jax
 import numpy as np
 
 from blt_jax import config as config_lib
+from blt_jax import paths
 from blt_jax.convert import reference
 from blt_jax.convert.mapping import ConversionError
 
@@ -58,7 +58,7 @@ def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
   """
   from blt_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when writing)
   reader = _reader(format)
-  src, out = pathlib.Path(src), pathlib.Path(out)
+  src, out = pathlib.Path(os.path.abspath(src)), paths.resolve(out)
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
   if entropy_src is not None and not pathlib.Path(entropy_src).is_dir():  # fail before loading a large BLT
@@ -76,20 +76,20 @@ def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
 
   staging = out.parent / f".{out.name}.converting"
   if staging.exists():
-    shutil.rmtree(staging)  # leftover of an interrupted run
+    staging.rmtree()  # leftover of an interrupted run
   try:
     checkpoint.save_params(staging, main.params, _config_json(main, src, format, entropy is not None))
     if entropy is not None:
       checkpoint.save_params(staging / reference.ENTROPY_SUBDIR, entropy.params,
                              _config_json(entropy, entropy_dir, format, False))
     if out.is_dir():
-      shutil.rmtree(out)
+      out.rmtree()
     elif out.exists():
       out.unlink()
     staging.rename(out)
   finally:
     if staging.exists():
-      shutil.rmtree(staging)
+      staging.rmtree()
 
   models = [_summary(main, out)]
   if entropy is not None:
