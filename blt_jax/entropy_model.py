@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -12,19 +13,23 @@ from blt_jax.config import EntropyModelConfig
 
 
 class EntropyModel(nn.Module):
-  """tokens `[B, S]` -> next-byte logits `[B, S, V]` (float32). Position t predicts token t+1."""
+  """tokens `[B, S]` -> next-byte logits `[B, S, V]` (float32). Position t predicts token t+1.
+
+  Attention is split into the context segments of `masks.context_segments` (documents, cut every `max_seqlen`
+  tokens from their start, spec 2.3) with RoPE positions counted from each segment's start; `context_len`
+  overrides the cut length.
+  """
   config: EntropyModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BS: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, tokens_BS: jnp.ndarray, context_len: Optional[int] = None) -> jnp.ndarray:
     c = self.config
     stack = c.stack()
-    S = tokens_BS.shape[1]
+    segment_BS, positions_BS = masks.context_segments(tokens_BS, context_len or c.max_seqlen)
     h = layers.Embed(c.vocab_size, c.dim, c.dim ** -0.5, name="tok_embeddings")(tokens_BS).astype(jnp.dtype(c.dtype))
-    cos, sin = layers.stack_rope(stack, S)
-    doc_BS = masks.document_ids(tokens_BS)
+    cos, sin = layers.stack_rope_at(stack, positions_BS)
     for i in range(c.n_layers):
-      h = layers.block(stack, i, f"layers_{i}")(h, cos, sin, doc_BS)
+      h = layers.block(stack, i, f"layers_{i}")(h, cos, sin, segment_BS)
     h = layers.RMSNorm(c.norm_eps, c.dtype, name="norm")(h)
     logits = layers.Linear(c.vocab_size, ("embed", "vocab"), c.dim ** -0.5, c.dtype, name="output")(h)
     return logits.astype(jnp.float32)
@@ -37,17 +42,13 @@ def entropy_from_logits(logits_BSV: jnp.ndarray) -> jnp.ndarray:
 
 
 def chunked_logits(params, tokens_BN: jnp.ndarray, config: EntropyModelConfig, chunk_len: int | None = None):
-  """Logits for arbitrarily long rows, restarting the context every `chunk_len` tokens of each row.
+  """Logits for arbitrarily long rows; the context restarts every `chunk_len` (default `max_seqlen`, 8192) tokens.
 
-  The reference flattens the batch before chunking, so rows bleed into each other (quirk Q3); here every row is
-  chunked on its own, keeping only the reference's context reset every `max_seqlen` (8192) tokens (spec 2.3).
+  The reference chunks the flattened batch, so rows bleed into each other (quirk Q3), and counts its 8192-token
+  resets from the row start; here the resets count from each document's start (`masks.context_segments`), so a
+  document's entropies do not depend on what else shares its row.
   """
-  B, N = tokens_BN.shape
-  chunk = min(chunk_len or config.max_seqlen, N)
-  n_chunks = -(-N // chunk)
-  padded = jnp.pad(tokens_BN, ((0, 0), (0, n_chunks * chunk - N)))  # zero (BOE) padding after the real tokens
-  logits = EntropyModel(config).apply({"params": params}, padded.reshape(B * n_chunks, chunk))
-  return logits.reshape(B, n_chunks * chunk, -1)[:, :N]
+  return EntropyModel(config).apply({"params": params}, tokens_BN, chunk_len)
 
 
 def compute_entropies(params, tokens_BN: jnp.ndarray, config: EntropyModelConfig, chunk_len: int | None = None):

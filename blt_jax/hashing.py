@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blt_jax import tokenizer
+from blt_jax import masks, tokenizer
 
 # Primes of the rolling hash, indexed by hash function `f` (spec 4.2).
 PRIMES = (
@@ -92,10 +92,17 @@ def _coefficient_limbs(
 
 
 def _windows(tokens_BL: jnp.ndarray, window: int) -> jnp.ndarray:
-  """int32 [K, B, L]: slot k holds x[j - K + 1 + k], zero (BOE) before 0."""
+  """int32 [K, B, L]: slot k holds x[j - K + 1 + k], zero (BOE) before the row's or the document's start.
+
+  The reference zero-pads only at the row start; stopping at every document start too (`masks`' document
+  rule) keeps a packed document's n-grams equal to its n-grams alone.
+  """
   length = tokens_BL.shape[1]
   padded_BL = jnp.pad(tokens_BL, ((0, 0), (window - 1, 0)))
-  return jnp.stack([padded_BL[:, k : k + length] for k in range(window)])
+  windows_KBL = jnp.stack([padded_BL[:, k : k + length] for k in range(window)])
+  lag_K11 = jnp.arange(window - 1, -1, -1, dtype=jnp.int32)[:, None, None]
+  in_document_KBL = lag_K11 <= masks.document_positions(tokens_BL)[None]
+  return jnp.where(in_document_KBL, windows_KBL, tokenizer.BOE_ID)
 
 
 def _hash_limbs(
@@ -177,7 +184,7 @@ def hash_ngram_ids(
 ) -> jnp.ndarray:
   """Hash ids of the n-gram ending at every position, int32 [B, L].
 
-  Rows are left-padded with n-1 zeros (BOE); the oldest byte of a window gets
+  Rows and documents are left-padded with n-1 zeros (BOE); the oldest byte of a window gets
   prime**0. Bit-exact for any int32 tokens. `n`, `prime_index` and
   `vocab_size` must be static under jit.
   """

@@ -71,12 +71,25 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> Tuple[jnp.ndarray,
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BSHD: jnp.ndarray, cos_SD2: jnp.ndarray, sin_SD2: jnp.ndarray) -> jnp.ndarray:
-  """Rotate interleaved pairs (2i, 2i+1) in float32, round once to x's dtype (Meta/GPT-J layout, spec 5.4)."""
+def rope_at(positions_BS: jnp.ndarray, head_dim: int, theta: float) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """cos, sin `[B, S, head_dim/2]` at explicit positions; the same float32 arithmetic as `rope_tables`."""
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32)[: head_dim // 2] / head_dim
+  inv_freq = 1.0 / (jnp.float32(theta) ** exponents)
+  angles = positions_BS.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BSHD: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+  """Rotate interleaved pairs (2i, 2i+1) in float32, round once to x's dtype (Meta/GPT-J layout, spec 5.4).
+
+  `cos`/`sin` are `[S, D/2]` (positions 0..S-1 of every row) or `[B, S, D/2]` (per-row positions, `rope_at`).
+  """
   B, S, H, D = x_BSHD.shape
   x = x_BSHD.astype(jnp.float32).reshape(B, S, H, D // 2, 2)
   x0, x1 = x[..., 0], x[..., 1]
-  c, s = cos_SD2[None, :, None, :], sin_SD2[None, :, None, :]
+  if cos.ndim == 2:
+    cos, sin = cos[None], sin[None]
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
   out = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
   return out.reshape(B, S, H, D).astype(x_BSHD.dtype)
 
@@ -170,4 +183,8 @@ def cross_attention_std(dim: int, mode: str, index: int, n_self_layers: int) -> 
 
 def stack_rope(stack: StackConfig, seq_len: int):
   return rope_tables(seq_len, stack.hd, stack.rope_theta)
+
+
+def stack_rope_at(stack: StackConfig, positions_BS: jnp.ndarray):
+  return rope_at(positions_BS, stack.hd, stack.rope_theta)
 

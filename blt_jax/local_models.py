@@ -26,6 +26,13 @@ def pool_patches(h_BND: jnp.ndarray, patch_ids_BN: jnp.ndarray, num_patches: int
   return jax.vmap(per_row)(h_BND, patch_ids_BN)
 
 
+def _rope(stack, tokens_BN):
+  """RoPE at each byte's position in its document (row positions when the stack does not split documents)."""
+  if stack.document_mask:
+    return layers.stack_rope_at(stack, masks.document_positions(tokens_BN))
+  return layers.stack_rope(stack, tokens_BN.shape[1])
+
+
 class LocalEncoder(nn.Module):
   """Byte transformer whose states are pooled into `k` query slots per patch, refined by cross-attention.
 
@@ -39,8 +46,8 @@ class LocalEncoder(nn.Module):
     stack = c.encoder_stack()
     B, N, dE = embeds_BND.shape
     k = c.cross_attn_k
-    cos, sin = layers.stack_rope(stack, N)
     doc_BN = masks.document_ids(tokens_BN)
+    cos, sin = _rope(stack, tokens_BN)
     attend = functools.partial(attention.encoder_cross_attention, patch_ids_BN=patch_ids_BN,
                                num_patches=num_patches, slots=k, window=c.cross_attn_window_encoder)
     h = embeds_BND.astype(jnp.dtype(c.dtype))
@@ -77,8 +84,8 @@ class LocalDecoder(nn.Module):
     proj = layers.Linear(c.dim_local_encoder * k, ("embed", "heads"), dG ** -0.5, c.dtype,
                          name="patch_embedding_projection")
     patch_BQD = proj(global_BPG).reshape(B, P * k, dD)
-    cos, sin = layers.stack_rope(stack, N)
     doc_BN = masks.document_ids(tokens_BN)
+    cos, sin = _rope(stack, tokens_BN)
     attend = functools.partial(attention.decoder_cross_attention, decoder_patch_ids_BN=decoder_patch_ids_BN,
                                slots=k, window=c.cross_attn_window_decoder)
     h = h_BND.astype(jnp.dtype(c.dtype))

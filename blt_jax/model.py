@@ -10,12 +10,48 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from blt_jax import hashing, layers, patching
+from blt_jax import hashing, layers, masks, patching
 from blt_jax.config import BLTConfig
-from blt_jax.latent import GlobalTransformer, patch_document_ids
+from blt_jax.latent import GlobalTransformer
 from blt_jax.local_models import LocalDecoder, LocalEncoder
+
+
+def check_inputs(config: BLTConfig, tokens_BN, patch_lengths_BP) -> None:
+  """Clear errors for inputs the model cannot read correctly (instead of silently wrong logits).
+
+  Shapes are checked at trace time; values (first patch is the single BOS byte, lengths cover the N bytes plus
+  the next-token position, spec 10.3) only where the arrays are concrete, i.e. outside `jax.jit`: jitted callers
+  (the trainer, `blt_jax.score`) build lengths with `blt_jax.patching` or check them on the host first.
+  """
+  if tokens_BN.ndim != 2 or patch_lengths_BP.ndim != 2 or tokens_BN.shape[0] != patch_lengths_BP.shape[0]:
+    raise ValueError(f"BLT input: expected tokens [B, N] and patch_lengths [B, P] with the same B, got "
+                     f"{tuple(tokens_BN.shape)} and {tuple(patch_lengths_BP.shape)}")
+  N, P = tokens_BN.shape[1], patch_lengths_BP.shape[1]
+  if N > config.max_encoder_seq_length:
+    raise ValueError(f"BLT input: {N} bytes per row exceed the model's byte context max_encoder_seq_length="
+                     f"{config.max_encoder_seq_length}; split the rows (blt_jax.score does it for long documents)")
+  if P > config.max_seqlen:
+    raise ValueError(f"BLT input: {P} patch slots exceed the global model's patch context max_seqlen="
+                     f"{config.max_seqlen}")
+  try:
+    lengths = np.asarray(patch_lengths_BP)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return  # traced: values unknown until run time
+  bad = np.nonzero(lengths[:, 0] != 1)[0]
+  if bad.size:
+    raise ValueError(f"BLT input: the first patch must be the single BOS byte (length 1, spec 10.3); row {bad[0]} "
+                     f"has length {lengths[bad[0], 0]}")
+  if (lengths < 0).any():
+    raise ValueError("BLT input: negative patch lengths")
+  sums = lengths.sum(axis=1)
+  bad = np.nonzero(sums != N + 1)[0]
+  if bad.size:
+    raise ValueError(f"BLT input: patch lengths must sum to N + 1 = {N + 1} (the bytes plus the next-token "
+                     f"position, spec 10.3); row {bad[0]} sums to {sums[bad[0]]}")
 
 
 class HashEmbeddings(nn.Module):
@@ -45,6 +81,7 @@ class BLT(nn.Module):
   def __call__(self, tokens_BN: jnp.ndarray, patch_lengths_BP: jnp.ndarray,
                ngram_ids_MBN: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     c = self.config
+    check_inputs(c, tokens_BN, patch_lengths_BP)
     B, N = tokens_BN.shape
     P = patch_lengths_BP.shape[1]
     dE = c.dim_local_encoder
@@ -65,8 +102,8 @@ class BLT(nn.Module):
     self.sow("intermediates", "local_encoder_patch_h", patch_BQD)
 
     global_in_BPX = patch_BQD.reshape(B, P, c.cross_attn_k * dE)
-    global_BPG = GlobalTransformer(c, name="global_transformer")(
-        global_in_BPX, patch_document_ids(tokens_BN, patch_ids_BN, P))
+    patch_doc_BP = masks.patch_document_ids(masks.document_ids(tokens_BN), patch_lengths_BP)
+    global_BPG = GlobalTransformer(c, name="global_transformer")(global_in_BPX, patch_doc_BP)
     self.sow("intermediates", "global_h", global_BPG)
 
     return LocalDecoder(c, name="local_decoder")(h_BND, global_BPG, tokens_BN, decoder_patch_ids_BN)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blt_jax import tokenizer
+from blt_jax import masks, tokenizer
 
 DEFAULT_THRESHOLD = 1.335442066192627  # Released BLT-1B (spec 3.6, 3.7).
 MODES = ("entropy", "space", "static", "byte")
@@ -42,9 +42,27 @@ def _positions(num_positions: int) -> jnp.ndarray:
   return jnp.arange(num_positions, dtype=jnp.int32)
 
 
-def _force_first_two(starts_BT: jnp.ndarray) -> jnp.ndarray:
-  """Positions 0 and 1 always start (the model needs patch 0 == [BOS])."""
-  return starts_BT | (_positions(starts_BT.shape[1]) < 2)[None, :]
+def _row_positions(batch: int, num_positions: int) -> jnp.ndarray:
+  return jnp.broadcast_to(_positions(num_positions)[None, :], (batch, num_positions))
+
+
+def document_positions(tokens_BN: jnp.ndarray, include_next_token: bool = True) -> jnp.ndarray:
+  """int32 [B, T]: each position's index in its document (`masks`' rule).
+
+  The not-yet-seen next-token position N continues the last document (even
+  after an EOS, as in the reference; no scored byte reads its patch).
+  """
+  starts_BN = masks.document_starts(tokens_BN)
+  if include_next_token:
+    starts_BN = jnp.pad(starts_BN, ((0, 0), (0, 1)))
+  return masks.positions_from_starts(starts_BN)
+
+
+def _force_first_two(starts_BT: jnp.ndarray, doc_pos_BT: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Every document's positions 0 and 1 start (the model needs its first patch == [BOS], spec 10.3/13.5)."""
+  if doc_pos_BT is None:
+    return starts_BT | (_positions(starts_BT.shape[1]) < 2)[None, :]
+  return starts_BT | (doc_pos_BT < 2)
 
 
 def _scalar_in(value, dtype) -> jnp.ndarray:
@@ -66,6 +84,7 @@ def entropy_starts(
     monotonicity: bool = False,
     include_next_token: bool = True,
     compare_dtype=jnp.float32,
+    doc_pos_BT: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
   """Entropy patch starts, bool [B, T] (spec 3.3).
 
@@ -73,7 +92,9 @@ def entropy_starts(
   `include_next_token` the last entropy e[N-1] decides position N.
   `compare_dtype=jnp.bfloat16` reproduces realtime patching, where the test is
   bf16(e) > bf16(threshold) (quirk Q4). `monotonicity` wins over
-  `threshold_add` when both are set, as in the reference.
+  `threshold_add` when both are set, as in the reference. `doc_pos_BT`
+  (`document_positions`) makes every document start as a row does; without
+  it the row is one document.
   """
   batch, num_tokens = entropies_BN.shape
   num_positions = _num_positions(num_tokens, include_next_token)
@@ -81,7 +102,9 @@ def entropy_starts(
   # e_prev[p] = e[p-1] and e_prev2[p] = e[p-2]; positions 0/1 are forced below.
   e_prev_BT = jnp.pad(e_BN, ((0, 0), (1, 0)))[:, :num_positions]
   e_prev2_BT = jnp.pad(e_BN, ((0, 0), (2, 0)))[:, :num_positions]
-  pos_1T = _positions(num_positions)[None, :]
+  if doc_pos_BT is None:
+    doc_pos_BT = _row_positions(batch, num_positions)
+  pos_1T = doc_pos_BT  # the p == 2 / p == 3 quirks count from each document's start
   thr = _scalar_in(threshold, compare_dtype)
   if monotonicity:
     # Spec 3.3 / quirk Q13: p = 2 always starts.
@@ -96,7 +119,7 @@ def entropy_starts(
   else:
     starts_BT = e_prev_BT > thr
   starts_BT = jnp.broadcast_to(starts_BT, (batch, num_positions))
-  return _force_first_two(starts_BT)
+  return _force_first_two(starts_BT, doc_pos_BT)
 
 
 def _space_like(tokens_BN: jnp.ndarray) -> jnp.ndarray:
@@ -127,7 +150,7 @@ def space_starts(
   prev_space_BN = jnp.pad(space_BN, ((0, 0), (1, 0)))[:, :num_tokens]
   ends_BN = (space_BN & ~prev_space_BN) | (tokens_BN < tokenizer.OFFSET)
   starts_BT = jnp.pad(ends_BN, ((0, 0), (1, 0)))[:, :num_positions]
-  return _force_first_two(starts_BT)
+  return _force_first_two(starts_BT, document_positions(tokens_BN, include_next_token))
 
 
 @functools.partial(
@@ -140,12 +163,14 @@ def static_starts(
     patch_size: int,
     include_next_token: bool = True,
     first_patch_single_byte: bool = True,
+    doc_pos_BT: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
   """Static starts every `patch_size` positions, bool [B, T] (spec 3.4).
 
   The reference gives lengths patch_size, ..., remainder, whose first patch is
   not 1 byte; the model asserts that it is. `first_patch_single_byte=True`
-  splits position 1 off as the training packer does (spec 13.5).
+  splits position 1 off as the training packer does (spec 13.5). With
+  `doc_pos_BT` (`document_positions`) the count restarts at every document.
   """
   if (isinstance(patch_size, bool)
       or not isinstance(patch_size, numbers.Integral) or patch_size < 1):
@@ -153,11 +178,12 @@ def static_starts(
     raise ValueError(
         f"static patching needs an int patch_size >= 1, got {patch_size!r}")
   patch_size = int(patch_size)
-  pos_T = _positions(_num_positions(num_tokens, include_next_token))
-  starts_T = pos_T % patch_size == 0
+  if doc_pos_BT is None:  # the row is one document
+    doc_pos_BT = _row_positions(batch, _num_positions(num_tokens, include_next_token))
+  starts_BT = doc_pos_BT % patch_size == 0  # counted from each document's start
   if first_patch_single_byte:
-    starts_T = starts_T | (pos_T == 1)
-  return jnp.broadcast_to(starts_T[None, :], (batch, pos_T.shape[0]))
+    starts_BT = starts_BT | (doc_pos_BT == 1)
+  return starts_BT
 
 
 @functools.partial(
@@ -275,19 +301,22 @@ def patch(
   but the two arrays are static (hashable), so a jnp threshold is not allowed.
   """
   batch, num_tokens = tokens_BN.shape
+  # Every mode restarts at each document start (`masks`), so patches never
+  # cross one and a packed document is patched as it is alone.
+  doc_pos_BT = document_positions(tokens_BN, include_next_token)
   if mode == "entropy":
     if entropies_BN is None:
       raise ValueError("mode 'entropy' needs entropies_BN")
     starts_BT = entropy_starts(
         entropies_BN, threshold, threshold_add=threshold_add,
         monotonicity=monotonicity, include_next_token=include_next_token,
-        compare_dtype=compare_dtype)
+        compare_dtype=compare_dtype, doc_pos_BT=doc_pos_BT)
   elif mode == "space":
     starts_BT = space_starts(tokens_BN, include_next_token=include_next_token)
   elif mode == "static":
     starts_BT = static_starts(
         batch, num_tokens, patch_size, include_next_token=include_next_token,
-        first_patch_single_byte=first_patch_single_byte)
+        first_patch_single_byte=first_patch_single_byte, doc_pos_BT=doc_pos_BT)
   elif mode == "byte":
     starts_BT = byte_starts(
         batch, num_tokens, include_next_token=include_next_token)

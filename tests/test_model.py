@@ -111,7 +111,8 @@ def _tiny_configs(**blt_overrides):
                       n_layers_global=2, n_heads_global=4, dim_local_decoder=32, n_layers_local_decoder=2,
                       n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4),
                       encoder_hash_byte_group_vocab=211, encoder_hash_byte_group_nb_functions=2,
-                      local_attention_window_len=8, max_seqlen=64, max_encoder_seq_length=128, **blt_overrides)
+                      **{"local_attention_window_len": 8, "max_seqlen": 64, "max_encoder_seq_length": 128,
+                         **blt_overrides})
   ent_cfg = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, sliding_window=8, max_seqlen=64)
   return blt_cfg, ent_cfg
 
@@ -194,3 +195,46 @@ def test_remat_gives_the_same_gradients():
     return jax.jit(jax.grad(loss))(params)
   for a, b in zip(jax.tree_util.tree_leaves(grads(blt_cfg)), jax.tree_util.tree_leaves(grads(remat_cfg))):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# (patching, documents end with EOS as in training rows, or not as in scoring rows)
+PACK_CASES = [(MODES[0], True), (MODES[0], False), (MODES[1], False), (MODES[2], True), (MODES[3], False),
+              (MODES[3], True), (MODES[4], True), (MODES[4], False)]
+
+
+@pytest.mark.parametrize("patch_kwargs,with_eos", PACK_CASES,
+                         ids=[f"{'-'.join(f'{a}{b}' for a, b in m.items())}-{'eos' if e else 'noeos'}"
+                              for m, e in PACK_CASES])
+def test_packed_documents_equal_documents_alone(patch_kwargs, with_eos):
+  """The document rule end to end: a row of packed documents gives each one the patches and logits it gets alone.
+
+  One document is longer than the entropy model's context (64): its reset counts from the document's start.
+  """
+  blt_cfg, ent_cfg = _tiny_configs(max_seqlen=256)
+  blt_params = init_blt(jax.random.PRNGKey(0), blt_cfg)
+  ent_params = init_entropy_model(jax.random.PRNGKey(1), ent_cfg)
+  rng = np.random.default_rng(7)
+  docs = []
+  for length in (13, 75, 9):
+    body = rng.integers(4, 260, size=length)
+    body[rng.random(length) < 0.2] = 32 + 4  # spaces for space patching
+    docs.append([1] + body.tolist() + ([2] if with_eos else []))
+
+  def pipeline(tokens):
+    entropies = (compute_entropies(ent_params, tokens, ent_cfg) - 5.0) * 4.0  # varied patches from random weights
+    patches = patching.patch(tokens, entropies, max_patches=tokens.shape[1] + 1, **patch_kwargs)
+    logits = BLT(blt_cfg).apply({"params": blt_params}, tokens, patches.patch_lengths_BP)
+    return jax.nn.log_softmax(logits, -1), patches
+  pipeline = jax.jit(pipeline)
+
+  packed = sum(docs, []) + [0] * 5  # right padding, as the scorer's fixed-length rows have
+  logp_packed, patches_packed = pipeline(jnp.asarray([packed], jnp.int32))
+  offset = 0
+  for doc in docs:
+    logp_alone, patches_alone = pipeline(jnp.asarray([doc], jnp.int32))
+    L = len(doc)
+    np.testing.assert_allclose(logp_packed[0, offset:offset + L - 1], logp_alone[0, :L - 1], rtol=1e-5, atol=1e-5)
+    # The same patch boundaries inside the document (the next-token slot after it aside).
+    ids_packed = np.asarray(patches_packed.patch_ids_BT[0, offset:offset + L])
+    np.testing.assert_array_equal(ids_packed - ids_packed[0], np.asarray(patches_alone.patch_ids_BT[0, :L]))
+    offset += L
