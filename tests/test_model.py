@@ -238,3 +238,19 @@ def test_packed_documents_equal_documents_alone(patch_kwargs, with_eos):
     ids_packed = np.asarray(patches_packed.patch_ids_BT[0, offset:offset + L])
     np.testing.assert_array_equal(ids_packed - ids_packed[0], np.asarray(patches_alone.patch_ids_BT[0, :L]))
     offset += L
+
+
+def test_model_input_checks_name_the_problem():
+  blt_cfg, _ = _tiny_configs()
+  params = init_blt(jax.random.PRNGKey(0), blt_cfg)
+  apply = lambda t, l: BLT(blt_cfg).apply({"params": params}, jnp.asarray(t, jnp.int32), jnp.asarray(l, jnp.int32))
+  tokens = [[1, 70, 71, 72]]
+  with pytest.raises(ValueError, match="first patch must be the single BOS byte"):
+    apply(tokens, [[2, 3, 0]])
+  with pytest.raises(ValueError, match=r"must sum to N \+ 1 = 5"):
+    apply(tokens, [[1, 2, 1]])
+  with pytest.raises(ValueError, match="max_encoder_seq_length=128"):
+    jax.jit(apply)([[1] + [70] * 200], [[1, 201]])  # shapes are checked at trace time, under jit too
+  with pytest.raises(ValueError, match="max_seqlen=64"):
+    apply(tokens, [[1, 4] + [0] * 70])
+  assert np.isfinite(apply(tokens, [[1, 3, 1, 0]])).all()

@@ -1,0 +1,250 @@
+"""Batch scoring: equal to a direct forward, invariant to packing/batching/buckets, long documents, the CLI."""
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blt_jax import checkpoint, patching, score, tokenizer
+from blt_jax.config import (BLTConfig, EntropyModelConfig, PatchingConfig, blt_config_from_reference,
+                            entropy_config_from_reference)
+from blt_jax.convert.mapping import params_from_state_dict
+from blt_jax.entropy_model import compute_entropies, init_entropy_model
+from blt_jax.model import BLT, init_blt
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RTOL = 1e-6
+
+
+def _unbox(tree):
+  import flax.linen as nn
+  return nn.meta.unbox(tree)
+
+
+def _save(path, blt_cfg, blt_params, patch_cfg, ent_cfg=None, ent_params=None):
+  checkpoint.save_params(path, blt_params, {"format": "blt_jax", "model_type": "blt", "model": blt_cfg.to_dict(),
+                                            "patching": patch_cfg.to_dict()})
+  if ent_cfg is not None:
+    checkpoint.save_params(pathlib.Path(path) / "entropy_model", ent_params,
+                           {"format": "blt_jax", "model_type": "entropy_model", "model": ent_cfg.to_dict()})
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A random tiny BLT with entropy patching (threshold at the median entropy, so patches vary)."""
+  blt_cfg = BLTConfig(dim_local_encoder=32, n_layers_local_encoder=1, n_heads_local_encoder=4, dim_global=64,
+                      n_layers_global=2, n_heads_global=4, dim_local_decoder=32, n_layers_local_decoder=1,
+                      n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4),
+                      encoder_hash_byte_group_vocab=211, encoder_hash_byte_group_nb_functions=1,
+                      local_attention_window_len=16, max_seqlen=64, max_encoder_seq_length=128)
+  ent_cfg = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, sliding_window=16, max_seqlen=48)
+  blt_params = _unbox(init_blt(jax.random.PRNGKey(0), blt_cfg))
+  ent_params = _unbox(init_entropy_model(jax.random.PRNGKey(1), ent_cfg))
+  sample = jnp.asarray([tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)])
+  threshold = float(np.median(np.asarray(compute_entropies(ent_params, sample, ent_cfg))))
+  patch_cfg = PatchingConfig(mode="entropy", threshold=threshold)
+  path = _save(tmp_path_factory.mktemp("tiny") / "ckpt", blt_cfg, blt_params, patch_cfg, ent_cfg, ent_params)
+  return dict(path=path, blt_cfg=blt_cfg, blt_params=blt_params, ent_cfg=ent_cfg, ent_params=ent_params,
+              patch_cfg=patch_cfg)
+
+
+def _direct_nll(t, tokens):
+  """The slow obvious path: one document alone, N + 1 patch slots, BLT.apply, per-target NLL."""
+  @jax.jit
+  def fn(tokens_BN):
+    ent = compute_entropies(t["ent_params"], tokens_BN, t["ent_cfg"])
+    lengths = patching.patch(tokens_BN, ent, max_patches=tokens_BN.shape[1] + 1,
+                             **t["patch_cfg"].patch_kwargs()).patch_lengths_BP
+    logp = jax.nn.log_softmax(BLT(t["blt_cfg"]).apply({"params": t["blt_params"]}, tokens_BN, lengths), -1)
+    return -jnp.take_along_axis(logp[0, :-1], tokens_BN[0, 1:, None], -1)[:, 0]
+  return np.asarray(fn(jnp.asarray([tokens], jnp.int32)), np.float64)
+
+
+def _docs(n, seed=0, max_len=60):
+  rng = np.random.default_rng(seed)
+  words = ["the", "cat", "sat", "on", "a", "mat", "und", "über", "naïve", "x", "42", "\n"]
+  return [" ".join(rng.choice(words, size=rng.integers(1, max_len // 4 + 1))).encode()[:max_len]
+          for _ in range(n)]
+
+
+def test_scores_equal_direct_forward_whatever_the_packing(tiny):
+  docs = _docs(14)
+  direct = [_direct_nll(tiny, tokenizer.encode(d, add_eos=False)).sum() for d in docs]
+  runs = [score.Scorer(tiny["path"], batch_bytes=128).score_texts(docs),   # 2 rows per batch
+          score.Scorer(tiny["path"], batch_bytes=4096).score_texts(docs),  # everything in one batch
+          score.Scorer(tiny["path"], batch_bytes=128, row_bytes=62).score_texts(docs[::-1])[::-1]]
+  for scores in runs:
+    for d, s, ref in zip(docs, scores, direct):
+      assert s.n_bytes == len(d)
+      np.testing.assert_allclose(s.nll_nats, ref, rtol=RTOL)
+      assert s.bpb == pytest.approx(s.nll_nats / math.log(2) / len(d))
+  # The same document alone in its row, and inside a packed row: one more way in.
+  alone = score.Scorer(tiny["path"], batch_bytes=64).score_texts(docs[3:4])[0]
+  np.testing.assert_allclose(alone.nll_nats, runs[0][3].nll_nats, rtol=RTOL)
+  assert alone.n_patches == runs[0][3].n_patches == runs[2][3].n_patches
+
+
+def test_score_arrays_and_eos_convention(tiny):
+  scorer = score.Scorer(tiny["path"], with_eos=True)
+  text = "naïve café".encode()
+  by_text = scorer.score_texts([text])[0]
+  by_ids = scorer.score_arrays([tokenizer.encode(text, add_eos=True)])[0]
+  assert by_text.n_bytes == by_ids.n_bytes == len(text) + 1  # the EOS is a scored target
+  assert by_text.nll_nats == by_ids.nll_nats
+  np.testing.assert_allclose(by_text.nll_nats, _direct_nll(tiny, tokenizer.encode(text)).sum(), rtol=RTOL)
+  with pytest.raises(ValueError, match="BOS"):
+    scorer.score_arrays([np.asarray([70, 71, 72])])
+
+
+def test_long_document_is_scored_completely_in_windows(tiny):
+  doc = b" ".join(_docs(40, seed=3))[:300]
+  tokens = tokenizer.encode(doc, add_eos=False)
+  scorer = score.Scorer(tiny["path"], per_byte=True, min_context=20)  # rows of 63 tokens
+  s = scorer.score_texts([doc])[0]
+  assert s.n_bytes == len(doc) and s.nll_per_byte.shape == (len(doc),) and s.entropies.shape == (len(doc),)
+  windows = score.split_document(tokens, scorer.row_len, 20)
+  assert len(windows) > 4
+  expected = np.concatenate([_direct_nll(tiny, w)[start - 1:] for w, start, _ in windows])
+  np.testing.assert_allclose(s.nll_per_byte, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(s.nll_nats, expected.sum(), rtol=RTOL)
+  # Bytes of the first window have their whole context: equal to the full forward of the document prefix.
+  prefix = _direct_nll(tiny, tokens[:scorer.row_len])
+  np.testing.assert_allclose(s.nll_per_byte[:scorer.row_len - 1], prefix, rtol=1e-5, atol=1e-6)
+  # Every later window had at least min_context bytes of left context.
+  for w, start, first in windows[1:]:
+    assert start - 1 >= 20 and len(w) <= scorer.row_len
+
+
+def test_ten_thousand_documents_compile_a_bounded_number_of_programs(tiny):
+  rng = np.random.default_rng(5)
+  docs = [bytes(rng.integers(32, 127, size=rng.integers(1, 40)).astype(np.uint8)) for _ in range(10_000)]
+  docs[123] = b"y" * 200  # one longer than a row
+  scorer = score.Scorer(tiny["path"], batch_bytes=8192)
+  scores = scorer.score_texts(docs)
+  assert [s.n_bytes for s in scores] == [len(d) for d in docs]
+  row_buckets = len(scorer.buckets)
+  slot_buckets = len({score._slot_bucket(n, b + 1) for b in scorer.buckets for n in range(1, b + 2)})
+  bound = row_buckets + row_buckets * slot_buckets
+  print(f"compiled {len(scorer.compiles)} programs (bound {bound}): {scorer.compiles}")
+  assert len(scorer.compiles) <= bound <= 8
+  assert all(np.isfinite(s.nll_nats) for s in scores)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _cli(args, cwd, timeout=300, **kwargs):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+  return subprocess.run([sys.executable, "-m", "blt_jax.score", *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=timeout, **kwargs)
+
+
+def _lines(path):
+  return {r["index"]: r for r in map(json.loads, pathlib.Path(path).read_text().splitlines())}
+
+
+def test_golden_checkpoint_through_the_cli_reproduces_the_golden_nll(golden, tmp_path):
+  arrays, meta = golden
+  blt_cfg = blt_config_from_reference(meta["blt_args"])
+  ent_cfg = entropy_config_from_reference(meta["entropy_model_args"])
+  strip = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  _save(tmp_path / "golden", blt_cfg, params_from_state_dict(strip("blt/"), blt_cfg),
+        PatchingConfig(mode="entropy", threshold=meta["threshold"]), ent_cfg,
+        params_from_state_dict(strip("entropy_model/"), ent_cfg))
+  tokens, logits = arrays["tokens"], arrays["blt_logits"]
+  expected = []
+  for row in range(2):
+    ids = tokens[row].tolist()
+    body = ids[1:-1] if ids[-1] == tokenizer.EOS_ID else ids[1:]
+    (tmp_path / f"row{row}.txt").write_bytes(tokenizer.decode_bytes(np.asarray(body)))
+    # --with-eos: row 0 ends with EOS already; row 1's EOS target is predicted by its last golden logits.
+    targets = ids[1:] + ([] if ids[-1] == tokenizer.EOS_ID else [tokenizer.EOS_ID])
+    logp = jax.nn.log_softmax(jnp.asarray(logits[row][:len(targets)]), -1)
+    expected.append(-float(np.sum(np.take_along_axis(np.asarray(logp), np.asarray(targets)[:, None], 1))))
+  run = _cli(["--checkpoint", "golden", "--input", "row*.txt", "--whole-file", "--with-eos", "--output", "out.jsonl"],
+             tmp_path)
+  assert run.returncode == 0, run.stderr
+  out = _lines(tmp_path / "out.jsonl")
+  for row in range(2):
+    np.testing.assert_allclose(out[row]["nll_nats"], expected[row], rtol=1e-5)
+  summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+  assert summary["documents"] == 2 and summary["errors"] == 0
+  assert summary["bpb"] == pytest.approx(sum(expected) / math.log(2) / summary["bytes"])
+
+
+def test_cli_reports_bad_records_and_keeps_the_rest(tiny, tmp_path):
+  docs = _docs(6, seed=9)
+  with open(tmp_path / "a.jsonl", "w") as f:
+    for i, d in enumerate(docs[:3]):
+      f.write(json.dumps({"text": d.decode(), "id": f"doc{i}"}) + "\n")
+    f.write("{not json\n")
+    f.write(json.dumps({"content": "x"}) + "\n")
+    f.write(json.dumps({"text": ""}) + "\n")
+    f.write(json.dumps({"text": docs[3].decode()}) + "\n")
+  docs[4] = docs[4].replace(b"\n", b" ")  # one line of b.txt
+  (tmp_path / "b.txt").write_bytes(docs[4] + b"\n\xff\xferaw bytes\n")
+  run = _cli(["--checkpoint", tiny["path"], "--input", "a.jsonl", "--input", "b.txt", "--output", "o/out.jsonl"],
+             tmp_path)
+  assert run.returncode == 0, run.stderr
+  for where in ("a.jsonl:4: malformed json", "a.jsonl:5: missing field 'text'", "a.jsonl:6: empty text"):
+    assert where in run.stderr
+  out = _lines(tmp_path / "o" / "out.jsonl")
+  assert sorted(out) == [0, 1, 2, 6, 7, 8]
+  assert [out[i]["id"] for i in (0, 1, 2, 6, 7, 8)] == ["doc0", "doc1", "doc2", "a.jsonl:7", "b.txt:1", "b.txt:2"]
+  api = score.Scorer(tiny["path"]).score_texts(docs[:5] + [b"\xff\xferaw bytes"])
+  for i, s in zip((0, 1, 2, 6, 7, 8), api):
+    np.testing.assert_allclose(out[i]["nll_nats"], s.nll_nats, rtol=RTOL)
+    assert out[i]["n_bytes"] == s.n_bytes and out[i]["n_patches"] == s.n_patches
+  assert json.loads((tmp_path / "o" / "out.jsonl.summary.json").read_text())["errors"] == 3
+
+  # One clear message, no traceback, nothing written.
+  for args, message in ((["--checkpoint", tiny["path"], "--input", "nope.jsonl"], "nope.jsonl: no such file"),
+                        (["--checkpoint", "missing_ckpt", "--input", "a.jsonl"], "missing_ckpt does not exist"),
+                        (["--checkpoint", str(tmp_path), "--input", "a.jsonl"], "no config.json")):
+    bad = _cli(args + ["--output", "bad.jsonl"], tmp_path)
+    assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad.jsonl").exists()
+  exists = _cli(["--checkpoint", tiny["path"], "--input", "a.jsonl", "--output", "o/out.jsonl"], tmp_path)
+  assert exists.returncode == 2 and "--resume" in exists.stderr
+
+
+def test_cli_killed_and_resumed_equals_an_uninterrupted_run(tiny, tmp_path):
+  docs = _docs(400, seed=11)
+  with open(tmp_path / "in.jsonl", "w") as f:
+    for d in docs:
+      f.write(json.dumps({"text": d.decode()}) + "\n")
+  args = ["--checkpoint", tiny["path"], "--input", "in.jsonl", "--batch-bytes", "64"]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  proc = subprocess.Popen([sys.executable, "-m", "blt_jax.score", *args, "--output", "killed.jsonl"], cwd=tmp_path,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  out = tmp_path / "killed.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 20):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done_before = out.read_text().count("\n")
+  assert 20 <= done_before < len(docs)
+  with open(out, "a") as f:
+    f.write('{"index": 99999, "id": "torn')  # a line cut off mid-write
+  resumed = _cli(args + ["--output", "killed.jsonl", "--resume"], tmp_path)
+  assert resumed.returncode == 0, resumed.stderr
+  straight = _cli(args + ["--output", "straight.jsonl"], tmp_path)
+  assert straight.returncode == 0, straight.stderr
+  a, b = _lines(tmp_path / "killed.jsonl"), _lines(tmp_path / "straight.jsonl")
+  assert sorted(a) == sorted(b) == list(range(len(docs)))
+  assert len(out.read_text().splitlines()) == len(docs)  # nothing scored twice, the torn line gone
+  for i in a:
+    np.testing.assert_allclose(a[i]["nll_nats"], b[i]["nll_nats"], rtol=RTOL)
+  summary = json.loads((tmp_path / "killed.jsonl.summary.json").read_text())
+  assert summary["documents"] == len(docs)
