@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--min-context", type=int, default=None,
                  help="left context (bytes) of every window of a document longer than a row (default row-bytes/2)")
   p.add_argument("--batch-bytes", type=int, default=16384, help="tokens per batch")
+  p.add_argument("--no-pack", action="store_true", help="one document per row (slower; for comparison)")
   p.add_argument("--process-index", type=int, default=None, help="this process's share (default: jax's)")
   p.add_argument("--process-count", type=int, default=None, help="number of shares (default: jax's)")
   return p
@@ -139,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     score_inputs.expand(args.input)
     model = loading.load(args.checkpoint)
     scorer = score.Scorer(model, row_bytes=args.row_bytes, min_context=args.min_context,
-                          batch_bytes=args.batch_bytes, with_eos=args.with_eos, per_byte=args.per_byte)
+                          batch_bytes=args.batch_bytes, with_eos=args.with_eos, per_byte=args.per_byte,
+                          pack=not args.no_pack)
     import jax  # pylint: disable=g-import-not-at-top
     index = jax.process_index() if args.process_index is None else args.process_index
     count = jax.process_count() if args.process_count is None else args.process_count

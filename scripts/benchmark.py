@@ -7,6 +7,7 @@ Sections:
   attention   fast paths vs dense masked attention (encoder/decoder cross-attention, windowed self-attention)
   patching    BLT train step with in-graph entropy patching vs precomputed entropies (the entropy model's cost)
   train       BLT train-step throughput (bytes/s, patches/s) and MFU with the one FLOP model of blt_jax.flops
+  scoring     the scoring CLI on ~1 MB of stdlib sources: packed rows vs one document per row (--sections scoring)
 Prints a markdown table; paste it into BENCHMARKS.md with the device line.
 """
 import argparse
@@ -167,11 +168,81 @@ def bench_train(preset):
               loss=float(m["loss"]))
 
 
+def _stdlib_corpus(path, target_bytes):
+  """A jsonl corpus of real text: the running Python's standard-library sources, one file per document."""
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  root = sysconfig.get_paths()["stdlib"]
+  files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) if "site-packages" not in d
+                 for f in fs if f.endswith(".py"))
+  total = 0
+  with open(path, "w") as out:
+    for name in files:
+      with open(name, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+      if not text:
+        continue
+      text = text[:4096]  # many short and mid-size documents, as a filtering corpus has
+      out.write(json.dumps({"text": text, "id": os.path.relpath(name, root)}) + "\n")
+      total += len(text.encode())
+      if total >= target_bytes:
+        break
+  return total
+
+
+def bench_scoring(preset, workdir, corpus_bytes):
+  """`python -m blt_jax.score` on a ~1 MB stdlib corpus: packed rows vs one document per row, same run."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from blt_jax import checkpoint, entropy_model  # pylint: disable=g-import-not-at-top
+  from blt_jax.model import init_blt  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  corpus = os.path.join(workdir, "corpus.jsonl")
+  n_bytes = _stdlib_corpus(corpus, corpus_bytes)
+  tiny = dict(dim_local_encoder=64, n_layers_local_encoder=1, n_heads_local_encoder=4, dim_global=128,
+              n_layers_global=2, n_heads_global=4, dim_local_decoder=64, n_layers_local_decoder=2,
+              n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4, 5, 6),
+              encoder_hash_byte_group_vocab=8192, max_seqlen=512, max_encoder_seq_length=512,
+              local_attention_window_len=128)
+  models = {"tiny (configs/tiny.py shapes, space patching)": (BLTConfig(**tiny), PatchingConfig(mode="space"), None),
+            "mid (cpu preset, entropy patching)": (preset["blt"], None, preset["entropy"])}
+  results = []
+  for name, (cfg, patch_cfg, ent_cfg) in models.items():
+    path = os.path.join(workdir, name.split()[0])
+    if not os.path.exists(path):
+      params = nn.meta.unbox(init_blt(jax.random.PRNGKey(0), cfg))
+      if ent_cfg is not None:
+        ent_params = nn.meta.unbox(entropy_model.init_entropy_model(jax.random.PRNGKey(1), ent_cfg))
+        sample = jnp.asarray(np.frombuffer(open(corpus, "rb").read(4096), np.uint8)[None].astype(np.int32) + 4)
+        ent = np.asarray(entropy_model.compute_entropies(ent_params, sample, ent_cfg))
+        # Random weights: a threshold at the 75th percentile gives ~4 bytes per patch, like the trained 1B.
+        patch_cfg = PatchingConfig(mode="entropy", threshold=float(np.quantile(ent, 0.75)))
+      checkpoint.save_params(path, params, {"format": "blt_jax", "model_type": "blt", "model": cfg.to_dict(),
+                                            "patching": patch_cfg.to_dict()})
+      if ent_cfg is not None:
+        checkpoint.save_params(os.path.join(path, "entropy_model"), ent_params,
+                               {"format": "blt_jax", "model_type": "entropy_model", "model": ent_cfg.to_dict()})
+    row = dict(model=name, corpus_bytes=n_bytes)
+    for mode, extra in (("packed", []), ("one document per row", ["--no-pack"])):
+      out = os.path.join(workdir, f"{name.split()[0]}-{mode.split()[0]}.jsonl")
+      t0 = time.perf_counter()
+      subprocess.run([sys.executable, "-m", "blt_jax.score", "--checkpoint", path, "--input", corpus, "--output", out,
+                      "--overwrite", *extra], check=True, capture_output=True)
+      seconds = time.perf_counter() - t0
+      with open(out + ".summary.json") as f:
+        summary = json.load(f)
+      row[mode] = dict(seconds=seconds, bytes_per_s=summary["bytes"] / seconds, programs=summary["compiled_programs"],
+                       bpb=summary["bpb"])
+    row["packing_speedup"] = row["packed"]["bytes_per_s"] / row["one document per row"]["bytes_per_s"]
+    results.append(row)
+  return results
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   parser.add_argument("--sections", default="attention,train")
   parser.add_argument("--json", default="", help="also write the results here")
+  parser.add_argument("--workdir", default="runs/benchmark", help="scoring: corpus and random checkpoints go here")
+  parser.add_argument("--corpus-bytes", type=int, default=1_000_000, help="scoring: corpus size")
   args = parser.parse_args()
   preset = PRESETS[args.preset]
   dev = jax.devices()[0]
@@ -194,6 +265,15 @@ def main():
           f"{r['mfu_precomputed'] * 100:.1f}% |")
     print(f"precomputed / in-graph speedup: {r['precomputed_speedup']:.2f}x; "
           f"patches/s (precomputed): {r['patches_per_s_precomputed']:.0f}")
+  if "scoring" in args.sections:
+    results["scoring"] = bench_scoring(preset, args.workdir, args.corpus_bytes)
+    print(f"\nscoring CLI (python -m blt_jax.score, whole process incl. start-up and compiles), "
+          f"{results['scoring'][0]['corpus_bytes']} bytes of stdlib sources")
+    print("| model | packed bytes/s | one doc per row bytes/s | packing speedup | programs compiled (packed) | bpb |")
+    print("|---|---|---|---|---|---|")
+    for r in results["scoring"]:
+      print(f"| {r['model']} | {r['packed']['bytes_per_s']:.0f} | {r['one document per row']['bytes_per_s']:.0f} | "
+            f"{r['packing_speedup']:.2f}x | {r['packed']['programs']} | {r['packed']['bpb']:.3f} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
