@@ -10,14 +10,21 @@ Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp-<ts>/` and rena
 every item (and every process) has finished; `latest_step` only lists finalized names, so a crash mid-save leaves
 a tmp dir that is never restored from (and is deleted the next time a `Checkpointer` opens the directory). On
 object stores without atomic rename orbax marks finished steps with `commit_success.txt` instead.
+
+Damage after the fact (a truncated or deleted array file, an unparseable json) is caught when restoring:
+`restore_newest_readable` moves a damaged step aside to `<step>.damaged` (orbax no longer lists it, so it is never
+re-tried or deleted) and falls back to the next older one. A checkpoint of another model or process count is not
+damage: it raises `CheckpointMismatchError` and nothing is moved.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
 import json
+import logging
 import os
-from typing import Any, Mapping, Optional, Tuple, Union
+import sys
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 import jax
 import ml_collections
@@ -30,6 +37,29 @@ DataState = Union[None, bytes, str, dict, list]
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+DAMAGED_SUFFIX = ".damaged"
+
+log = logging.getLogger("blt_jax.checkpoint")
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint is readable but was written for another model, optimizer or process count."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A finalized checkpoint step cannot be read back (missing or truncated files, unparseable json)."""
+
+  def __init__(self, step: int, path: Any, reason: str):
+    self.step, self.path, self.reason = int(step), path, reason
+    super().__init__(f"checkpoint step {step} at {path} is damaged: {reason}")
+
+
+def short_reason(e: BaseException) -> str:
+  """One line out of an orbax/tensorstore error (whose text can carry kilobytes of tensorstore spec)."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = text.split(" [tensorstore_spec")[0]
+  text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+  return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,9 +104,11 @@ class DataStateHandler(ocp.CheckpointHandler):
     del args
     path = _process_file(directory)
     if not path.exists():
-      found = sorted(p.name for p in directory.iterdir())
-      raise FileNotFoundError(f"no data iterator state for this process at {path} (found {found}); was the "
-                              f"checkpoint written with a different number of processes?")
+      found = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
+      if found:  # other processes' files are there: a different process count, not a lost file
+        raise CheckpointMismatchError(f"no data iterator state for this process at {path} (found {found}): the "
+                                      f"checkpoint was written by a different number of processes")
+      raise FileNotFoundError(f"no data iterator state at {path}")
     return decode_data_state(json.loads(path.read_text()))
 
   def metadata(self, directory: epath.Path) -> None:
@@ -117,6 +149,61 @@ def _to_abstract(tree: Any) -> Any:
     return x
 
   return jax.tree_util.tree_map(one, tree)
+
+
+# Error texts (from tensorstore, orbax, json) that mean files of a step are gone or cut short.
+_DAMAGE_MARKERS = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "Error reading", "Error opening", "does not exist",
+                   "No such file", "was not found in the checkpoint")
+
+
+def _is_damage(e: BaseException) -> bool:
+  if isinstance(e, CheckpointMismatchError):
+    return False
+  if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError, IsADirectoryError)):
+    return True
+  text = str(e)
+  return isinstance(e, (ValueError, OSError, RuntimeError, KeyError)) and any(m in text for m in _DAMAGE_MARKERS)
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the 'Exception ignored ... Event loop is closed' tracebacks a failed restore can leave behind.
+
+  When a read fails, tensorstore may still complete orbax's other pending reads on the event loop orbax has already
+  closed; Python prints each as an unraisable error, which says nothing about the checkpoint. Others pass through.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "blt_jax_quiet", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.blt_jax_quiet = True
+  sys.unraisablehook = hook
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes_by_path(tree: Any) -> dict:
+  """{"params/a/kernel": shape} of every array leaf; paths spelled alike for live trees and orbax metadata."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {"/".join(_key_name(k) for k in path): tuple(getattr(x, "shape", ())) for path, x in leaves}
+
+
+def _all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (a host-side all-gather; start-up only, not per step)."""
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 class Checkpointer:
@@ -161,12 +248,18 @@ class Checkpointer:
   def all_steps(self) -> Tuple[int, ...]:
     return tuple(self._manager.all_steps())
 
+  def step_path(self, step: int) -> epath.Path:
+    return self.directory / str(int(step))
+
   def restore(self, step: Optional[int] = None, abstract_state: Any = None) -> Tuple[Any, DataState, dict]:
     """(train state, data iterator state, extra json) of `step` (default: the latest).
 
     `abstract_state` is the target tree: `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` leaves (or live arrays,
     whose shardings are used) so that each process reads only its own shards, directly onto their devices; it
     may use a different mesh than the one that saved. None restores with the saved shardings (same topology only).
+
+    Raises `DamagedCheckpointError` when files of the step are missing, truncated or unparseable, and
+    `CheckpointMismatchError` when the saved arrays do not fit `abstract_state` (another model or optimizer).
     """
     if step is None:
       step = self.latest_step()
@@ -176,12 +269,92 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
                               f"(available: {list(self._manager.all_steps())})")
     target = None if abstract_state is None else _to_abstract(abstract_state)
-    restored = self._manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        data=DataStateRestore(),
-        meta=ocp.args.JsonRestore(),
-    ))
+    readable = True  # whether the saved array metadata could be read (if not, any failure below is damage)
+    _quiet_closed_loop_callbacks()
+    try:
+      readable = target is None or self._check_fits(step, target)
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          data=DataStateRestore(),
+          meta=ocp.args.JsonRestore(),
+      ))
+    except DamagedCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_damage(e) or not readable:
+        raise DamagedCheckpointError(step, self.step_path(step), short_reason(e)) from e
+      raise
     return restored["state"], restored["data"], dict(restored["meta"] or {})
+
+  def _check_fits(self, step: int, target: Any) -> bool:
+    """Compares saved array shapes with the target's, so that a changed config is never mistaken for damage.
+
+    Returns False when orbax cannot read the array metadata (then restoring names the broken file).
+    """
+    handler = ocp.StandardCheckpointHandler()  # the item's own metadata (the Checkpointer's would look for more)
+    try:
+      saved = handler.metadata(self.step_path(step) / "state")
+    except Exception:  # pylint: disable=broad-except
+      return False
+    finally:
+      handler.close()
+    saved = getattr(saved, "tree", saved)
+    have, want = _shapes_by_path(saved), _shapes_by_path(target)
+    if not have and want:  # orbax answers None (and logs) when the tree or array metadata cannot be read
+      return False
+    if have == want:
+      return True
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    differ = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    details = ([f"not in the checkpoint: {', '.join(missing[:3])}"] if missing else []) + \
+              ([f"only in the checkpoint: {', '.join(extra[:3])}"] if extra else []) + \
+              [f"{k}: saved {have[k]}, expected {want[k]}" for k in differ[:3]]
+    raise CheckpointMismatchError(
+        f"checkpoint step {step} at {self.step_path(step)} does not fit this run's model/optimizer ("
+        f"{'; '.join(details)}); use the config it was written with, or another workdir")
+
+  def move_aside(self, step: int) -> epath.Path:
+    """Renames step `step` to `<step>.damaged[-i]` (kept for inspection, never listed, restored or deleted).
+
+    All processes must call it; the primary process renames.
+    """
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    src = self.step_path(step)
+    dst = src.parent / f"{src.name}{DAMAGED_SUFFIX}"
+    i = 1
+    while dst.exists():  # the same step damaged again after a fallback re-reached it
+      dst, i = src.parent / f"{src.name}{DAMAGED_SUFFIX}-{i}", i + 1
+    if jax.process_index() == 0:
+      src.rename(dst)
+    multihost_utils.sync_global_devices(f"blt_jax.checkpoint.move_aside:{src}")
+    self._manager.reload()
+    return dst
+
+  def restore_newest_readable(self, abstract_state: Any, on_damaged: str = "fallback",
+                              warn: Callable[[str], Any] = log.warning
+                              ) -> Optional[Tuple[int, Any, DataState, dict]]:
+    """(step, state, data state, meta) of the newest step that reads back; None if there is none.
+
+    `on_damaged="fallback"`: each damaged step is moved aside (see `move_aside`) with a warning naming it, and the
+    next older one is tried. `"error"`: the first damaged step raises `DamagedCheckpointError`. All processes
+    must call it; they agree on each step (a file damaged on one process's side fails every process).
+    """
+    if on_damaged not in ("fallback", "error"):
+      raise ValueError(f"on_damaged={on_damaged!r}: expected 'fallback' or 'error'")
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored, error = self.restore(step, abstract_state), None
+      except DamagedCheckpointError as e:
+        restored, error = None, e
+      if not _all_processes(error is None):
+        error = error or DamagedCheckpointError(step, self.step_path(step), "damaged on another process")
+        if on_damaged == "error":
+          raise error
+        aside = self.move_aside(step)
+        warn(f"{error}; moved it aside to {aside} and trying the next older checkpoint")
+        continue
+      return (step,) + restored
+    return None
 
   def wait_until_finished(self) -> None:
     """Blocks until a pending async save is fully written and finalized."""

@@ -153,3 +153,97 @@ def test_load_params_errors(tmp_path):
   (tmp_path / "no_config" / "params").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match="no config.json"):
     checkpoint.load_params(tmp_path / "no_config")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged checkpoints: the newest readable one is used, the damaged one is kept aside; a changed model is no damage.
+
+
+def _two_steps(tmp_path, mesh):
+  states = {step: _state(mesh, step) for step in (10, 20)}
+  with checkpoint.Checkpointer(tmp_path, async_checkpointing=False) as ckpt:
+    for step, state in states.items():
+      ckpt.save(step, state, f"it{step}", {"step": step}, force=True)
+  return states, tmp_path / "checkpoints" / "20"
+
+
+def _truncate_arrays(step_dir):
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files
+  for p in files:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _delete_arrays(step_dir):
+  for p in [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]:
+    p.unlink()
+
+
+def _bad_meta_json(step_dir):
+  (step_dir / "meta" / "metadata").write_text('{"step": 2')
+
+
+def _bad_data_json(step_dir):
+  (step_dir / "data" / "process_0-of-1.json").write_text("not json")
+
+
+def _bad_state_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").write_text("{")
+
+
+@pytest.mark.parametrize("damage", [_truncate_arrays, _delete_arrays, _bad_meta_json, _bad_data_json,
+                                    _bad_state_metadata])
+def test_damaged_latest_falls_back_and_is_kept_aside(tmp_path, mesh, damage):
+  states, step_dir = _two_steps(tmp_path, mesh)
+  damage(step_dir)
+  warnings = []
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    step, restored, data_state, meta = ckpt.restore_newest_readable(_abstract(states[10]), warn=warnings.append)
+    assert ckpt.all_steps() == (10,)  # the damaged step is no longer listed, so never re-tried or deleted
+  assert (step, data_state, meta) == (10, "it10", {"step": 10})
+  _assert_same(restored, states[10])
+  assert len(warnings) == 1 and "\n" not in warnings[0]
+  assert f"checkpoint step 20 at {step_dir} is damaged" in warnings[0], warnings[0]
+  assert f"moved it aside to {step_dir}.damaged" in warnings[0]
+  assert "tensorstore_spec" not in warnings[0]
+  assert (tmp_path / "checkpoints" / "20.damaged" / "state").is_dir()
+  # A new Checkpointer (the next run) neither lists nor deletes it, and saving step 20 again works.
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=1) as ckpt:
+    assert ckpt.latest_step() == 10
+    ckpt.save(20, states[20], "again", {}, force=True)
+    ckpt.save(30, states[20], "again", {}, force=True)
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == (30,)
+  assert (tmp_path / "checkpoints" / "20.damaged").is_dir()
+
+
+def test_damaged_latest_in_error_mode_names_step_and_path(tmp_path, mesh):
+  states, step_dir = _two_steps(tmp_path, mesh)
+  _truncate_arrays(step_dir)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoint.DamagedCheckpointError) as info:
+      ckpt.restore_newest_readable(_abstract(states[10]), on_damaged="error")
+    assert ckpt.all_steps() == (10, 20)  # nothing moved
+  message = str(info.value)
+  assert message.startswith(f"checkpoint step 20 at {step_dir} is damaged: ValueError: OUT_OF_RANGE")
+  assert "\n" not in message and len(message) < 600
+  assert info.value.step == 20
+
+
+def test_all_damaged_gives_none_and_changed_model_is_not_damage(tmp_path, mesh):
+  states, step_dir = _two_steps(tmp_path, mesh)
+  other = _abstract(states[10])
+  other["params"]["w"] = jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=other["params"]["w"].sharding)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    # Another model's shapes: an error that names the array, and both checkpoints stay where they are.
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"params/w: saved \(8, 4\), expected \(8, 2\)"):
+      ckpt.restore_newest_readable(other)
+    assert ckpt.all_steps() == (10, 20)
+  _bad_data_json(step_dir)
+  _bad_meta_json(tmp_path / "checkpoints" / "10")
+  warnings = []
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore_newest_readable(_abstract(states[10]), warn=warnings.append) is None
+    assert ckpt.all_steps() == ()
+  assert [w.split(" is damaged")[0] for w in warnings] == [
+      f"checkpoint step 20 at {step_dir}", f"checkpoint step 10 at {tmp_path / 'checkpoints' / '10'}"]
