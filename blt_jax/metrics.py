@@ -1,4 +1,9 @@
-"""Scalar metrics: TensorBoard event files in the workdir plus one concise console line per write."""
+"""Scalar metrics: TensorBoard event files in the workdir plus one concise console line per write.
+
+A console line reads `step 120/1000 (12.0%) | elapsed 2m03s | eta 16m50s | loss 2.3456 | ...`: the time since the
+writer was made (the run's start) and the time the remaining steps will take at the pace measured since the first
+written step after the run's first one (so the first step's compilation does not inflate it).
+"""
 from __future__ import annotations
 
 import math
@@ -24,13 +29,34 @@ def format_value(value: Any) -> str:
   return f"{v:.4f}"
 
 
-def format_console_line(step: int, scalars: Mapping[str, Any], total_steps: Optional[int] = None) -> str:
-  """'step 120/1000 (12.0%) | loss 2.3456 | lr 4.000e-04' (keys in the given order)."""
+def format_duration(seconds: float) -> str:
+  """'42s', '7m05s', '3h02m', '2d04h': two units at most, enough for a progress line."""
+  s = max(int(round(seconds)), 0)
+  if s < 60:
+    return f"{s}s"
+  if s < 3600:
+    return f"{s // 60}m{s % 60:02d}s"
+  if s < 86400:
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+  return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_console_line(step: int, scalars: Mapping[str, Any], total_steps: Optional[int] = None,
+                        elapsed_s: Optional[float] = None, eta_s: Optional[float] = None) -> str:
+  """'step 120/1000 (12.0%) | elapsed 1m02s | eta 8m40s | loss 2.3456 | lr 4.000e-04' (keys in the given order)."""
   if total_steps:
-    head = f"step {step}/{total_steps} ({100.0 * step / total_steps:.1f}%)"
+    head = [f"step {step}/{total_steps} ({100.0 * step / total_steps:.1f}%)"]
   else:
-    head = f"step {step}"
-  return " | ".join([head] + [f"{k} {format_value(v)}" for k, v in scalars.items()])
+    head = [f"step {step}"]
+  if elapsed_s is not None:
+    head.append(f"elapsed {format_duration(elapsed_s)}")
+  if eta_s is not None:
+    head.append(f"eta {format_duration(eta_s)}")
+  return " | ".join(head + [f"{k} {format_value(v)}" for k, v in scalars.items()])
+
+
+def _print_flushed(line: str) -> None:
+  print(line, flush=True)  # progress must reach log files (Slurm, nohup) as it happens, not in 4 KiB blocks
 
 
 class MetricsWriter:
@@ -40,12 +66,17 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: Union[str, os.PathLike], enabled: Optional[bool] = None,
-               total_steps: Optional[int] = None, print_fn: Callable[[str], Any] = print):
+               total_steps: Optional[int] = None, print_fn: Callable[[str], Any] = _print_flushed,
+               clock: Callable[[], float] = time.perf_counter):
     self.enabled = (jax.process_index() == 0) if enabled is None else bool(enabled)
     self.total_steps = total_steps
     self._print = print_fn
+    self._clock = clock
+    self._start = clock()
     self._writer = None
     self._last = None  # (step, time) of the previous write, for steps/s
+    self._first_step = None  # the run's first written step (its time includes compiling the step)
+    self._pace_from = None  # (step, time) of the first write after it: the ETA's reference point
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(os.fspath(workdir), exist_ok=True)
@@ -56,16 +87,28 @@ class MetricsWriter:
     if not self.enabled:
       return None
     values = {k: np.asarray(jax.device_get(v)).item() for k, v in scalars.items()}
-    now = time.perf_counter()
+    now = self._clock()
     if self._last is not None and step > self._last[0] and now > self._last[1]:
       values.setdefault("steps_per_s", (step - self._last[0]) / (now - self._last[1]))
     self._last = (step, now)
     for key, value in values.items():
       self._writer.add_scalar(key, value, global_step=int(step))
-    line = format_console_line(int(step), values, self.total_steps)
+    line = format_console_line(int(step), values, self.total_steps, elapsed_s=now - self._start,
+                               eta_s=self._eta(int(step), now))
     if console:
       self._print(line)
     return line
+
+  def _eta(self, step: int, now: float) -> Optional[float]:
+    """Seconds left at the pace since `_pace_from`; None until two steps after the first are known."""
+    if self._first_step is None:
+      self._first_step = step
+    elif self._pace_from is None and step > self._first_step:
+      self._pace_from = (step, now)
+    if not self.total_steps or self._pace_from is None or step <= self._pace_from[0]:
+      return None
+    seconds_per_step = (now - self._pace_from[1]) / (step - self._pace_from[0])
+    return max(self.total_steps - step, 0) * seconds_per_step
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """A text blob (e.g. the run config) shown in TensorBoard's text tab."""

@@ -1,4 +1,5 @@
 """TensorBoard scalars and console progress lines."""
+import re
 import struct
 
 import jax.numpy as jnp
@@ -31,6 +32,33 @@ def test_format_console_line():
   assert line == "step 120/1000 (12.0%) | loss 2.3457 | lr 4.000e-04 | tokens 1024 | bpb 0.0000"
   assert metrics.format_console_line(5, {"grad_norm": 123456.0}) == "step 5 | grad_norm 1.235e+05"
   assert metrics.format_value(float("nan")) == "nan"
+  line = metrics.format_console_line(3, {"loss": 1.0}, total_steps=10, elapsed_s=125.4, eta_s=7 * 3600 + 61)
+  assert line == "step 3/10 (30.0%) | elapsed 2m05s | eta 7h01m | loss 1.0000"
+  assert [metrics.format_duration(s) for s in (0.4, 59.6, 3599, 86400 * 2 + 3600 * 5)] == ["0s", "1m00s", "59m59s",
+                                                                                           "2d05h"]
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 1000.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_console_lines_carry_elapsed_and_eta(tmp_path):
+  # Step 0 (eval before training), step 10 after a 60 s compile, then 2 s per step: the ETA uses the 2 s pace.
+  clock, lines = _Clock(), []
+  writer = metrics.MetricsWriter(tmp_path, enabled=True, total_steps=100, print_fn=lines.append, clock=clock)
+  for step, now in [(0, 1005.0), (10, 1085.0), (20, 1105.0), (30, 1125.0), (30, 1127.0)]:
+    clock.now = now
+    writer.write_scalars(step, {"loss": 1.0})
+  writer.close()
+  assert lines[0] == "step 0/100 (0.0%) | elapsed 5s | loss 1.0000"
+  assert lines[1].startswith("step 10/100 (10.0%) | elapsed 1m25s | loss 1.0000")  # no pace known yet
+  assert lines[2].startswith("step 20/100 (20.0%) | elapsed 1m45s | eta 2m40s | loss 1.0000")  # 80 steps x 2 s
+  assert lines[3].startswith("step 30/100 (30.0%) | elapsed 2m05s | eta 2m20s | loss")
+  assert lines[4].startswith("step 30/100 (30.0%) | elapsed 2m07s | eta 2m27s | loss")  # an eval line at step 30
 
 
 def test_writer_events_and_console(tmp_path):
@@ -40,8 +68,8 @@ def test_writer_events_and_console(tmp_path):
   writer.write_scalars(20, {"loss": np.float32(2.25), "lr": 2e-4})
   writer.write_text(0, "config", "lr: 4e-4")
   writer.close()
-  assert lines[0] == "step 10/100 (10.0%) | loss 3.5000 | lr 1.000e-04"
-  assert lines[1].startswith("step 20/100 (20.0%) | loss 2.2500 | lr 2.000e-04 | steps_per_s ")
+  assert re.fullmatch(r"step 10/100 \(10.0%\) \| elapsed \d+s \| loss 3.5000 \| lr 1.000e-04", lines[0]), lines[0]
+  assert re.match(r"step 20/100 \(20.0%\) \| elapsed \d+s \| loss 2.2500 \| lr 2.000e-04 \| steps_per_s ", lines[1])
   files = list(tmp_path.glob("events.out.tfevents.*"))
   assert files and files[0].stat().st_size > 0
   scalars = _read_scalars(tmp_path)
