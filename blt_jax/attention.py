@@ -1,7 +1,9 @@
 """Attention kernels as plain functions of q, k, v and ids (no parameters).
 
-Shapes: q `[B, S, H, D]`, k/v `[B, T, Hkv, D]`. Scores and softmax run in float32; rows with no allowed key give 0
-(spec 5.6, 20). Three access patterns, each costing what its mask allows rather than a dense S x T matrix:
+Shapes: q `[B, S, H, D]`, k/v `[B, T, Hkv, D]`. Scores, softmax statistics and the sums over keys run in float32
+whatever the q/k/v dtype (probs x values are dots, which XLA accumulates in float32; the encoder's segment sums are
+done in float32 explicitly), and the output is rounded once to v's dtype. Rows with no allowed key give 0 (spec 5.6,
+20). Three access patterns, each costing what its mask allows rather than a dense S x T matrix:
 
 * `self_attention`: causal with an optional window and document split. Sequences longer than twice the window are
   processed in query blocks of `window` rows against the previous and current key blocks (cost S * 2W).
@@ -111,9 +113,11 @@ def encoder_cross_attention(q_BQHD: jnp.ndarray, k_BNHD: jnp.ndarray, v_BNHD: jn
   seg_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(seg_max), seg_max, 0.0))
   e = jnp.exp(s - jnp.take_along_axis(seg_max, jnp.clip(seg, 0, P - 1)[:, :, None, None], axis=1))
   denom = _segment_reduce(jax.ops.segment_sum, e, seg, P)  # [B, P, R, H]
-  weighted = e[..., None].astype(v.dtype) * v[:, :, None, :, :]  # [B, N*w, R, H, D]
+  # The numerator is a scatter-add over the patch's bytes, not a dot: summed in bf16 it would round at every
+  # byte, so it is formed and summed in float32 like the denominator and rounded once at the end.
+  weighted = e[..., None] * v[:, :, None, :, :].astype(jnp.float32)  # [B, N*w, R, H, D]
   num = _segment_reduce(jax.ops.segment_sum, weighted, seg, P)  # [B, P, R, H, D]
-  out = num / jnp.where(denom > 0, denom, 1.0)[..., None].astype(num.dtype)
+  out = num / jnp.where(denom > 0, denom, 1.0)[..., None]
   return out.reshape(B, P * slots, H, D).astype(v_BNHD.dtype)
 
 

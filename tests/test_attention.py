@@ -97,3 +97,45 @@ def test_cross_attention_cost_is_linear_in_bytes():
     jaxpr = jax.make_jaxpr(lambda q, k, v: attention.encoder_cross_attention(q, k, v, ids, P, slots))(q, kk, v)
     return max(int(np.prod(var.aval.shape)) for eqn in jaxpr.eqns for var in eqn.outvars)
   assert largest_intermediate(2048) <= 2.1 * largest_intermediate(1024)
+
+
+def _bf16_qkv(key, B, S, T, H, D):
+  """bf16 q, k (small scores) and values around 1 (a running sum of them grows: where bf16 loses bits)."""
+  q, k, v = _qkv(key, B, S, T, H, D)
+  return (0.1 * q).astype(jnp.bfloat16), (0.1 * k).astype(jnp.bfloat16), (1.0 + 0.5 * v).astype(jnp.bfloat16)
+
+
+def _f32(*xs):
+  return [x.astype(jnp.float32) for x in xs]
+
+
+def test_encoder_cross_attention_sums_a_long_patch_in_float32():
+  """bf16 inputs, one 1023-byte patch: the numerator is a segment sum over its bytes. Summed in bf16 it stalls
+  (the output was off by up to 47% before this test was written); summed in float32 the bf16 output is the float32
+  result rounded once (<= 2^-8 relative)."""
+  B, N, P, k, H, D = 1, 1024, 2, 2, 2, 8
+  ids = jnp.ones((B, N), jnp.int32).at[:, 0].set(0)
+  q, kk, v = _bf16_qkv(jax.random.PRNGKey(5), B, P * k, N, H, D)
+  out = encoder_cross(q, kk, v, ids, P, k, None)
+  assert out.dtype == jnp.bfloat16
+  ref = encoder_cross(*_f32(q, kk, v), ids, P, k, None)
+  rel = np.abs(np.asarray(out.astype(jnp.float32) - ref)) / np.abs(np.asarray(ref))
+  assert rel.max() <= 2.0 ** -8, rel.max()
+
+
+def test_bf16_self_and_decoder_cross_attention_stay_within_bf16_rounding():
+  """The other kernels in bf16: softmax in float32, probs x values a dot (float32 accumulation). The output differs
+  from float32 attention on the same inputs only by the rounding of the probs and of the result: a bf16 ulp or two
+  of values ~1-3."""
+  B, N, P, k, H, D = 1, 600, 40, 2, 2, 8
+  q, kk, v = _bf16_qkv(jax.random.PRNGKey(6), B, N, N, H, D)
+  out = self_attention(q, kk, v, None, 256)  # blocked path: 600 > 2 * 256
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), self_attention(*_f32(q, kk, v), None, 256),
+                             rtol=2.0 ** -7, atol=2.0 ** -7)
+  dec_ids = jnp.minimum(jnp.arange(N)[None] // 16, P - 1)
+  q, kk, v = _bf16_qkv(jax.random.PRNGKey(7), B, N, P * k, H, D)
+  out = decoder_cross(q, kk, v, dec_ids, k, None)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), decoder_cross(*_f32(q, kk, v), dec_ids, k, None),
+                             rtol=2.0 ** -7, atol=2.0 ** -7)
