@@ -18,7 +18,7 @@ class GlobalTransformer(nn.Module):
     c = self.config
     stack = c.global_stack()
     P = h_BPX.shape[1]
-    h = h_BPX.astype(jnp.dtype(c.dtype))
+    h = layers.batch_sharded(h_BPX.astype(jnp.dtype(c.dtype)))
     if c.global_input_dim != c.dim_global:  # only then does the reference create and apply it (spec 8)
       h = layers.Linear(c.dim_global, ("heads", "embed"), c.global_input_dim ** -0.5, c.dtype,
                         name="token_embedding_projection")(h)

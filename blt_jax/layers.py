@@ -20,6 +20,33 @@ def trunc_normal(std: float):
   return jax.nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
 
 
+@jax.custom_vjp
+def low_precision_dot(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """`x @ kernel` in x's (low-precision) dtype, with a float32 kernel gradient.
+
+  The float32 kernel is rounded to x's dtype first, so FSDP all-gathers the rounded copy. The forward and the input
+  gradient are dots in that dtype (XLA accumulates them in float32 and rounds the result). The kernel gradient is
+  produced in float32: its partial sums over batch shards are then reduced in float32, as the reference's FSDP
+  `reduce_dtype=fp32` does (spec 13.3), instead of being rounded before the cross-device sum.
+  """
+  return jnp.dot(x, kernel.astype(x.dtype))
+
+
+def _low_precision_dot_fwd(x, kernel):
+  kernel_lp = kernel.astype(x.dtype)
+  return jnp.dot(x, kernel_lp), (x, kernel_lp)
+
+
+def _low_precision_dot_bwd(res, g):
+  x, kernel_lp = res
+  dx = jnp.einsum("...o,io->...i", g, kernel_lp)
+  dkernel = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
+  return dx, dkernel
+
+
+low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+
+
 class Linear(nn.Module):
   """Bias-free projection; kernel `[in, out]` (the transpose of torch's Linear weight)."""
   features: int
@@ -32,7 +59,9 @@ class Linear(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(trunc_normal(self.std), self.axes),
                         (x.shape[-1], self.features), jnp.float32)
     dtype = jnp.dtype(self.dtype)
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if dtype == jnp.float32:
+      return jnp.dot(x.astype(dtype), kernel)
+    return low_precision_dot(x.astype(dtype), kernel)
 
 
 class Embed(nn.Module):
@@ -61,6 +90,15 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps) * scale
     return y.astype(jnp.dtype(self.dtype))
+
+
+def batch_sharded(x_BSD: jnp.ndarray) -> jnp.ndarray:
+  """Pins an activation `[B, S, D]` to the batch axes of the mesh (a no-op when no mesh is set while tracing).
+
+  Without it, sharding propagation may take the embed-dim sharding of an fsdp-sharded table for the activations and
+  replicate the batch: every matmul then all-reduces activations instead of all-gathering (bf16) weights.
+  """
+  return nn.with_logical_constraint(x_BSD, ("activation_batch", "activation_length", "activation_embed"))
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> Tuple[jnp.ndarray, jnp.ndarray]:

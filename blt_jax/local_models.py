@@ -18,10 +18,11 @@ def pool_patches(h_BND: jnp.ndarray, patch_ids_BN: jnp.ndarray, num_patches: int
       out = jax.ops.segment_max(h, ids, num_segments=num_patches, indices_are_sorted=True)
     elif mode == "min":
       out = jax.ops.segment_min(h, ids, num_segments=num_patches, indices_are_sorted=True)
-    else:  # avg / mean
-      total = jax.ops.segment_sum(h, ids, num_segments=num_patches, indices_are_sorted=True)
-      count = jax.ops.segment_sum(jnp.ones_like(ids, h.dtype), ids, num_segments=num_patches, indices_are_sorted=True)
-      return total / jnp.maximum(count, 1)[:, None]
+    else:  # avg / mean: summed in float32 (a bf16 running sum rounds at every byte), rounded once
+      total = jax.ops.segment_sum(h.astype(jnp.float32), ids, num_segments=num_patches, indices_are_sorted=True)
+      count = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.float32), ids, num_segments=num_patches,
+                                  indices_are_sorted=True)
+      return (total / jnp.maximum(count, 1.0)[:, None]).astype(h.dtype)
     return jnp.where(jnp.isfinite(out), out, 0).astype(h.dtype)
   return jax.vmap(per_row)(h_BND, patch_ids_BN)
 
@@ -50,7 +51,7 @@ class LocalEncoder(nn.Module):
     cos, sin = _rope(stack, tokens_BN)
     attend = functools.partial(attention.encoder_cross_attention, patch_ids_BN=patch_ids_BN,
                                num_patches=num_patches, slots=k, window=c.cross_attn_window_encoder)
-    h = embeds_BND.astype(jnp.dtype(c.dtype))
+    h = layers.batch_sharded(embeds_BND.astype(jnp.dtype(c.dtype)))
     patch_BQD = None
     for i in range(c.n_layers_local_encoder):
       h = layers.block(stack, i, f"layers_{i}")(h, cos, sin, doc_BN)
@@ -88,7 +89,7 @@ class LocalDecoder(nn.Module):
     cos, sin = _rope(stack, tokens_BN)
     attend = functools.partial(attention.decoder_cross_attention, decoder_patch_ids_BN=decoder_patch_ids_BN,
                                slots=k, window=c.cross_attn_window_decoder)
-    h = h_BND.astype(jnp.dtype(c.dtype))
+    h = layers.batch_sharded(h_BND.astype(jnp.dtype(c.dtype)))
     for i in range(c.n_layers_local_decoder):
       if i == 0 or c.cross_attn_all_layers_decoder:
         xattn = layers.CrossAttention(dD, c.cross_attn_nheads,

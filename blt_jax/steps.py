@@ -6,6 +6,7 @@ text -> ids -> entropies -> patches -> logits -> loss line runs in one compiled 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -16,7 +17,7 @@ import optax
 
 from blt_jax import loss as loss_lib
 from blt_jax import optimizer as optimizer_lib
-from blt_jax import patching
+from blt_jax import patching, sharding
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
 from blt_jax.entropy_model import EntropyModel, compute_entropies
 from blt_jax.model import BLT, init_blt
@@ -87,14 +88,27 @@ def loss_terms(sc: StepConfig, params, batch, entropy_params=None):
   return loss_sum, count, stats
 
 
+def _mesh_while_tracing(batch_sharding, rules):
+  """Lets the model's logical activation constraints (`layers.batch_sharded`) bind to the batch sharding's mesh."""
+  mesh = getattr(batch_sharding, "mesh", None)
+  if mesh is None:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+  stack.enter_context(sharding.axis_rules_context(rules))
+  return stack
+
+
 def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    micro_batch_sharding=None, grad_shardings=None):
+                    micro_batch_sharding=None, grad_shardings=None, rules=None):
   """`(state, batches_ABN, entropy_params) -> (state, metrics)`; A micro-batches are accumulated exactly.
 
   The loss is the masked sum over all micro-batches divided by the total number of counted bytes, so any
   split into micro-batches gives the same gradient. A non-finite loss or gradient leaves the state unchanged
   and reports `finite = False`; the trainer then stops. On a mesh, pass the sharding of one micro-batch's arrays
-  and the params' shardings: they pin the scan's slices and gradient accumulators, which XLA otherwise may replicate.
+  and the params' shardings: they pin the scan's slices and gradient accumulators, which XLA otherwise may replicate,
+  and the model's activations to the batch axes (through the logical `rules`, default `sharding`'s), so that FSDP
+  all-gathers weights (rounded to the compute dtype first, `layers.low_precision_dot`) rather than activations.
   """
   def constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
@@ -112,6 +126,10 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     return s, n, stats, g
 
   def step(state: TrainState, batches, entropy_params=None):
+    with _mesh_while_tracing(micro_batch_sharding, rules):
+      return _step(state, batches, entropy_params)
+
+  def _step(state: TrainState, batches, entropy_params):
     first = constrain_batch(jax.tree_util.tree_map(lambda x: x[0], batches))
     s, n, stats, g = micro(state.params, first, entropy_params)
     g = constrain(g, grad_shardings)
@@ -142,9 +160,13 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
   return step
 
 
-def make_eval_step(sc: StepConfig):
-  """`(params, batch, entropy_params) -> dict(loss_sum, count, ...)`: sums, for exact multi-batch averages."""
+def make_eval_step(sc: StepConfig, batch_sharding=None, rules=None):
+  """`(params, batch, entropy_params) -> dict(loss_sum, count, ...)`: sums, for exact multi-batch averages.
+
+  `batch_sharding` (and `rules`): as `make_train_step`'s, to keep the activations batch-sharded on a mesh.
+  """
   def step(params, batch, entropy_params=None):
-    s, n, stats = loss_terms(sc, params, batch, entropy_params)
+    with _mesh_while_tracing(batch_sharding, rules):
+      s, n, stats = loss_terms(sc, params, batch, entropy_params)
     return dict(loss_sum=s, count=n, **stats)
   return step

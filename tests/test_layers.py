@@ -56,3 +56,36 @@ def test_cross_attention_returns_input_plus_update():
   nothing = lambda q, k, v: jnp.zeros_like(q)  # fully masked rows give 0
   params = xattn.init(jax.random.PRNGKey(2), x, kv, nothing)
   np.testing.assert_allclose(xattn.apply(params, x, kv, nothing), x, atol=1e-7)
+
+
+def test_rmsnorm_bf16_normalises_in_float32_and_rounds_once():
+  x = (100.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 64))).astype(jnp.bfloat16)
+  scale = jax.random.uniform(jax.random.PRNGKey(1), (64,), minval=0.5, maxval=1.5)
+  y = layers.RMSNorm(dtype="bfloat16").apply({"params": {"scale": scale}}, x)
+  assert y.dtype == jnp.bfloat16
+  x32 = np.asarray(x.astype(jnp.float32))
+  ref = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5) * np.asarray(scale)
+  np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2.0 ** -8)
+
+
+def test_bf16_linear_rounds_the_kernel_and_returns_a_float32_kernel_gradient():
+  """Forward and input gradient in bf16; the kernel gradient is a float32 sum over the batch (so FSDP reduces it in
+  float32), equal to float32 arithmetic on the bf16 operands, not rounded to bf16."""
+  lin = layers.Linear(16, ("embed", "mlp"), std=0.5, dtype="bfloat16")
+  kernel = nn.meta.unbox(lin.init(jax.random.PRNGKey(0), jnp.ones((1, 32))))["params"]["kernel"]
+  x = jax.random.normal(jax.random.PRNGKey(1), (512, 32)).astype(jnp.bfloat16)
+  g = jax.random.normal(jax.random.PRNGKey(2), (512, 16)).astype(jnp.bfloat16)
+  y, vjp = jax.vjp(lambda x, k: lin.apply({"params": {"kernel": k}}, x), x, kernel)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y.astype(jnp.float32), x.astype(jnp.float32) @ kernel.astype(jnp.bfloat16).astype(
+      jnp.float32), rtol=2.0 ** -8, atol=1e-6)
+  dx, dkernel = vjp(g)
+  assert dx.dtype == jnp.bfloat16 and dkernel.dtype == jnp.float32
+  ref = x.astype(jnp.float32).T @ g.astype(jnp.float32)
+  np.testing.assert_allclose(dkernel, ref, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(ref.astype(jnp.bfloat16).astype(jnp.float32) - ref)).max() > 1e-3  # bf16 would fail
+
+
+def test_batch_sharded_is_a_no_op_without_a_mesh():
+  x = jnp.arange(24.0).reshape(2, 3, 4)
+  np.testing.assert_array_equal(layers.batch_sharded(x), x)
