@@ -6,8 +6,10 @@ ml_collections rejects overrides of unknown keys, and `validate` rejects bad val
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import os
+from typing import Any, List, Optional, Tuple
 
 import ml_collections
 
@@ -54,6 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100  # steps between checkpoints (the final step is always saved)
   c.keep_checkpoints = 3  # newest checkpoints kept
   c.async_checkpointing = True  # write checkpoints in the background
+  # A checkpoint that no longer reads back (truncated/deleted files, bad json): "fallback" moves it aside to
+  # `<step>.damaged` with a warning and resumes from the newest readable one; "error" stops, naming it.
+  c.checkpoint_on_damaged = "fallback"
+  # Fine-tune from a `python -m blt_jax.convert` output dir or another run's workdir (or its export/): its model,
+  # patching and entropy model replace this config's; params are loaded, optimizer and step start fresh. A
+  # checkpoint in --workdir wins over it (the run resumes). "" = train from a random init.
+  c.init_from = ""
+  # (start, stop): write a jax.profiler trace of steps start <= s < stop to WORKDIR/profile (TensorBoard's
+  # profile tab, or Perfetto); () = off. Steps count from 1; start 2 or later leaves out the first step's compile.
+  c.profile_steps = ()
   return c
 
 
@@ -112,8 +124,81 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for name in ("seq_len", "global_batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every"):
     if int(cfg[name]) < 1:
       raise ValueError(f"config.{name} must be >= 1, got {cfg[name]}")
+  if cfg.checkpoint_on_damaged not in ("fallback", "error"):
+    raise ValueError(f"config.checkpoint_on_damaged={cfg.checkpoint_on_damaged!r}: expected 'fallback' or 'error'")
+  profile = tuple(cfg.profile_steps or ())
+  if profile and (len(profile) != 2 or not all(isinstance(s, int) for s in profile) or not 1 <= profile[0] < profile[1]):
+    raise ValueError(f"config.profile_steps={cfg.profile_steps!r}: expected () or (start, stop) with 1 <= start < stop")
   # Params are always created in float32; accepting another value would silently ignore it.
   if cfg.param_dtype != "float32":
     raise ValueError(f"config.param_dtype={cfg.param_dtype!r}: only 'float32' master weights are supported")
   if cfg.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.compute_dtype={cfg.compute_dtype!r}: expected 'float32' or 'bfloat16'")
+
+
+# Fields of a checkpoint's model dict that are run settings here (compute_dtype, remat), not its architecture.
+_RUN_SETTINGS = ("dtype", "remat")
+
+
+def apply_checkpoint_config(cfg: ml_collections.ConfigDict, meta: dict,
+                            entropy_checkpoint: Optional[str] = None) -> List[Tuple[str, Any, Any]]:
+  """Makes `cfg` describe the model in a checkpoint's config.json (`init_from`); returns (field, old, new) changes.
+
+  The model section (`model` or `entropy_model`, by the checkpoint's model_type), its patching settings and, when
+  given, its entropy model dir replace the config's; everything about the run (data, optimizer, mesh, seq_len,
+  patching.max_patches, dtypes) stays as configured.
+  """
+  changes = []
+
+  def assign(node, prefix: str, key: str, value: Any) -> None:
+    if key not in node:
+      raise ValueError(f"init_from: the checkpoint's config has field {prefix}{key}, which this version of blt_jax "
+                       f"does not know")
+    value = tuple(value) if isinstance(value, list) else value
+    old = node[key]
+    if (tuple(old) if isinstance(old, list) else old) != value:
+      node[key] = value
+      changes.append((prefix + key, old, value))
+
+  model_type = meta.get("model_type")
+  if model_type not in ("blt", "entropy_model"):
+    raise ValueError(f"init_from: checkpoint model_type={model_type!r}, expected 'blt' or 'entropy_model'")
+  assign(cfg, "", "model_type", model_type)
+  section = "model" if model_type == "blt" else "entropy_model"
+  for key, value in meta.get("model", {}).items():
+    if key not in _RUN_SETTINGS:
+      assign(cfg[section], section + ".", key, value)
+  if model_type == "blt":
+    for key, value in (meta.get("patching") or {}).items():
+      assign(cfg.patching, "patching.", key, value)
+  if entropy_checkpoint:
+    assign(cfg, "", "entropy_checkpoint", entropy_checkpoint)
+  return changes
+
+
+def config_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> List[str]:
+  """Every dotted key of `cfg`, sections included ("optimizer", "optimizer.lr", ...)."""
+  keys = []
+  for name, value in cfg.items():
+    keys.append(prefix + name)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(config_keys(value, prefix + name + "."))
+  return keys
+
+
+def unknown_key_error(cfg: ml_collections.ConfigDict, key: str) -> Optional[str]:
+  """None when `key` (dotted) is a field of `cfg`; else a one-line error naming it and the closest valid key."""
+  known = config_keys(cfg)
+  if key in known:
+    return None
+  section, _, leaf = key.rpartition(".")
+  # Likeliest slips first: the right name in the wrong section (`lr` for `optimizer.lr`), a misspelt name in the
+  # right section (`patching.treshold`), a misspelt section (`modle.dim_global`).
+  guesses = [k for k in known if k.rpartition(".")[2] == leaf]
+  if not guesses and (section in known or not section):
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+    guesses = [siblings[g] for g in difflib.get_close_matches(leaf, list(siblings), n=1)]
+  elif not guesses:
+    guesses = difflib.get_close_matches(key, known, n=1)
+  hint = f"; did you mean {guesses[0]!r}?" if guesses else ""
+  return f"unknown config key {key!r}{hint} (every field is listed in blt_jax/train_config.py)"

@@ -81,3 +81,57 @@ def test_bad_values_are_named():
   cfg.patching.max_patches = cfg.model.max_seqlen + 1
   with pytest.raises(ValueError, match="max_patches=513 .* exceeds model.max_seqlen=512"):
     train_config.validate(cfg)
+
+
+def test_run_option_values_are_checked():
+  for field, value, match in [("checkpoint_on_damaged", "ignore", "checkpoint_on_damaged='ignore'"),
+                              ("profile_steps", (3,), r"profile_steps=\(3,\)"),
+                              ("profile_steps", (0, 2), r"1 <= start < stop"),
+                              ("profile_steps", (5, 5), r"1 <= start < stop")]:
+    cfg = load_config("tiny")
+    cfg[field] = value
+    with pytest.raises(ValueError, match=match):
+      train_config.validate(cfg)
+  cfg = load_config("tiny")
+  cfg.profile_steps = (10, 13)
+  train_config.validate(cfg)
+
+
+def test_unknown_keys_name_the_closest_field():
+  cfg = load_config("tiny")
+  assert train_config.unknown_key_error(cfg, "optimizer.lr") is None
+  assert train_config.unknown_key_error(cfg, "mesh") is None
+  assert "'nonexistent' (" in train_config.unknown_key_error(cfg, "nonexistent")
+  assert "did you mean" not in train_config.unknown_key_error(cfg, "optimizer.nope")
+  for key, guess in [("lr", "optimizer.lr"), ("dim_global", "model.dim_global"), ("optimizer.warmpu", "optimizer.warmup"),
+                     ("modle.dim_global", "model.dim_global"), ("seq_lenn", "seq_len")]:
+    assert train_config.unknown_key_error(cfg, key).startswith(f"unknown config key {key!r}; did you mean {guess!r}?")
+
+
+def test_checkpoint_config_replaces_model_patching_and_entropy_model():
+  cfg = load_config("tiny")
+  model = BLTConfig(dim_local_encoder=32, dim_local_decoder=32, dim_global=128, cross_attn_nheads=4,
+                    encoder_hash_byte_group_size=(3, 4),
+                    dtype="bfloat16", remat=True).to_dict()
+  meta = {"format": "blt_jax", "model_type": "blt", "model": model,
+          "patching": {"mode": "entropy", "threshold": 1.5, "threshold_add": None, "monotonicity": False,
+                       "max_patch_length": None, "patch_size": None, "compare_dtype": "float32"}}
+  changes = dict((field, (old, new)) for field, old, new in
+                 train_config.apply_checkpoint_config(cfg, meta, "/ckpt/entropy_model"))
+  assert changes["model.dim_local_encoder"] == (64, 32)
+  assert changes["model.encoder_hash_byte_group_size"] == ((3, 4, 5, 6), (3, 4))
+  assert changes["patching.mode"] == ("space", "entropy") and changes["patching.threshold"][1] == 1.5
+  assert changes["entropy_checkpoint"] == ("", "/ckpt/entropy_model")
+  assert "model_type" not in changes and "model.dim_global" not in changes  # unchanged fields are not listed
+  assert not [f for f in changes if f.endswith((".dtype", ".remat"))]  # run settings, not architecture
+  assert train_config.model_config(cfg) == BLTConfig.from_dict({**model, "dtype": "float32", "remat": False})
+  assert cfg.patching.max_patches == 0 and cfg.seq_len == 256  # the run's own settings stay
+  # An entropy model checkpoint switches the run to training an entropy model.
+  cfg = load_config("tiny")
+  changes = train_config.apply_checkpoint_config(cfg, {"model_type": "entropy_model",
+                                                       "model": EntropyModelConfig(dim=32, n_heads=2).to_dict()})
+  assert ("model_type", "blt", "entropy_model") in changes and cfg.entropy_model.dim == 32
+  with pytest.raises(ValueError, match="field model.bogus"):
+    train_config.apply_checkpoint_config(load_config("tiny"), {"model_type": "blt", "model": {"bogus": 1}})
+  with pytest.raises(ValueError, match="model_type='gpt'"):
+    train_config.apply_checkpoint_config(load_config("tiny"), {"model_type": "gpt", "model": {}})
