@@ -1,17 +1,22 @@
 """Train a BLT or an entropy model: `python -m blt_jax.train --config configs/tiny.py --workdir DIR`.
 
-Re-running the same command resumes from the newest checkpoint in `--workdir` (params, optimizer state and the
-data iterator's position). The run ends by writing `DIR/export/` (params + config.json), which a BLT config can
-name as its `entropy_checkpoint` when the run trained an entropy model.
+Re-running the same command resumes from the newest readable checkpoint in `--workdir` (params, optimizer state and
+the data iterator's position). SIGTERM (preemption) saves a checkpoint at the next step boundary and exits with
+status 0. The run ends by writing `DIR/export/` (params + config.json, and the entropy model it patched with), which
+a later run can name as its `init_from`, or, for an entropy model, as a BLT's `entropy_checkpoint`.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
-import os
+import re
+import signal
+import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,12 @@ class TrainingError(RuntimeError):
   """The run cannot continue (non-finite loss, patch overflow in 'error' mode)."""
 
 
+def _say(line: str) -> None:
+  """One console line from the primary process (the others would repeat it)."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
 def load_entropy_model(path: str):
   """(EntropyModelConfig, params) from a converted model dir, a `save_params` dir, or a training workdir."""
   root = paths.resolve(path)
@@ -46,6 +57,116 @@ def load_entropy_model(path: str):
         return EntropyModelConfig.from_dict(meta["model"]), params
   raise FileNotFoundError(f"entropy_checkpoint {path!r}: no entropy model found (looked for config.json with "
                           f"model_type 'entropy_model' in {', '.join(map(str, candidates))})")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitCheckpoint:
+  """Where `init_from` points: a `save_params` dir (convert output or a run's export/) and its config.json."""
+  path: Any  # epath.Path of the dir holding params/ and config.json
+  meta: dict
+  entropy_model: Optional[str]  # its entropy_model/ dir, if it ships one
+
+
+def find_init_checkpoint(path: str) -> InitCheckpoint:
+  """The checkpoint `config.init_from` names: the dir itself, or a training workdir's `export/`."""
+  root = paths.resolve(path)
+  if not root.exists():
+    raise FileNotFoundError(f"init_from {path!r}: {root} does not exist")
+  for candidate in (root, root / "export"):
+    if (candidate / ckpt_lib.CONFIG_FILE).is_file():
+      break
+  else:
+    raise FileNotFoundError(f"init_from {path!r}: no {ckpt_lib.CONFIG_FILE} in {root} or {root / 'export'}; expected "
+                            f"the output of `python -m blt_jax.convert` or a training workdir (or its export/)")
+  try:
+    meta = ckpt_lib.read_params_config(candidate)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"init_from {path!r}: {candidate / ckpt_lib.CONFIG_FILE} is not valid json ({e})") from None
+  if meta.get("format") != "blt_jax" or meta.get("model_type") not in ("blt", "entropy_model"):
+    raise ValueError(f"init_from {path!r}: {candidate / ckpt_lib.CONFIG_FILE} is not a blt_jax checkpoint "
+                     f"(format={meta.get('format')!r}, model_type={meta.get('model_type')!r})")
+  if not (candidate / ckpt_lib.PARAMS_DIR).is_dir():
+    raise FileNotFoundError(f"init_from {path!r}: {candidate} has {ckpt_lib.CONFIG_FILE} but no "
+                            f"{ckpt_lib.PARAMS_DIR}/ directory")
+  entropy = candidate / "entropy_model"
+  has_entropy = meta["model_type"] == "blt" and (entropy / ckpt_lib.CONFIG_FILE).is_file()
+  return InitCheckpoint(candidate, meta, str(entropy) if has_entropy else None)
+
+
+class StopRequest:
+  """SIGTERM (preemptible TPU VMs, Slurm, Kubernetes) -> stop at a step boundary that every process agrees on.
+
+  With several processes, the signal may reach only some of them, at different steps. Each step every process
+  contributes its flag to a max-reduction over all devices (a one-element-per-device array, a few bytes); the result
+  is read at the next step, after that step has been dispatched, so the device always has work queued while the
+  host waits for it. Every process reads the same reduction at the same step, so all stop at the same step.
+  """
+
+  def __init__(self, mesh):
+    self.received = False
+    self._announced = False
+    self._previous = None
+    self._pending = None
+    self._mesh = mesh
+    if jax.process_count() > 1:
+      self._flags_sharding = NamedSharding(mesh, PartitionSpec(*mesh.axis_names))
+      self._any = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
+
+  def install(self) -> None:
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_signal(self, signum, frame) -> None:
+    del signum, frame
+    self.received = True  # only a flag: the handler may interrupt any code, printing included
+
+  def should_stop(self) -> bool:
+    """Call once per step on every process; True on all of them at the same step."""
+    if self.received and not self._announced:
+      log.warning("SIGTERM received: saving a checkpoint at the step boundary all processes agree on, then exiting")
+      self._announced = True
+    if jax.process_count() == 1:
+      return self.received
+    agreed = self._pending is not None and bool(jax.device_get(self._pending))
+    local = [jax.device_put(np.full((1,) * self._mesh.devices.ndim, self.received, np.int32), d)
+             for d in self._flags_sharding.addressable_devices]
+    flags = jax.make_array_from_single_device_arrays(self._mesh.devices.shape, self._flags_sharding, local)
+    self._pending = self._any(flags)
+    return agreed
+
+
+class Profile:
+  """A `jax.profiler` trace of steps start <= s < stop (`config.profile_steps`) into `directory`."""
+
+  def __init__(self, steps, directory):
+    self.start, self.stop = tuple(steps) if steps else (0, 0)
+    self.directory = directory
+    self.active = False
+    self.first = None  # first step traced
+
+  def before_step(self, step: int) -> None:
+    """`step`: the step about to be dispatched (1-based)."""
+    if not self.active and self.start <= step < self.stop:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.directory))
+      self.active, self.first = True, step
+
+  def after_step(self, step: int, state) -> None:
+    if self.active and step + 1 >= self.stop:
+      self.close(state)
+      _say(f"profile of steps {self.first}..{step} written to {self.directory}")
+
+  def close(self, state=None) -> None:
+    if self.active:
+      if state is not None:
+        jax.block_until_ready(state)  # the trace must contain the traced steps' device work
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _stack_to_global(batches, mesh):
@@ -68,7 +189,15 @@ class Trainer:
   """Builds everything from a config once; `run()` trains to `num_steps`, resuming if a checkpoint exists."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+    _leave_sigterm_to_the_trainer()
     sharding.maybe_initialize_distributed(cfg.mesh)
+    cfg = copy.deepcopy(cfg)  # init_from rewrites the model section; the caller's config stays as it was
+    self.init_from = find_init_checkpoint(cfg.init_from) if cfg.init_from else None
+    if self.init_from is not None:
+      changes = train_config.apply_checkpoint_config(cfg, self.init_from.meta, self.init_from.entropy_model)
+      _say(f"init_from {self.init_from.path}: its settings replace the config's"
+           + ("".join(f"\n  {field}: {old!r} -> {new!r}" for field, old, new in changes) if changes else
+              " (they already match)"))
     train_config.validate(cfg)
     self.cfg, self.workdir = cfg, paths.resolve(workdir)
     self.mesh = sharding.make_mesh(cfg.mesh)
@@ -114,6 +243,11 @@ class Trainer:
     self.state = None  # the final train state once `run()` returns
     self._eval_iterator = None
     self.flops_per_byte = self._flops_per_byte(4.5)
+    self.stop_request = StopRequest(self.mesh)
+    profile_dir = self.workdir / "profile"
+    if jax.process_count() > 1:  # hosts of one machine would write over each other's trace files
+      profile_dir = profile_dir / f"process_{jax.process_index()}"
+    self.profile = Profile(cfg.profile_steps, profile_dir)
 
   def _flops_per_byte(self, mean_patch_length: float) -> float:
     if self.sc.is_blt:
@@ -121,22 +255,42 @@ class Trainer:
     return flops_lib.entropy_model_train_flops_per_byte(self.sc.model, self.seq_len)
 
   def _initial_state(self):
-    """(state, data iterator, start step): restored from the latest checkpoint, else freshly initialised."""
+    """(state, data iterator, start step): the newest readable checkpoint, else init_from's params, else fresh."""
     cfg = self.cfg
     iterator = data_lib.make_train_iterator(cfg.data, cfg.seq_len, cfg.global_batch_size, cfg.seed,
                                             process_index=self.data_index, process_count=self.data_count)
-    latest = self.checkpointer.latest_step()
-    if latest is None:
-      state = jax.jit(lambda: _unbox(self._init_fn()), out_shardings=self.state_shardings)()
-      return state, iterator, 0
     target = sharding.abstract_with_shardings(self._abstract, self.state_shardings)
-    state, data_state, meta = self.checkpointer.restore(latest, target)
-    if data_state is not None:
-      iterator.set_state(data_state)
-    log.info("resumed from step %d of %s", latest, self.workdir)
+    newest = self.checkpointer.restore_newest_readable(target, cfg.checkpoint_on_damaged, warn=self._warn)
+    if newest is not None:
+      step, state, data_state, _ = newest
+      if data_state is not None:
+        iterator.set_state(data_state)
+      log.info("resumed from step %d of %s", step, self.workdir)
+      _say(f"resumed from checkpoint step {step} in {self.workdir}" +
+           (f" (init_from {self.init_from.path} is not loaded: resuming wins)" if self.init_from else ""))
+      return state, iterator, step
+    if self.init_from is not None:
+      return self._state_from_init_checkpoint(target), iterator, 0
+    state = jax.jit(lambda: _unbox(self._init_fn()), out_shardings=self.state_shardings)()
+    return state, iterator, 0
+
+  def _state_from_init_checkpoint(self, target):
+    """Step 0 with init_from's params, read shard by shard onto the mesh, and a fresh optimizer state."""
+    path = self.init_from.path
+    try:
+      params, _ = ckpt_lib.load_params(path, target.params)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"init_from {path}: its params do not load into the model its {ckpt_lib.CONFIG_FILE} "
+                       f"describes ({ckpt_lib.short_reason(e)})") from None
+    fresh = jax.jit(lambda p: steps.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p)),
+                    in_shardings=(self.state_shardings.params,), out_shardings=self.state_shardings,
+                    donate_argnums=0)
+    _say(f"initialised params from {path} (step 0, fresh optimizer state)")
+    return fresh(params)
+
+  def _warn(self, message: str) -> None:
     if jax.process_index() == 0:
-      print(f"resumed from checkpoint step {latest} in {self.workdir}", flush=True)
-    return state, iterator, latest
+      log.warning(message)
 
   def evaluate(self, params) -> Dict[str, float]:
     cfg = self.cfg
@@ -158,6 +312,15 @@ class Trainer:
     return result
 
   def run(self) -> Dict[str, Any]:
+    """Trains to `num_steps` (or until SIGTERM); returns start/final step, history, final metrics, preempted."""
+    self.stop_request.install()
+    try:
+      return self._run()
+    finally:
+      self.profile.close()
+      self.stop_request.uninstall()
+
+  def _run(self) -> Dict[str, Any]:
     cfg = self.cfg
     state, iterator, step = self._initial_state()
     start_step = step
@@ -167,46 +330,57 @@ class Trainer:
       self.history.append((0, initial))
     window = dict(t=time.perf_counter(), steps=0)
     metrics: Dict[str, Any] = {}
+    preempted = False
     while step < cfg.num_steps:
       batches = [next(iterator) for _ in range(cfg.grad_accum_steps)]
       arrays = _stack_to_global(batches, self.mesh)
+      self.profile.before_step(step + 1)
       state, metrics = self.train_step(state, arrays, self.entropy_params)
       step += 1
+      self.profile.after_step(step, state)
       is_log = step % cfg.log_every == 0 or step == cfg.num_steps
       window["steps"] += 1
       if is_log or self.sc.is_blt and cfg.patching.on_overflow == "error":
         self._check(jax.device_get(metrics), step, state)
       if is_log:
-        host = jax.device_get(metrics)
-        now = time.perf_counter()
-        elapsed = max(now - window["t"], 1e-9)
-        rows_bytes = cfg.global_batch_size * cfg.grad_accum_steps * cfg.seq_len * window["steps"]
-        line = dict(loss=host["loss"], bpb=host["bpb"], grad_norm=host["grad_norm"], lr=host["lr"],
-                    bytes_per_s=rows_bytes / elapsed)
-        if self.sc.is_blt:
-          positions = cfg.global_batch_size * cfg.grad_accum_steps * (cfg.seq_len + 1)
-          mean_patch = positions / max(float(host["num_patches"]), 1.0)
-          line.update(mean_patch_length=mean_patch, patches_per_s=rows_bytes / elapsed / mean_patch,
-                      overflow_rows=host["overflow_rows"])
-          self.flops_per_byte = self._flops_per_byte(mean_patch)
-        peak = flops_lib.device_peak_flops(jax.devices()[0]) * jax.device_count()
-        line["mfu"] = flops_lib.mfu(self.flops_per_byte, line["bytes_per_s"], peak)
-        self.writer.write_scalars(step, line)
-        self.history.append((step, {k: float(v) for k, v in line.items()}))
-        window.update(t=time.perf_counter(), steps=0)
+        self._log_train(step, jax.device_get(metrics), window)
       if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
         val = self.evaluate(state.params)
         self.writer.write_scalars(step, val)
         self.history.append((step, val))
-      if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+      stop = self.stop_request.should_stop() and step < cfg.num_steps
+      if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or stop:
         self._check(jax.device_get(metrics), step, state)  # never checkpoint a state that stopped updating
         self.checkpointer.save(step, state, iterator.get_state(), self._meta(step), force=True)
+      if stop:
+        preempted = True
+        break
     self.checkpointer.wait_until_finished()
     self.state = state
-    self._export(state.params)
+    if not preempted:
+      self._export(state.params)
     self.writer.flush()
-    return dict(start_step=start_step, final_step=step, history=self.history,
+    return dict(start_step=start_step, final_step=step, history=self.history, preempted=preempted,
                 final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()} if metrics else {})
+
+  def _log_train(self, step: int, host, window) -> None:
+    cfg = self.cfg
+    now = time.perf_counter()
+    elapsed = max(now - window["t"], 1e-9)
+    rows_bytes = cfg.global_batch_size * cfg.grad_accum_steps * cfg.seq_len * window["steps"]
+    line = dict(loss=host["loss"], bpb=host["bpb"], grad_norm=host["grad_norm"], lr=host["lr"],
+                bytes_per_s=rows_bytes / elapsed)
+    if self.sc.is_blt:
+      positions = cfg.global_batch_size * cfg.grad_accum_steps * (cfg.seq_len + 1)
+      mean_patch = positions / max(float(host["num_patches"]), 1.0)
+      line.update(mean_patch_length=mean_patch, patches_per_s=rows_bytes / elapsed / mean_patch,
+                  overflow_rows=host["overflow_rows"])
+      self.flops_per_byte = self._flops_per_byte(mean_patch)
+    peak = flops_lib.device_peak_flops(jax.devices()[0]) * jax.device_count()
+    line["mfu"] = flops_lib.mfu(self.flops_per_byte, line["bytes_per_s"], peak)
+    self.writer.write_scalars(step, line)
+    self.history.append((step, {k: float(v) for k, v in line.items()}))
+    window.update(t=time.perf_counter(), steps=0)
 
   def _check(self, host_metrics, step: int, state) -> None:
     # A step with a non-finite loss leaves `state.step` behind, so steps skipped between checks are caught too.
@@ -236,7 +410,12 @@ class Trainer:
     meta = {"format": "blt_jax", "model_type": model_type, "model": self.sc.model.to_dict()}
     if self.sc.patching is not None:
       meta["patching"] = self.sc.patching.to_dict()
-    ckpt_lib.save_params(self.workdir / "export", params, meta, overwrite=True)
+    export = self.workdir / "export"
+    ckpt_lib.save_params(export, params, meta, overwrite=True)
+    if self.entropy_params is not None:  # the export scores and generates on its own (blt_jax.loading)
+      ckpt_lib.save_params(export / "entropy_model", self.entropy_params,
+                           {"format": "blt_jax", "model_type": "entropy_model", "model": self.sc.entropy_model.to_dict()},
+                           overwrite=True)
 
   def close(self) -> None:
     self.checkpointer.close()
@@ -248,6 +427,15 @@ def _unbox(tree):
   return nn.meta.unbox(tree)
 
 
+def _leave_sigterm_to_the_trainer() -> None:
+  """jax.distributed's preemption notifier would take SIGTERM over from start-up on, and swallow one that arrives
+  before the trainer's handler is installed; without it such a SIGTERM ends the process as usual (nothing to save)."""
+  try:
+    jax.config.update("jax_enable_preemption_service", False)
+  except (AttributeError, KeyError, ValueError):  # a jax without that option
+    pass
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   trainer = Trainer(cfg, workdir)
   try:
@@ -256,32 +444,81 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     trainer.close()
 
 
+def _command_line_overrides(argv: List[str]):
+  """(config file path or None, dotted keys of the `--config.a.b[=value]` overrides) in `argv`."""
+  path, keys = None, []
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg.startswith("--config."):
+      keys.append(arg[len("--config."):].split("=", 1)[0])
+  return path, keys
+
+
+def unknown_override_error(argv: List[str]) -> Optional[str]:
+  """One line naming the first `--config.KEY` that the config file does not have (and the closest key), or None."""
+  path, keys = _command_line_overrides(argv)
+  if not path or not keys:
+    return None
+  try:
+    cfg = train_config.load_config_file(path)
+  except Exception:  # pylint: disable=broad-except  (the flag parser reports an unreadable config file)
+    return None
+  for key in keys:
+    error = train_config.unknown_key_error(cfg, key)
+    if error:
+      return error
+  return None
+
+
+# absl's text for a value that does not parse: "flag --config.seq_len=abc: invalid literal for int() ...".
+_BAD_VALUE = re.compile(r"flag --config\.([\w.]+)=(.*?): (.*)", re.S)
+
+
+def flag_error(e: Exception) -> str:
+  """A one-line error for what the flag parser raised, naming the config key when there is one."""
+  match = _BAD_VALUE.match(str(e))
+  if match:
+    key, value, reason = match.groups()
+    return f"bad value {value!r} for config key {key!r}: {reason.strip().splitlines()[0]}"
+  return f"bad command line: {type(e).__name__}: {e}"
+
+
 def main(argv=None) -> None:
   import sys  # pylint: disable=g-import-not-at-top
 
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+  argv = sys.argv if argv is None else argv
   config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and the final export go here.")
+  unknown = unknown_override_error(argv)  # ml_collections would only say AttributeError: 'key'
+  if unknown:
+    raise SystemExit(f"error: {unknown}")
   try:
-    flags.FLAGS(sys.argv if argv is None else argv)
+    flags.FLAGS(argv)
     cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if cfg is not None:
       cfg.keys()  # a config file that failed to load only raises when first used
   except Exception as e:  # pylint: disable=broad-except
-    # Unknown keys, bad values and unreadable config files surface here: one line, no traceback.
-    raise SystemExit(f"error: bad command line: {type(e).__name__}: {e}") from None
+    # Bad values and unreadable config files surface here: one line, no traceback.
+    raise SystemExit(f"error: {flag_error(e)}") from None
   if cfg is None or workdir is None:
     raise SystemExit("usage: python -m blt_jax.train --config configs/<name>.py --workdir DIR [--config.a.b=value]")
   logging.basicConfig(level=logging.WARNING)
   try:
     summary = train(cfg, workdir)
-  except (ValueError, FileNotFoundError, TrainingError) as e:
+  except (ValueError, FileNotFoundError, TrainingError, ckpt_lib.DamagedCheckpointError) as e:
     raise SystemExit(f"error: {e}") from None
-  if jax.process_index() == 0:
-    print(f"done: steps {summary['start_step']} -> {summary['final_step']}; export in "
-          f"{paths.resolve(workdir) / 'export'}", flush=True)
+  out = paths.resolve(workdir)
+  if summary["preempted"]:
+    _say(f"stopped by SIGTERM after step {summary['final_step']}: checkpoint saved in {out / 'checkpoints'}; "
+         f"re-run the same command to resume")
+  else:
+    _say(f"done: steps {summary['start_step']} -> {summary['final_step']}; export in {out / 'export'}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
       python tests/multiprocess_train_driver.py WORKDIR '{"mesh.process_id": 0, ...}'
 
 Loads configs/tiny.py, applies the json dict of dotted-key overrides (the mesh's coordinator_address, num_processes
-and process_id among them), trains, and prints one json line: {"process": i, "start_step": ..., "losses": {step: loss}, "evals": {step: {...}}}.
+and process_id among them), trains, and prints one json line: {"process": i, "data_shard": [index, count],
+"start_step": ..., "final_step": ..., "preempted": bool, "losses": {step: loss}, "evals": {step: {...}}}.
+SIGTERM stops the run at a step every process agrees on (see `blt_jax.train.StopRequest`); the line is printed then
+too, with "preempted": true.
 """
 import json
 import os
@@ -41,12 +44,17 @@ def main(workdir: str, overrides_json: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
   cfg = apply_overrides(load_config("tiny"), json.loads(overrides_json))
-  summary = train.train(cfg, workdir)
+  trainer = train.Trainer(cfg, workdir)
+  try:
+    summary = trainer.run()
+  finally:
+    trainer.close()
   losses = {str(step): m["loss"] for step, m in summary["history"] if "loss" in m}
   evals = {str(step): m for step, m in summary["history"] if "val_loss" in m}
   print(json.dumps(dict(process=jax.process_index(), process_count=jax.process_count(),
-                        device_count=jax.device_count(), start_step=summary["start_step"],
-                        final_step=summary["final_step"], losses=losses, evals=evals)), flush=True)
+                        device_count=jax.device_count(), data_shard=[trainer.data_index, trainer.data_count],
+                        start_step=summary["start_step"], final_step=summary["final_step"],
+                        preempted=summary["preempted"], losses=losses, evals=evals)), flush=True)
 
 
 if __name__ == "__main__":
