@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import jax
+
 from blt_jax import checkpoint, paths
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
 
@@ -29,6 +31,13 @@ class LoadedModel:
   entropy_config: Optional[EntropyModelConfig]  # None unless patching.mode == "entropy"
   entropy_params: Any
   path: str
+
+
+# A pytree: params are leaves (traced under jit), configs are static, so a jitted function can take the model whole.
+jax.tree_util.register_pytree_node(
+    LoadedModel,
+    lambda m: ((m.params, m.entropy_params), (m.config, m.patching, m.entropy_config, m.path)),
+    lambda aux, leaves: LoadedModel(aux[0], leaves[0], aux[1], aux[2], leaves[1], aux[3]))
 
 
 def find_params_dir(path: paths.PathLike) -> paths.epath.Path:

@@ -278,6 +278,50 @@ def decoder_patch_ids(
     jax.jit,
     static_argnames=("mode", "threshold", "threshold_add", "monotonicity",
                      "patch_size", "first_patch_single_byte",
+                     "include_next_token", "compare_dtype"))
+def mode_starts(
+    tokens_BN: jnp.ndarray,
+    entropies_BN: jnp.ndarray | None = None,
+    *,
+    mode: str = "entropy",
+    threshold: float = DEFAULT_THRESHOLD,
+    threshold_add: float | None = None,
+    monotonicity: bool = False,
+    patch_size: int | None = None,
+    first_patch_single_byte: bool = True,
+    include_next_token: bool = True,
+    compare_dtype=jnp.float32,
+) -> jnp.ndarray:
+  """The mode's own starts, bool [B, T], before `max_patch_length` splits.
+
+  Every mode restarts at each document start (`masks`), so patches never
+  cross one and a packed document is patched as it is alone.
+  """
+  batch, num_tokens = tokens_BN.shape
+  doc_pos_BT = document_positions(tokens_BN, include_next_token)
+  if mode == "entropy":
+    if entropies_BN is None:
+      raise ValueError("mode 'entropy' needs entropies_BN")
+    return entropy_starts(
+        entropies_BN, threshold, threshold_add=threshold_add,
+        monotonicity=monotonicity, include_next_token=include_next_token,
+        compare_dtype=compare_dtype, doc_pos_BT=doc_pos_BT)
+  if mode == "space":
+    return space_starts(tokens_BN, include_next_token=include_next_token)
+  if mode == "static":
+    return static_starts(
+        batch, num_tokens, patch_size, include_next_token=include_next_token,
+        first_patch_single_byte=first_patch_single_byte, doc_pos_BT=doc_pos_BT)
+  if mode == "byte":
+    return byte_starts(
+        batch, num_tokens, include_next_token=include_next_token)
+  raise ValueError(f"unknown patching mode {mode!r}; expected one of {MODES}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("mode", "threshold", "threshold_add", "monotonicity",
+                     "patch_size", "first_patch_single_byte",
                      "max_patch_length", "include_next_token", "max_patches",
                      "compare_dtype"))
 def patch(
@@ -300,29 +344,58 @@ def patch(
   `max_patches=None` uses T columns, which can never overflow. All arguments
   but the two arrays are static (hashable), so a jnp threshold is not allowed.
   """
-  batch, num_tokens = tokens_BN.shape
-  # Every mode restarts at each document start (`masks`), so patches never
-  # cross one and a packed document is patched as it is alone.
-  doc_pos_BT = document_positions(tokens_BN, include_next_token)
-  if mode == "entropy":
-    if entropies_BN is None:
-      raise ValueError("mode 'entropy' needs entropies_BN")
-    starts_BT = entropy_starts(
-        entropies_BN, threshold, threshold_add=threshold_add,
-        monotonicity=monotonicity, include_next_token=include_next_token,
-        compare_dtype=compare_dtype, doc_pos_BT=doc_pos_BT)
-  elif mode == "space":
-    starts_BT = space_starts(tokens_BN, include_next_token=include_next_token)
-  elif mode == "static":
-    starts_BT = static_starts(
-        batch, num_tokens, patch_size, include_next_token=include_next_token,
-        first_patch_single_byte=first_patch_single_byte, doc_pos_BT=doc_pos_BT)
-  elif mode == "byte":
-    starts_BT = byte_starts(
-        batch, num_tokens, include_next_token=include_next_token)
-  else:
-    raise ValueError(f"unknown patching mode {mode!r}; expected one of {MODES}")
+  starts_BT = mode_starts(
+      tokens_BN, entropies_BN, mode=mode, threshold=threshold,
+      threshold_add=threshold_add, monotonicity=monotonicity,
+      patch_size=patch_size, first_patch_single_byte=first_patch_single_byte,
+      include_next_token=include_next_token, compare_dtype=compare_dtype)
   starts_BT = limit_patch_length(starts_BT, max_patch_length)
   if max_patches is None:
     max_patches = starts_BT.shape[1]
   return starts_to_patches(starts_BT, max_patches)
+
+
+def next_start(
+    tokens_B2: jnp.ndarray,
+    entropies_B2: jnp.ndarray,
+    next_pos_B: jnp.ndarray,
+    mode_start_B: jnp.ndarray,
+    *,
+    mode: str = "entropy",
+    threshold: float = DEFAULT_THRESHOLD,
+    threshold_add: float | None = None,
+    monotonicity: bool = False,
+    patch_size: int | None = None,
+    first_patch_single_byte: bool = True,
+    max_patch_length: int | None = None,
+    compare_dtype=jnp.float32,
+) -> jnp.ndarray:
+  """Incremental patching (generation): (mode start, start) of position p = next_pos, bool [B] each.
+
+  The same rules as `patch` on a row of one document, evaluated on the two newest tokens / entropies (positions
+  p-2 and p-1; ignored where p-2 < 0). `mode_start_B` is the latest position < p that the mode itself started
+  (before `max_patch_length` splits, which count from it as `limit_patch_length` does).
+  """
+  batch = tokens_B2.shape[0]
+  doc_pos_B3 = next_pos_B[:, None] + jnp.arange(-2, 1)[None, :]  # positions p-2, p-1, p
+  if mode == "entropy":
+    e_B2 = jnp.where(doc_pos_B3[:, :2] >= 0, entropies_B2, 0.0)
+    starts_B = entropy_starts(e_B2, threshold, threshold_add=threshold_add, monotonicity=monotonicity,
+                              include_next_token=True, compare_dtype=compare_dtype,
+                              doc_pos_BT=doc_pos_B3)[:, 2]
+  elif mode == "space":
+    # space_starts reads a row; p-2 < 0 stands for "no byte", which is not space-like: a non-special byte id.
+    t_B2 = jnp.where(doc_pos_B3[:, :2] >= 0, tokens_B2, ord("a") + tokenizer.OFFSET)
+    starts_B = space_starts(t_B2, include_next_token=True)[:, 2]
+  elif mode == "static":
+    starts_B = static_starts(batch, 1, patch_size, include_next_token=False,
+                             first_patch_single_byte=first_patch_single_byte,
+                             doc_pos_BT=next_pos_B[:, None])[:, 0]
+  elif mode == "byte":
+    starts_B = jnp.ones((batch,), bool)
+  else:
+    raise ValueError(f"unknown patching mode {mode!r}; expected one of {MODES}")
+  mode_starts_B = starts_B | (next_pos_B < 2)
+  if max_patch_length is None:
+    return mode_starts_B, mode_starts_B
+  return mode_starts_B, mode_starts_B | ((next_pos_B - mode_start_B) % max_patch_length == 0)

@@ -1,0 +1,144 @@
+"""Cached generation equals the full recompute, byte for byte and logit for logit; sampling; limits; the CLI."""
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blt_jax import checkpoint, generate, loading, tokenizer
+from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
+from blt_jax.entropy_model import compute_entropies, init_entropy_model
+from blt_jax.model import init_blt
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPTS = ["The quick brown fox jumps over the lazy dog", "Hi", "naïve café, 42 words"]
+
+
+def _unbox(tree):
+  import flax.linen as nn
+  return nn.meta.unbox(tree)
+
+
+def _model(patching_kwargs, seed=0, **blt_overrides):
+  """A random tiny BLT (local window 16, so prompts cross it; entropy context 48, so generation crosses a reset)."""
+  blt_cfg = BLTConfig(**{**dict(
+      dim_local_encoder=32, n_layers_local_encoder=2, n_heads_local_encoder=4, dim_global=48, n_layers_global=2,
+      n_heads_global=4, dim_local_decoder=32, n_layers_local_decoder=2, n_heads_local_decoder=4, cross_attn_k=2,
+      cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4, 6), encoder_hash_byte_group_vocab=211,
+      encoder_hash_byte_group_nb_functions=2, local_attention_window_len=16, max_seqlen=128,
+      max_encoder_seq_length=128), **blt_overrides})
+  ent_cfg = EntropyModelConfig(dim=32, n_layers=2, n_heads=2, sliding_window=16, max_seqlen=48)
+  blt_params = _unbox(init_blt(jax.random.PRNGKey(seed), blt_cfg))
+  ent_params = _unbox(init_entropy_model(jax.random.PRNGKey(seed + 1), ent_cfg))
+  if patching_kwargs.get("mode") == "entropy":
+    sample = jnp.asarray([tokenizer.encode(" ".join(PROMPTS))])
+    ent = np.asarray(compute_entropies(ent_params, sample, ent_cfg))
+    patching_kwargs = dict(patching_kwargs, threshold=float(np.quantile(ent, 0.6)) + 1e-3)
+  else:
+    ent_cfg = ent_params = None
+  # Random weights: an EOS logit of 0 among logits of a few hundred keeps greedy rows going to max_bytes.
+  blt_params["local_decoder"]["output"]["kernel"] = blt_params["local_decoder"]["output"]["kernel"].at[
+      :, tokenizer.EOS_ID].set(0.0)
+  return loading.LoadedModel(blt_cfg, blt_params, PatchingConfig(**patching_kwargs), ent_cfg, ent_params, "test")
+
+
+MODELS = {
+    "entropy-max_patch_length": lambda: _model(dict(mode="entropy", max_patch_length=3)),
+    "entropy-monotonic-allxattn": lambda: _model(dict(mode="entropy", monotonicity=True), seed=2,
+                                                 cross_attn_all_layers_encoder=True, cross_attn_k=3, n_kv_heads=2),
+    "space": lambda: _model(dict(mode="space"), seed=4, downsampling_by_pooling="avg"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+  return MODELS[request.param]()
+
+
+def test_cached_greedy_equals_full_recompute(model):
+  """Batch of prompts of different lengths, 60 bytes each (prompt + generation crosses the window of 16 and the
+  entropy model's 48-token reset): the same bytes and per-step logits within 1e-4."""
+  ref = generate.generate_uncached(model, PROMPTS, 60)
+  got = generate.generate(model, PROMPTS, 60, record_logits=True, chunk=17)  # chunk boundaries mid-patch
+  for r, g in zip(ref, got):
+    assert g.continuation == r.continuation and g.stopped == r.stopped == "max_bytes"
+    np.testing.assert_allclose(g.logits, r.logits[:, :g.logits.shape[1]], atol=1e-4)
+  alone = generate.generate(model, PROMPTS[1:2], 60)[0]  # batch 1
+  assert alone.continuation == ref[1].continuation
+
+
+def test_sampling_is_reproducible_and_independent_of_the_batch():
+  m = MODELS["space"]()
+  sampling = generate.Sampling(temperature=0.9, top_k=40, top_p=0.95)
+  alone = generate.generate(m, ["Once upon"], 32, sampling=sampling, seed=7)[0].continuation
+  batch = generate.generate(m, ["x", "Once upon", "another prompt"], 32, sampling=sampling, seed=7)
+  assert batch[1].continuation == alone
+  assert generate.generate(m, ["Once upon"], 32, sampling=sampling, seed=8)[0].continuation != alone
+  greedy = generate.generate(m, ["Once upon"], 32)[0].continuation
+  assert alone != greedy
+
+
+def test_choose_masks_non_byte_ids_and_respects_top_k():
+  logits = jnp.zeros((2, 260)).at[:, 1].set(50.0).at[:, 0].set(40.0).at[:, 3].set(30.0).at[:, 70].set(5.0)
+  assert np.all(np.asarray(generate.choose(logits, None, generate.Sampling())) == 70)
+  keys = jnp.stack([jax.random.PRNGKey(0)] * 2)
+  picked = generate.choose(logits.at[:, 71].set(4.9), keys, generate.Sampling(temperature=1.0, top_k=2))
+  assert set(np.asarray(picked).tolist()) <= {70, 71}
+
+
+def test_stop_strings_and_eos_end_rows():
+  m = MODELS["space"]()
+  full = generate.generate(m, ["ab"], 40)[0].continuation
+  stop = full[10:13]
+  cut = generate.generate(m, ["ab"], 40, stop=[stop], chunk=8)[0]
+  assert cut.stopped == "stop" and cut.continuation == full[:full.find(stop)]
+  # All logits equal: the first id that may be chosen is EOS (0, 1, 3 are masked), so the row ends at once.
+  bias = dict(m.params)
+  out = dict(bias["local_decoder"]["output"])
+  out["kernel"] = jnp.zeros_like(out["kernel"])
+  eos_model = dataclasses.replace(m, params=dict(bias, local_decoder=dict(bias["local_decoder"], output=out)))
+  r = generate.generate(eos_model, ["ab"], 10)[0]
+  assert r.stopped == "eos" and r.continuation == b""
+
+
+def test_limits_are_clear_errors():
+  m = MODELS["entropy-max_patch_length"]()
+  with pytest.raises(ValueError, match="max_encoder_seq_length=128"):
+    generate.generate(m, ["x" * 100], 40)
+  # More patches than the global model's max_seqlen: byte patching, 24 slots.
+  small = dataclasses.replace(m, config=dataclasses.replace(m.config, max_seqlen=24),
+                              patching=PatchingConfig(mode="byte"))
+  r = generate.generate(small, ["abc"], 40)[0]
+  assert r.stopped == generate.ERRORS[2] and 0 < len(r.continuation) < 40
+  ref = generate.generate_uncached(small, ["abc"], len(r.continuation))[0]
+  assert ref.continuation == r.continuation  # exact up to the limit
+  # An open patch longer than the encoder's look-back: space patching, no spaces in the output of a long run.
+  r = generate.generate(MODELS["space"](), ["a" * 30], 8, max_patch_bytes=8)[0]
+  assert r.stopped == generate.ERRORS[1]
+
+
+def test_cli_streams_the_continuation_only(tmp_path):
+  m = MODELS["space"]()
+  checkpoint.save_params(tmp_path / "ckpt", m.params, {"format": "blt_jax", "model_type": "blt",
+                                                      "model": m.config.to_dict(), "patching": m.patching.to_dict()})
+  expected = generate.generate(m, ["Hello", "Bye"], 20)
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  run = subprocess.run([sys.executable, "-m", "blt_jax.generate", "--checkpoint", "ckpt", "--prompt", "Hello",
+                        "--max-bytes", "20", "--raw"], cwd=tmp_path, env=env, capture_output=True, timeout=300)
+  assert run.returncode == 0, run.stderr.decode()
+  assert run.stdout == expected[0].continuation
+  (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in ["Hello", "Bye"]) + "\n")
+  run = subprocess.run([sys.executable, "-m", "blt_jax.generate", "--checkpoint", "ckpt", "--prompts", "p.jsonl",
+                        "--max-bytes", "20"], cwd=tmp_path, env=env, capture_output=True, timeout=300, text=True)
+  assert run.returncode == 0, run.stderr
+  lines = [json.loads(line) for line in run.stdout.splitlines()]
+  assert [line["continuation"] for line in lines] == [e.continuation.decode("utf-8", "replace") for e in expected]
+  bad = subprocess.run([sys.executable, "-m", "blt_jax.generate", "--checkpoint", "nope", "--prompt", "x"],
+                       cwd=tmp_path, env=env, capture_output=True, timeout=300, text=True)
+  assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
