@@ -8,6 +8,7 @@ Sections:
   patching    BLT train step with in-graph entropy patching vs precomputed entropies (the entropy model's cost)
   train       BLT train-step throughput (bytes/s, patches/s) and MFU with the one FLOP model of blt_jax.flops
   scoring     the scoring CLI on ~1 MB of stdlib sources: packed rows vs one document per row (--sections scoring)
+  generation  cached generation vs full recompute per byte, and per-byte cost against prompt length
 Prints a markdown table; paste it into BENCHMARKS.md with the device line.
 """
 import argparse
@@ -169,7 +170,7 @@ def bench_train(preset):
 
 
 def _stdlib_corpus(path, target_bytes):
-  """A jsonl corpus of real text: the running Python's standard-library sources, one file per document."""
+  """A jsonl corpus of real text: the running Python's standard-library sources, one paragraph per document."""
   import sysconfig  # pylint: disable=g-import-not-at-top
   root = sysconfig.get_paths()["stdlib"]
   files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) if "site-packages" not in d
@@ -179,11 +180,10 @@ def _stdlib_corpus(path, target_bytes):
     for name in files:
       with open(name, "rb") as f:
         text = f.read().decode("utf-8", errors="replace")
-      if not text:
-        continue
-      text = text[:4096]  # many short and mid-size documents, as a filtering corpus has
-      out.write(json.dumps({"text": text, "id": os.path.relpath(name, root)}) + "\n")
-      total += len(text.encode())
+      # Paragraphs (blank-line separated) as documents: many short ones, as a filtering corpus has.
+      for i, para in enumerate(p for p in text.split("\n\n") if p.strip()):
+        out.write(json.dumps({"text": para, "id": f"{os.path.relpath(name, root)}#{i}"}) + "\n")
+        total += len(para.encode())
       if total >= target_bytes:
         break
   return total
@@ -236,6 +236,50 @@ def bench_scoring(preset, workdir, corpus_bytes):
   return results
 
 
+def bench_generation():
+  """Cached generation vs the full recompute per byte (greedy, batch 1), and per-byte cost against prompt length."""
+  from blt_jax import entropy_model, generate, loading  # pylint: disable=g-import-not-at-top
+  from blt_jax.model import init_blt  # pylint: disable=g-import-not-at-top
+  cfg = BLTConfig(dim_local_encoder=64, n_layers_local_encoder=1, n_heads_local_encoder=4, dim_global=128,
+                  n_layers_global=2, n_heads_global=4, dim_local_decoder=64, n_layers_local_decoder=2,
+                  n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4, 5, 6),
+                  encoder_hash_byte_group_vocab=8192, max_seqlen=4096, max_encoder_seq_length=4096,
+                  local_attention_window_len=128)
+  ent_cfg = EntropyModelConfig(dim=64, n_layers=1, n_heads=4, sliding_window=128, max_seqlen=8192)
+  params = nn.meta.unbox(init_blt(jax.random.PRNGKey(0), cfg))
+  # Random weights: pin the EOS logit to 0 (others are in the hundreds) so every row runs to max_bytes.
+  params["local_decoder"]["output"]["kernel"] = params["local_decoder"]["output"]["kernel"].at[:, 2].set(0.0)
+  ent_params = nn.meta.unbox(entropy_model.init_entropy_model(jax.random.PRNGKey(1), ent_cfg))
+  sample = jnp.asarray(np.frombuffer(b"The quick brown fox jumps over the lazy dog. " * 20, np.uint8)[None] + 4,
+                       jnp.int32)
+  threshold = float(np.quantile(np.asarray(entropy_model.compute_entropies(ent_params, sample, ent_cfg)), 0.75))
+  m = loading.LoadedModel(cfg, params, PatchingConfig(mode="entropy", threshold=threshold), ent_cfg, ent_params,
+                          "random")
+  text = (b"def generate(model, prompts, max_bytes):\n    return [model(p) for p in prompts]\n" * 64)
+  results = dict(speed=[], prompt_scaling=[])
+
+  def timed(fn):
+    fn()  # compile (same shapes)
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+  for gen in (256, 1024):
+    prompt = text[:64]
+    cached_s, cached = timed(lambda: generate.generate(m, [prompt], gen))
+    uncached_s, uncached = timed(lambda: generate.generate_uncached(m, [prompt], gen))
+    assert cached[0].continuation == uncached[0].continuation, "cached and full-recompute outputs differ"
+    results["speed"].append(dict(prompt=64, generated=gen, cached_bytes_per_s=gen / cached_s,
+                                 uncached_bytes_per_s=gen / uncached_s, speedup=uncached_s / cached_s))
+  for plen in (64, 512, 2048):
+    gen = 256
+    cached_s, _ = timed(lambda: generate.generate(m, [text[:plen]], gen))
+    prefill_s, _ = timed(lambda: generate.generate(m, [text[:plen]], 1))
+    results["prompt_scaling"].append(dict(prompt=plen, generated=gen, ms_per_byte=(cached_s - prefill_s) / (gen - 1) * 1e3,
+                                          prefill_ms=prefill_s * 1e3))
+  return results
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -274,6 +318,16 @@ def main():
     for r in results["scoring"]:
       print(f"| {r['model']} | {r['packed']['bytes_per_s']:.0f} | {r['one document per row']['bytes_per_s']:.0f} | "
             f"{r['packing_speedup']:.2f}x | {r['packed']['programs']} | {r['packed']['bpb']:.3f} |")
+  if "generation" in args.sections:
+    r = results["generation"] = bench_generation()
+    print("\ngeneration (greedy, batch 1, random tiny BLT + entropy model, entropy patching; outputs checked equal)")
+    print("| prompt | generated | cached bytes/s | full recompute bytes/s | cached speedup |\n|---|---|---|---|---|")
+    for x in r["speed"]:
+      print(f"| {x['prompt']} | {x['generated']} | {x['cached_bytes_per_s']:.0f} | {x['uncached_bytes_per_s']:.1f} | "
+            f"{x['speedup']:.1f}x |")
+    print("| prompt | cached ms per generated byte | prefill ms |\n|---|---|---|")
+    for x in r["prompt_scaling"]:
+      print(f"| {x['prompt']} | {x['ms_per_byte']:.2f} | {x['prefill_ms']:.0f} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
