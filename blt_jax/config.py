@@ -42,6 +42,7 @@ class StackConfig:
   init_std_factor: str = "current_depth"
   dtype: str = "float32"
   remat: bool = False
+  intermediate_size: Optional[int] = None  # explicit SwiGLU width (transformers' configs state it); None = spec 5.3
 
   @property
   def hd(self) -> int:
@@ -53,6 +54,8 @@ class StackConfig:
 
   @property
   def ffn_dim(self) -> int:
+    if self.intermediate_size is not None:
+      return self.intermediate_size
     return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
 
@@ -82,6 +85,7 @@ class EntropyModelConfig:
   init_std_factor: str = "current_depth"
   dtype: str = "float32"
   remat: bool = False
+  intermediate_size: Optional[int] = None  # explicit FFN width (transformers' patcher_config); None = spec 5.3
 
   def __post_init__(self):
     _check_common("entropy_model", self.dtype, self.init_std_factor)
@@ -91,7 +95,8 @@ class EntropyModelConfig:
   def stack(self) -> StackConfig:
     return StackConfig(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim,
                        self.ffn_dim_multiplier, self.multiple_of, self.norm_eps, self.rope_theta,
-                       self.sliding_window, self.document_mask, self.init_std_factor, self.dtype, self.remat)
+                       self.sliding_window, self.document_mask, self.init_std_factor, self.dtype, self.remat,
+                       self.intermediate_size)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> "EntropyModelConfig":
@@ -139,6 +144,15 @@ class BLTConfig:
   init_std_factor: str = "current_depth"
   dtype: str = "float32"
   remat: bool = False
+  # Fields that the reference derives but transformers' configs state per stage (None: the reference's rule).
+  intermediate_size_local_encoder: Optional[int] = None  # explicit SwiGLU widths; None = spec 5.3 from the dim
+  intermediate_size_global: Optional[int] = None
+  intermediate_size_local_decoder: Optional[int] = None
+  n_kv_heads_local_decoder: Optional[int] = None  # None = n_kv_heads (the reference has one field for both)
+  cross_attn_nheads_decoder: Optional[int] = None  # None = cross_attn_nheads (transformers: the decoder's heads)
+  # transformers' port with cross_attn_all_layers_encoder: pool and project fresh patch queries from every layer's
+  # output before its cross-attention, so only the last one's result survives. False = the reference: pool once.
+  encoder_repool_patches: bool = False
 
   def __post_init__(self):
     _check_common("blt", self.dtype, self.init_std_factor)
@@ -151,27 +165,34 @@ class BLTConfig:
       # The decoder's patch projection outputs dE*k features reshaped into dD-wide slots (spec 9, quirk Q7).
       raise ValueError(f"blt.dim_local_decoder ({self.dim_local_decoder}) must equal dim_local_encoder "
                        f"({self.dim_local_encoder}): the reference shares encoder/decoder embedding widths")
-    for name in ("dim_local_encoder", "dim_local_decoder"):
-      if getattr(self, name) % self.cross_attn_nheads:
-        raise ValueError(f"blt.{name}={getattr(self, name)} is not divisible by cross_attn_nheads={self.cross_attn_nheads}")
+    for name, heads in (("dim_local_encoder", self.cross_attn_nheads),
+                        ("dim_local_decoder", self.decoder_cross_attn_nheads)):
+      if getattr(self, name) % heads:
+        raise ValueError(f"blt.{name}={getattr(self, name)} is not divisible by its cross-attention heads ({heads})")
     if self.cross_attn_k < 1:
       raise ValueError(f"blt.cross_attn_k must be >= 1, got {self.cross_attn_k}")
 
-  def _stack(self, dim, n_layers, n_heads, n_kv_heads, window) -> StackConfig:
+  def _stack(self, dim, n_layers, n_heads, n_kv_heads, window, intermediate_size) -> StackConfig:
     return StackConfig(dim, n_layers, n_heads, n_kv_heads, self.head_dim, self.ffn_dim_multiplier, self.multiple_of,
                        self.norm_eps, self.rope_theta, window, self.document_mask, self.init_std_factor, self.dtype,
-                       self.remat)
+                       self.remat, intermediate_size)
 
   def encoder_stack(self) -> StackConfig:
     return self._stack(self.dim_local_encoder, self.n_layers_local_encoder, self.n_heads_local_encoder,
-                       self.n_kv_heads, self.local_attention_window_len)
+                       self.n_kv_heads, self.local_attention_window_len, self.intermediate_size_local_encoder)
 
   def global_stack(self) -> StackConfig:
-    return self._stack(self.dim_global, self.n_layers_global, self.n_heads_global, self.n_kv_heads_global, None)
+    return self._stack(self.dim_global, self.n_layers_global, self.n_heads_global, self.n_kv_heads_global, None,
+                       self.intermediate_size_global)
 
   def decoder_stack(self) -> StackConfig:
+    kv = self.n_kv_heads_local_decoder if self.n_kv_heads_local_decoder is not None else self.n_kv_heads
     return self._stack(self.dim_local_decoder, self.n_layers_local_decoder, self.n_heads_local_decoder,
-                       self.n_kv_heads, self.local_attention_window_len)
+                       kv, self.local_attention_window_len, self.intermediate_size_local_decoder)
+
+  @property
+  def decoder_cross_attn_nheads(self) -> int:
+    return self.cross_attn_nheads_decoder or self.cross_attn_nheads
 
   @property
   def num_hash_tables(self) -> int:

@@ -52,14 +52,14 @@ class LocalEncoder(nn.Module):
     attend = functools.partial(attention.encoder_cross_attention, patch_ids_BN=patch_ids_BN,
                                num_patches=num_patches, slots=k, window=c.cross_attn_window_encoder)
     h = layers.batch_sharded(embeds_BND.astype(jnp.dtype(c.dtype)))
+    proj = layers.Linear(dE * k, ("embed", "heads"), dE ** -0.5, c.dtype, name="patch_embedding_projection")
     patch_BQD = None
     for i in range(c.n_layers_local_encoder):
       h = layers.block(stack, i, f"layers_{i}")(h, cos, sin, doc_BN)
       if i == c.n_layers_local_encoder - 1 or c.cross_attn_all_layers_encoder:
-        if patch_BQD is None:
+        if patch_BQD is None or c.encoder_repool_patches:  # re-pooling at every layer: transformers' port only
           # Queries are pooled from this layer's outputs, not raw embeddings (Q6, issue #88).
           pooled_BPD = pool_patches(h, patch_ids_BN, num_patches, c.downsampling_by_pooling)
-          proj = layers.Linear(dE * k, ("embed", "heads"), dE ** -0.5, c.dtype, name="patch_embedding_projection")
           patch_BQD = proj(pooled_BPD).reshape(B, num_patches * k, dE)  # slot p*k+r = features r*dE:(r+1)*dE
         j = i if c.cross_attn_all_layers_encoder else 0
         xattn = layers.CrossAttention(dE, c.cross_attn_nheads,
@@ -92,7 +92,7 @@ class LocalDecoder(nn.Module):
     h = layers.batch_sharded(h_BND.astype(jnp.dtype(c.dtype)))
     for i in range(c.n_layers_local_decoder):
       if i == 0 or c.cross_attn_all_layers_decoder:
-        xattn = layers.CrossAttention(dD, c.cross_attn_nheads,
+        xattn = layers.CrossAttention(dD, c.decoder_cross_attn_nheads,
                                       layers.cross_attention_std(dD, c.init_std_factor, i, c.n_layers_local_decoder),
                                       c.norm_eps, c.dtype, name=f"cross_attn_layers_{i}")
         h = h + xattn(h, patch_BQD, attend)  # cross-attention before the self-attention block; double residual (Q1)

@@ -315,8 +315,21 @@ def test_error_missing_files(golden_sd, tmp_path):
 
 
 def test_unknown_format():
-  with pytest.raises(ValueError, match="supported formats: reference"):
-    convert.convert("anything", format="hf")
+  with pytest.raises(ValueError, match="supported formats: reference, hf"):
+    convert.convert("anything", format="gguf")
+
+
+def test_safetensors_beside_pth_is_read_without_torch(golden, golden_sd, blt_forward, tmp_path, monkeypatch):
+  """A directory with both consolidated.pth and model.safetensors reads the safetensors: no pickle, no torch."""
+  arrays, _ = golden
+  blt_sd, _, meta = golden_sd
+  src = write_safetensors_dir(tmp_path / "both", blt_sd, meta["blt_args"], train_args=_train_args(meta))
+  write_pth_dir(src, blt_sd, _train_args(meta))
+  (src / "consolidated.pth").write_bytes(b"a pickle that must not be opened")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails, as on a machine without it
+  loaded = reference.load_model(src)
+  assert loaded.weights_file == src / "model.safetensors"
+  np.testing.assert_allclose(blt_forward(loaded.params, *_golden_inputs(arrays)), arrays["blt_logits"], atol=TOL)
 
 
 def test_cli_reports_errors_without_traceback(golden_sd, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
   config, params = convert("hf-weights/blt_1b")                 # one model dir -> (BLTConfig, numpy params)
   convert_dir("hf-weights/blt_1b", "ckpt/blt_1b")               # -> ckpt/blt_1b[/entropy_model] on disk
+  convert_dir("blt-1b-hf", "ckpt/blt_1b", format="hf")         # transformers' BltForCausalLM layout
   config, params, patching = load_converted("ckpt/blt_1b")      # -> typed config, params (jax arrays)
 
 Output layout of `convert_dir` (each model dir is a `checkpoint.save_params` dir: `params/` + `config.json`):
@@ -23,7 +24,8 @@ import numpy as np
 
 from blt_jax import config as config_lib
 from blt_jax import paths
-from blt_jax.convert import reference
+from blt_jax.convert import hf, reference
+from blt_jax.convert.hf import ImportChoices
 from blt_jax.convert.mapping import ConversionError
 
 PathLike = Union[str, os.PathLike]
@@ -32,56 +34,57 @@ ModelConfig = Union[config_lib.BLTConfig, config_lib.EntropyModelConfig]
 OUTPUT_FORMAT = "blt_jax"
 BLT, ENTROPY = reference.BLT, reference.ENTROPY
 
-# Source format -> reader module with `load_model(src, parent=None) -> LoadedModel` and `entropy_model_dir(src)`.
-# A Hugging Face `transformers` reader (its own key table, spec 14.4) slots in here as a second entry.
-_FORMATS: Dict[str, ModuleType] = {"reference": reference}
+# Source format -> reader module with `load_models(src, entropy_src=None, with_entropy=True, ...)` returning
+# (model in src, its entropy model or None).
+_FORMATS: Dict[str, ModuleType] = {"reference": reference, "hf": hf}
 SUPPORTED_FORMATS = tuple(_FORMATS)
 
-__all__ = ["ConversionError", "SUPPORTED_FORMATS", "convert", "convert_dir", "load_converted", "param_count"]
+__all__ = ["ConversionError", "ImportChoices", "SUPPORTED_FORMATS", "convert", "convert_dir", "load_converted",
+           "param_count"]
 
 
 # pylint: disable=redefined-builtin  (`format=` is the public argument name, as in the CLI's --format)
 
 
-def convert(src: PathLike, format: str = "reference") -> Tuple[ModelConfig, Dict[str, Any]]:
-  """(config, float32 numpy params) of the one model in directory `src` (a BLT or an entropy model)."""
-  loaded = _reader(format).load_model(src)
-  return loaded.config, loaded.params
+def convert(src: PathLike, format: str = "reference", choices: Optional[ImportChoices] = None
+            ) -> Tuple[ModelConfig, Dict[str, Any]]:
+  """(config, float32 numpy params) of the one model in directory `src` (a BLT or an entropy model).
+
+  `choices`: format "hf" only, which behaviour the model gets where transformers and the reference differ.
+  """
+  main, _ = _load(format, src, None, False, choices)
+  return main.config, main.params
 
 
 def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
-                entropy_src: Optional[PathLike] = None, overwrite: bool = False) -> Dict[str, Any]:
+                entropy_src: Optional[PathLike] = None, overwrite: bool = False,
+                choices: Optional[ImportChoices] = None) -> Dict[str, Any]:
   """Converts `src` (and its entropy model) into the output layout at `out`; returns a summary dict.
 
   `entropy_src` names the BLT's entropy model dir when it is not `src/entropy_model/` (e.g. the sibling
-  `hf-weights/entropy_model/`). `out` appears only once everything is written (staged, then renamed).
+  `hf-weights/entropy_model/`; reference layout only). `out` appears only once everything is written (staged,
+  then renamed).
   """
   from blt_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when writing)
-  reader = _reader(format)
+  _reader(format)
   src, out = pathlib.Path(os.path.abspath(src)), paths.resolve(out)
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
   if entropy_src is not None and not pathlib.Path(entropy_src).is_dir():  # fail before loading a large BLT
     raise ConversionError(f"{entropy_src}: entropy model directory does not exist")
-  main = reader.load_model(src)
-  entropy, entropy_dir = None, None
-  if main.model_type == BLT:
-    entropy_dir = pathlib.Path(entropy_src) if entropy_src is not None else reader.entropy_model_dir(src)
-    if entropy_dir is not None:
-      entropy = reader.load_model(entropy_dir, parent=src if entropy_src is None else None)
-      if entropy.model_type != ENTROPY:
-        raise ConversionError(f"{entropy.weights_file}: expected the entropy model, found a {entropy.model_type}")
-  elif entropy_src is not None:
-    raise ConversionError(f"{src} is itself an entropy model; entropy_src is only for a BLT source")
+  main, entropy = _load(format, src, entropy_src, True, choices)
+  entropy_dir = entropy.source if entropy is not None else None
+  choices_dict = (choices or ImportChoices()).to_dict() if format == "hf" else None
 
   staging = out.parent / f".{out.name}.converting"
   if staging.exists():
     staging.rmtree()  # leftover of an interrupted run
   try:
-    checkpoint.save_params(staging, main.params, _config_json(main, src, format, entropy is not None))
+    checkpoint.save_params(staging, main.params, _config_json(main, src, format, entropy is not None,
+                                                              choices_dict))
     if entropy is not None:
       checkpoint.save_params(staging / reference.ENTROPY_SUBDIR, entropy.params,
-                             _config_json(entropy, entropy_dir, format, False))
+                             _config_json(entropy, entropy_dir, format, False, choices_dict))
     if out.is_dir():
       out.rmtree()
     elif out.exists():
@@ -95,7 +98,7 @@ def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
   if entropy is not None:
     models.append(_summary(entropy, out / reference.ENTROPY_SUBDIR))
   return {"out": str(out), "source": str(src), "format": format, "models": models,
-          "patching": main.patching.to_dict() if main.patching else None}
+          "patching": main.patching.to_dict() if main.patching else None, "choices": choices_dict}
 
 
 def load_converted(path: PathLike, abstract: Any = None, shardings: Any = None
@@ -140,10 +143,21 @@ def _reader(format: str) -> ModuleType:
   return _FORMATS[format]
 
 
+def _load(format: str, src, entropy_src, with_entropy: bool, choices: Optional[ImportChoices]):
+  reader = _reader(format)
+  if format == "hf":
+    return reader.load_models(src, entropy_src, with_entropy, choices or ImportChoices())
+  if choices is not None:
+    raise ValueError(f"import choices are for format 'hf' (transformers' port), not {format!r}")
+  return reader.load_models(src, entropy_src, with_entropy)
+
+
 def _config_json(loaded: reference.LoadedModel, src: pathlib.Path, format: str,
-                 has_entropy_model: bool) -> Dict[str, Any]:
+                 has_entropy_model: bool, choices: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
   meta = {"format": OUTPUT_FORMAT, "model_type": loaded.model_type, "model": loaded.config.to_dict(),
           "source": str(src), "source_format": format, "weights_file": str(loaded.weights_file)}
+  if choices is not None:
+    meta["import_choices"] = choices  # where transformers and the reference differ (README, Hugging Face layout)
   if loaded.patching is not None:
     meta["patching"] = loaded.patching.to_dict()
   if has_entropy_model:

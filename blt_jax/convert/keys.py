@@ -85,16 +85,25 @@ def is_ignored(key: str) -> bool:
 
 def reference_keys_for(params: Dict, model: str) -> Dict[str, Tuple[Path, str, Optional[int]]]:
   """Inverse map (export, tests): reference key -> (path, kind, table) for every leaf of a params tree of ours."""
-  leaves = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(params)
+  return reference_keys_for_shapes({path: tuple(leaf.shape) for path, leaf in flat.items()}, model)
+
+
+def reference_keys_for_shapes(shapes: Dict[Path, tuple], model: str) -> Dict[str, Tuple[Path, str, Optional[int]]]:
+  """Reference key -> (path, kind, table) for every param path (with its shape) of one of our models."""
   keys = {}
-  for path, leaf in leaves.items():
+  for path, shape in shapes.items():
     if path == ("hash_embeddings", "embedding"):
-      for m in range(leaf.shape[0]):
+      for m in range(shape[0]):
         keys[f"encoder_hash_tok_embedding.{m}.weight"] = (path, "hash", m)
       continue
-    kind = {"scale": "norm", "embedding": "embedding"}.get(path[-1], "linear")
-    keys[_path_to_key(path, model)] = (path, kind, None)
+    keys[_path_to_key(path, model)] = (path, kind_of(path), None)
   return keys
+
+
+def kind_of(path: Path) -> str:
+  """How a param of ours is stored in torch: "norm" and "embedding" as they are, "linear" transposed."""
+  return {"scale": "norm", "embedding": "embedding"}.get(path[-1], "linear")
 
 
 def _path_to_key(path: Path, model: str) -> str:

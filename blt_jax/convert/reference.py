@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from blt_jax import config as config_lib
+from blt_jax.convert import keys
 from blt_jax.convert import mapping
 from blt_jax.convert import safetensors_io
 
@@ -28,9 +29,10 @@ PathLike = Union[str, os.PathLike]
 ModelConfig = Union[config_lib.BLTConfig, config_lib.EntropyModelConfig]
 
 BLT, ENTROPY = "blt", "entropy_model"
-# Searched in this order; the first one present is the model's weights.
-WEIGHT_FILES = ("consolidated.pth", "consolidated/consolidated.pth", "consolidated_with_rope.pth",
-                "model.safetensors")
+# Searched in this order; the first one present is the model's weights. The safetensors file comes first: it needs
+# neither pickle nor torch, and a directory holding both carries the same weights twice.
+WEIGHT_FILES = ("model.safetensors", "consolidated.pth", "consolidated/consolidated.pth",
+                "consolidated_with_rope.pth")
 CONFIG_FILES = ("params.json", "config.json")
 TRAIN_ARGS_FILE = "train_args.json"  # HF-hub copy of params.json, read for the patcher args only
 ENTROPY_SUBDIR = "entropy_model"
@@ -41,6 +43,7 @@ _REQUIRED = {
           "n_heads_global", "dim_local_decoder", "n_layers_local_decoder", "n_heads_local_decoder"),
     ENTROPY: ("dim", "n_layers", "n_heads"),
 }
+_TRANSFORMERS_PREFIXES = ("model.local_encoder.", "model.encoder_hash_tok_embedding.", "model.patcher.")
 _BLT_PREFIXES = ("local_encoder.", "global_transformer.", "local_decoder.", "encoder_hash_tok_embedding.",
                  "encoder_ngram_embedding.")
 
@@ -58,6 +61,7 @@ class LoadedModel:
   patching: Optional[config_lib.PatchingConfig]  # BLT only, when the source states it
   weights_file: pathlib.Path
   config_file: pathlib.Path
+  source: Optional[pathlib.Path] = None  # the model's directory
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,22 +108,66 @@ def read_json(path: PathLike) -> Dict[str, Any]:
 
 def read_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
   """Reference tensor name -> float32 numpy array, from a `.pth` or `.safetensors` file."""
-  path = pathlib.Path(path)
+  source = open_weights(pathlib.Path(path))
+  return {k: np.asarray(source.read(k), np.float32) if _is_float(source.dtype(k)) else source.read(k)
+          for k in source.keys()}
+
+
+def open_weights(path: pathlib.Path):
+  """A tensor source over `path` (keys, shapes, per-tensor reads); nothing is converted up front."""
   if path.suffix == ".safetensors":
     try:
-      tensors = safetensors_io.read_safetensors(path)
+      return SafetensorsSource(safetensors_io.read_header(path))
     except safetensors_io.SafetensorsError as e:
       raise ConversionError(str(e)) from None
-    # bf16/f16 checkpoints are widened once here; every param of ours is stored in float32.
-    return {k: np.asarray(v, np.float32) if _is_float(v.dtype) else v for k, v in tensors.items()}
-  return _read_torch(path)
+  return _TorchSource(_read_torch(path))
+
+
+class SafetensorsSource:
+  """Tensors of one or more safetensors files, read one at a time (bf16/f16 are widened by the reader)."""
+
+  def __init__(self, infos: Mapping[str, safetensors_io.TensorInfo]):
+    self.infos = dict(infos)
+
+  def keys(self):
+    return self.infos.keys()
+
+  def shape(self, key: str) -> tuple:
+    return self.infos[key].shape
+
+  def dtype(self, key: str) -> np.dtype:
+    return self.infos[key].dtype
+
+  def read(self, key: str, rows=None) -> np.ndarray:
+    return safetensors_io.read_tensor(self.infos[key], rows)
+
+
+class _TorchSource:
+  """A torch state dict (memory-mapped by torch.load); each tensor is turned into numpy only when read."""
+
+  def __init__(self, state_dict: Mapping[str, Any]):
+    self._sd = state_dict
+
+  def keys(self):
+    return self._sd.keys()
+
+  def shape(self, key: str) -> tuple:
+    return tuple(self._sd[key].shape)
+
+  def dtype(self, key: str) -> np.dtype:
+    return np.dtype(np.float32) if self._sd[key].is_floating_point() else np.dtype(np.int64)
+
+  def read(self, key: str, rows=None) -> np.ndarray:
+    import torch  # pylint: disable=g-import-not-at-top
+    value = self._sd[key] if rows is None else self._sd[key][rows[0]:rows[1]]
+    return (value.to(torch.float32) if value.is_floating_point() else value).numpy()
 
 
 def _is_float(dtype: np.dtype) -> bool:
   return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
 
 
-def _read_torch(path: pathlib.Path) -> Dict[str, np.ndarray]:
+def _read_torch(path: pathlib.Path) -> Mapping[str, Any]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -138,13 +186,10 @@ def _read_torch(path: pathlib.Path) -> Dict[str, np.ndarray]:
   else:
     found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
     raise ConversionError(f"{path}: expected torch.save({{'model': state_dict}}), found {found}")
-  out = {}
   for key, value in state_dict.items():
     if not isinstance(value, torch.Tensor):
       raise ConversionError(f"{path}: entry {key!r} of the state dict is a {type(value).__name__}, not a tensor")
-    value = value.detach()
-    out[key] = (value.to(torch.float32) if value.is_floating_point() else value).numpy()
-  return out
+  return {key: value.detach() for key, value in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,13 +279,37 @@ def load_model(src: PathLike, parent: Optional[PathLike] = None) -> LoadedModel:
   weights_file = find_weights(src)
   config_file = _config_or_parents(src, parent)
   raw = read_json(config_file)
-  state_dict = read_state_dict(weights_file)
-  model_type = model_type_of(state_dict) or _model_type_from_json(config_file, raw)
+  source = open_weights(weights_file)
+  if any(k.startswith(_TRANSFORMERS_PREFIXES) for k in source.keys()):
+    raise ConversionError(f"{weights_file}: tensor names of the Hugging Face transformers layout "
+                          f"(model.local_encoder..., lm_head.weight); convert it with --format hf")
+  model_type = model_type_of(source.keys()) or _model_type_from_json(config_file, raw)
   args = model_args(config_file, raw, model_type)
   config = model_config(config_file, args, model_type)
-  params = mapping.params_from_state_dict(state_dict, config, source=f"{weights_file} (config {config_file.name})")
+  shapes = mapping.expected_shapes(config)
+  params = mapping.params_from_source(source, mapping.reference_targets(shapes, "blt" if model_type == BLT else
+                                                                        "entropy"), shapes,
+                                      f"{weights_file} (config {config_file.name})", keys.is_ignored,
+                                      model_name=_NAME[model_type])
   patching = patching_config(src, config_file, raw, args) if model_type == BLT else None
-  return LoadedModel(model_type, config, params, patching, weights_file, config_file)
+  return LoadedModel(model_type, config, params, patching, weights_file, config_file, src)
+
+
+def load_models(src: PathLike, entropy_src: Optional[PathLike] = None, with_entropy: bool = True
+                ) -> "tuple[LoadedModel, Optional[LoadedModel]]":
+  """(model in `src`, its entropy model or None): `entropy_src`, else `src/entropy_model/` when it has weights."""
+  main = load_model(src)
+  if main.model_type != BLT:
+    if entropy_src is not None:
+      raise ConversionError(f"{src} is itself an entropy model; entropy_src is only for a BLT source")
+    return main, None
+  entropy_dir = pathlib.Path(entropy_src) if entropy_src is not None else entropy_model_dir(src)
+  if not with_entropy or entropy_dir is None:
+    return main, None
+  entropy = load_model(entropy_dir, parent=src if entropy_src is None else None)
+  if entropy.model_type != ENTROPY:
+    raise ConversionError(f"{entropy.weights_file}: expected the entropy model, found a {entropy.model_type}")
+  return main, entropy
 
 
 def _config_or_parents(src: pathlib.Path, parent: Optional[PathLike]) -> pathlib.Path:

@@ -6,10 +6,11 @@ little-endian buffer. An optional `"__metadata__"` entry holds string pairs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
-from typing import Dict, Mapping, Optional, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import ml_dtypes
 import numpy as np
@@ -39,8 +40,22 @@ class SafetensorsError(ValueError):
   """A `.safetensors` file is truncated, corrupt or uses a dtype we do not read."""
 
 
-def read_safetensors(path: PathLike, mmap: bool = True) -> Dict[str, np.ndarray]:
-  """All tensors of `path` as numpy arrays (read-only views into a memory map unless `mmap=False`)."""
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+  """Where one tensor lives: its file, dtype, shape and byte range (absolute offsets into the file)."""
+  path: str
+  dtype: np.dtype
+  shape: Tuple[int, ...]
+  begin: int
+  end: int
+
+  @property
+  def nbytes(self) -> int:
+    return self.end - self.begin
+
+
+def read_header(path: PathLike) -> Dict[str, TensorInfo]:
+  """Every tensor of `path` (name -> TensorInfo), checked against the file's size; no tensor data is read."""
   path = os.fspath(path)
   size = os.path.getsize(path)
   if size < 8:
@@ -61,10 +76,6 @@ def read_safetensors(path: PathLike, mmap: bool = True) -> Dict[str, np.ndarray]
 
   start = 8 + header_len
   buffer_len = size - start
-  if mmap and buffer_len:
-    buffer = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(buffer_len,))
-  else:
-    buffer = np.fromfile(path, dtype=np.uint8, offset=start)
   out = {}
   for name, info in header.items():
     try:
@@ -82,26 +93,63 @@ def read_safetensors(path: PathLike, mmap: bool = True) -> Dict[str, np.ndarray]
     if end > buffer_len:
       raise SafetensorsError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {start + end} "
                              f"but the file has {size} bytes")
-    out[name] = np.asarray(buffer[begin:end]).view(dtype).reshape(shape)
+    out[name] = TensorInfo(path, dtype, shape, start + begin, start + end)
   return out
 
 
-def write_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Optional[Mapping[str, str]] = None) -> None:
-  """Writes `tensors` (numpy arrays of a dtype in `DTYPES`) to `path`."""
-  header = {}
-  arrays = []
-  offset = 0
-  for name in sorted(tensors):
-    array = np.asarray(tensors[name])
-    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-    if dtype not in _NAMES:
-      raise SafetensorsError(f"cannot write tensor {name!r} of dtype {array.dtype} to {os.fspath(path)}")
-    array = array.astype(dtype, copy=False)  # tobytes() below writes C order
-    header[name] = {"dtype": _NAMES[dtype], "shape": list(array.shape),
-                    "data_offsets": [offset, offset + array.nbytes]}
-    arrays.append(array)
-    offset += array.nbytes
+def read_tensor(info: TensorInfo, rows: Optional[Tuple[int, int]] = None) -> np.ndarray:
+  """One tensor (or rows [start, stop) of its first axis) read into fresh memory: no map of the file stays behind,
+  so reading a checkpoint tensor by tensor holds one tensor at a time on top of what the caller keeps."""
+  shape = info.shape
+  begin = info.begin
+  if rows is not None:
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * info.dtype.itemsize
+    begin += rows[0] * row_bytes
+    shape = (rows[1] - rows[0],) + tuple(shape[1:])
+  count = int(np.prod(shape, dtype=np.int64))
+  return np.fromfile(info.path, dtype=info.dtype, count=count, offset=begin).reshape(shape)
+
+
+def read_safetensors(path: PathLike, mmap: bool = True) -> Dict[str, np.ndarray]:
+  """All tensors of `path` as numpy arrays (read-only views into a memory map unless `mmap=False`)."""
+  infos = read_header(path)
+  if not mmap:
+    return {name: read_tensor(info) for name, info in infos.items()}
+  out = {}
+  buffer = None
+  for name, info in infos.items():
+    if info.nbytes == 0:
+      out[name] = np.zeros(info.shape, info.dtype)
+      continue
+    if buffer is None:
+      buffer = np.memmap(info.path, dtype=np.uint8, mode="r")
+    out[name] = np.asarray(buffer[info.begin:info.end]).view(info.dtype).reshape(info.shape)
+  return out
+
+
+# A tensor to write: (dtype, shape, chunks) where `chunks()` yields C-ordered arrays of that dtype whose bytes, in
+# order, make up the tensor (one array, or row blocks of a large one so it is never held whole in the new dtype).
+TensorSpec = Tuple[np.dtype, Tuple[int, ...], Callable[[], Iterable[np.ndarray]]]
+
+
+def dtype_name(dtype) -> str:
+  dtype = np.dtype(dtype)
+  dtype = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+  if dtype not in _NAMES:
+    raise SafetensorsError(f"dtype {dtype} cannot be written to safetensors (supported: {', '.join(DTYPES)})")
+  return _NAMES[dtype]
+
+
+def write_safetensors_streaming(path: PathLike, specs: Mapping[str, TensorSpec],
+                                metadata: Optional[Mapping[str, str]] = None) -> int:
+  """Writes tensors produced chunk by chunk (see TensorSpec); returns the number of data bytes written."""
+  header, offset = {}, 0
+  for name in sorted(specs):
+    dtype, shape, _ = specs[name]
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": dtype_name(dtype), "shape": [int(d) for d in shape],
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -109,5 +157,28 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray],
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
-    for array in arrays:
-      f.write(array.tobytes())
+    for name in sorted(specs):
+      dtype, _, chunks = specs[name]
+      written = 0
+      for chunk in chunks():
+        chunk = np.ascontiguousarray(chunk, dtype=np.dtype(dtype).newbyteorder("<"))
+        f.write(memoryview(chunk.reshape(-1).view(np.uint8)))
+        written += chunk.nbytes
+      begin, end = header[name]["data_offsets"]
+      if written != end - begin:
+        raise SafetensorsError(f"{os.fspath(path)}: tensor {name!r} produced {written} bytes, expected {end - begin}")
+  return offset
+
+
+def write_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray],
+                      metadata: Optional[Mapping[str, str]] = None) -> None:
+  """Writes `tensors` (numpy arrays of a dtype in `DTYPES`) to `path`."""
+  specs = {}
+  for name, array in tensors.items():
+    array = np.asarray(array)
+    try:
+      dtype_name(array.dtype)
+    except SafetensorsError:
+      raise SafetensorsError(f"cannot write tensor {name!r} of dtype {array.dtype} to {os.fspath(path)}") from None
+    specs[name] = (array.dtype, array.shape, lambda a=array: [a])
+  write_safetensors_streaming(path, specs, metadata)
