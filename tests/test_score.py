@@ -249,3 +249,15 @@ def test_cli_killed_and_resumed_equals_an_uninterrupted_run(tiny, tmp_path):
     np.testing.assert_allclose(a[i]["nll_nats"], b[i]["nll_nats"], rtol=RTOL)
   summary = json.loads((tmp_path / "killed.jsonl.summary.json").read_text())
   assert summary["documents"] == len(docs)
+
+  # Two processes' shares (index mod 2), merged by concatenation, are the whole run.
+  merged = {}
+  for i in range(2):
+    part = _cli(args + ["--output", "multi.jsonl", "--process-index", str(i), "--process-count", "2"], tmp_path)
+    assert part.returncode == 0, part.stderr
+    lines = _lines(tmp_path / f"multi.jsonl.part-{i}-of-2")
+    assert all(index % 2 == i for index in lines)
+    merged.update(lines)
+  assert sorted(merged) == list(range(len(docs)))
+  for i in merged:
+    np.testing.assert_allclose(merged[i]["nll_nats"], b[i]["nll_nats"], rtol=RTOL)
