@@ -14,6 +14,8 @@ When `src` is itself an entropy model, `out/` is that model.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pathlib
 from types import ModuleType
@@ -65,7 +67,6 @@ def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
   `hf-weights/entropy_model/`; reference layout only). `out` appears only once everything is written (staged,
   then renamed).
   """
-  from blt_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when writing)
   _reader(format)
   src, out = pathlib.Path(os.path.abspath(src)), paths.resolve(out)
   if out.exists() and not overwrite:
@@ -80,11 +81,10 @@ def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
   if staging.exists():
     staging.rmtree()  # leftover of an interrupted run
   try:
-    checkpoint.save_params(staging, main.params, _config_json(main, src, format, entropy is not None,
-                                                              choices_dict))
+    _write_params(staging, main.params, _config_json(main, src, format, entropy is not None, choices_dict))
     if entropy is not None:
-      checkpoint.save_params(staging / reference.ENTROPY_SUBDIR, entropy.params,
-                             _config_json(entropy, entropy_dir, format, False, choices_dict))
+      _write_params(staging / reference.ENTROPY_SUBDIR, entropy.params,
+                    _config_json(entropy, entropy_dir, format, False, choices_dict))
     if out.is_dir():
       out.rmtree()
     elif out.exists():
@@ -135,6 +135,34 @@ def abstract_params(config: ModelConfig) -> Any:
 
 def param_count(params: Any) -> int:
   return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(params)))
+
+
+def _write_params(path: pathlib.Path, params: Dict[str, Any], meta: Dict[str, Any]) -> None:
+  """`checkpoint.save_params`' layout (`params/` + `config.json`, read by `checkpoint.load_params`), written with
+  little memory beyond the numpy params: orbax's default numpy handler deep-copies every array and OCDBT buffers
+  the whole hash table before it lands (peak about 3x the params, scripts/convert_memory.py); here arrays are
+  written in place, in chunks of at most 64 MiB, as plain zarr. Single process: conversion runs on one host."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (orbax: only when writing)
+  from blt_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  config_json = json.dumps(meta, indent=2, sort_keys=True)
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry)
+  save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)
+  path.mkdir(parents=True, exist_ok=True)
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # orbax warns that it skips the OCDBT merge it was told not to do
+  try:
+    with ocp.Checkpointer(handler) as checkpointer:
+      checkpointer.save(path / checkpoint.PARAMS_DIR, args=ocp.args.PyTreeSave(params, save_args=save_args))
+  finally:
+    absl_logger.setLevel(level)
+  (path / checkpoint.CONFIG_FILE).write_text(config_json)
+
+
+_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def _reader(format: str) -> ModuleType:
