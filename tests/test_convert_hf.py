@@ -390,3 +390,24 @@ def test_scoring_an_imported_checkpoint(case):
   print(f"\n[{name}] scorer nll {score.nll_nats:.5f} vs transformers {want:.5f}")
   assert score.n_bytes == ids.shape[1] - 1
   assert abs(score.nll_nats - want) < 1e-3
+
+
+@pytest.mark.parametrize("case", ["gqa_window", pytest.param("all_layers_k3", marks=pytest.mark.xfail(
+    reason="blt_jax/generate.py's cached encoder/decoder do not read encoder_repool_patches / "
+           "cross_attn_nheads_decoder yet"))], indirect=True)
+def test_generation_from_an_imported_checkpoint(case):
+  """blt_jax.generate (cached) on the imported checkpoint: every step's logits = transformers' forward (its own
+  in-forward patching) over the same prefix."""
+  name, model, _, ckpt = case
+  from blt_jax import generate  # pylint: disable=import-outside-toplevel
+  prompt = TEXTS[0][:20]
+  (result,) = generate.generate(str(ckpt), [prompt], max_bytes=6, record_logits=True)
+  ids = tokenizer.encode(prompt, add_eos=False).astype(np.int64).tolist()
+  diffs = []
+  for step in range(len(result.logits)):  # the step that chose EOS (if any) has logits but no byte
+    theirs = hf_logits(model, np.asarray([ids]))[0, -1]
+    diffs.append(float(np.abs(result.logits[step] - theirs).max()))
+    if step < len(result.continuation):
+      ids.append(result.continuation[step] + tokenizer.OFFSET)
+  print(f"\n[{name}] generation: {len(diffs)} steps, per-step logits max diff {max(diffs):.2e}")
+  assert max(diffs) < TOL
