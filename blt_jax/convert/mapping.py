@@ -100,9 +100,10 @@ def params_from_source(source, targets: Mapping[str, Target], shapes: Mapping[K.
                        is_ignored: Callable[[str], bool] = lambda key: False, dtype=np.float32,
                        model_name: str = "model") -> Dict:
   """Reads every target of `source` into a params tree; raises `ConversionError` naming every bad tensor first."""
-  missing = sorted(key for key in targets if key not in source.keys())
+  present = set(source.keys())
+  missing = sorted(key for key in targets if key not in present)
   extra, misshaped = [], []
-  for key in source.keys():
+  for key in present:
     if key in targets:
       want = source_shape(targets[key], shapes[targets[key].path])
       got = source.shape(key)

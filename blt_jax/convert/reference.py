@@ -17,7 +17,6 @@ import pathlib
 import zipfile
 from typing import Any, Dict, Mapping, Optional, Union
 
-import ml_dtypes
 import numpy as np
 
 from blt_jax import config as config_lib
@@ -106,13 +105,6 @@ def read_json(path: PathLike) -> Dict[str, Any]:
   return data
 
 
-def read_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
-  """Reference tensor name -> float32 numpy array, from a `.pth` or `.safetensors` file."""
-  source = open_weights(pathlib.Path(path))
-  return {k: np.asarray(source.read(k), np.float32) if _is_float(source.dtype(k)) else source.read(k)
-          for k in source.keys()}
-
-
 def open_weights(path: pathlib.Path):
   """A tensor source over `path` (keys, shapes, per-tensor reads); nothing is converted up front."""
   if path.suffix == ".safetensors":
@@ -124,7 +116,7 @@ def open_weights(path: pathlib.Path):
 
 
 class SafetensorsSource:
-  """Tensors of one or more safetensors files, read one at a time (bf16/f16 are widened by the reader)."""
+  """Tensors of one or more safetensors files, read one at a time in their stored dtype (the mapping widens)."""
 
   def __init__(self, infos: Mapping[str, safetensors_io.TensorInfo]):
     self.infos = dict(infos)
@@ -134,9 +126,6 @@ class SafetensorsSource:
 
   def shape(self, key: str) -> tuple:
     return self.infos[key].shape
-
-  def dtype(self, key: str) -> np.dtype:
-    return self.infos[key].dtype
 
   def read(self, key: str, rows=None) -> np.ndarray:
     return safetensors_io.read_tensor(self.infos[key], rows)
@@ -154,17 +143,10 @@ class _TorchSource:
   def shape(self, key: str) -> tuple:
     return tuple(self._sd[key].shape)
 
-  def dtype(self, key: str) -> np.dtype:
-    return np.dtype(np.float32) if self._sd[key].is_floating_point() else np.dtype(np.int64)
-
   def read(self, key: str, rows=None) -> np.ndarray:
     import torch  # pylint: disable=g-import-not-at-top
     value = self._sd[key] if rows is None else self._sd[key][rows[0]:rows[1]]
     return (value.to(torch.float32) if value.is_floating_point() else value).numpy()
-
-
-def _is_float(dtype: np.dtype) -> bool:
-  return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
 
 
 def _read_torch(path: pathlib.Path) -> Mapping[str, Any]:
