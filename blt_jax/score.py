@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from blt_jax import loading, patching, score_inputs, tokenizer
 from blt_jax.entropy_model import compute_entropies
+from blt_jax.generate import NOT_BYTES
 from blt_jax.model import BLT
 
 MIN_ROW_BUCKET = 64
@@ -44,6 +45,7 @@ class DocScore:
   n_patches: int  # patches starting inside the document (its [BOS] patch included)
   nll_per_byte: Optional[np.ndarray] = None  # [n_bytes] nats
   entropies: Optional[np.ndarray] = None  # [n_bytes] entropy (nats) of the entropy model's prediction of each byte
+  greedy_per_byte: Optional[np.ndarray] = None  # [n_bytes] the id greedy generation picks where each byte is predicted
 
   @property
   def bpb(self) -> float:
@@ -73,7 +75,7 @@ class _Pending:
   index: int
   id: str
   parts_left: int
-  parts: Dict[int, Tuple[np.ndarray, np.ndarray, int]] = dataclasses.field(default_factory=dict)
+  parts: Dict[int, Tuple[np.ndarray, np.ndarray, int, Optional[np.ndarray]]] = dataclasses.field(default_factory=dict)
 
 
 def split_document(tokens: np.ndarray, row_len: int, min_context: int) -> List[Tuple[np.ndarray, int, bool]]:
@@ -119,12 +121,15 @@ class Scorer:
   model's `max_seqlen`, capped by `max_encoder_seq_length`); `min_context`: left context of long-document windows
   (default row_bytes // 2); `batch_bytes`: tokens per batch (rows per batch = batch_bytes // row length, a multiple
   of the local device count). Rows are sharded over every local device. `pack=False` gives every document (window)
-  a row of its own (for comparison: the numbers are the same, the speed is not).
+  a row of its own (for comparison: the numbers are the same, the speed is not). `per_byte_argmax=True` also stores
+  `DocScore.greedy_per_byte`: at each scored byte, the argmax of its predictive distribution over the ids greedy
+  generation may pick (`generate.NOT_BYTES` excluded), i.e. whether greedy decoding would have produced the byte.
   """
 
   def __init__(self, checkpoint: Union[str, loading.LoadedModel], *, row_bytes: Optional[int] = None,
                min_context: Optional[int] = None, batch_bytes: int = 16384, with_eos: bool = False,
-               per_byte: bool = False, pack: bool = True, devices: Optional[Sequence[Any]] = None):
+               per_byte: bool = False, pack: bool = True, devices: Optional[Sequence[Any]] = None,
+               per_byte_argmax: bool = False):
     self.model = checkpoint if isinstance(checkpoint, loading.LoadedModel) else loading.load(checkpoint)
     cfg = self.model.config
     safe = min(cfg.max_encoder_seq_length, cfg.max_seqlen - 1)
@@ -134,6 +139,7 @@ class Scorer:
                        f"{cfg.max_encoder_seq_length}]")
     self.min_context = int(min_context if min_context is not None else self.row_len // 2)
     self.with_eos, self.per_byte, self.pack = with_eos, per_byte, pack
+    self.per_byte_argmax = per_byte_argmax
     devices = list(devices or jax.local_devices())
     self.mesh = Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     self._rows_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -176,14 +182,19 @@ class Scorer:
 
   def _nll_fn(self, N: int, P: int):
     if (N, P) not in self._nll_fns:
-      cfg, compiles = self.model.config, self.compiles
+      cfg, compiles, argmax = self.model.config, self.compiles, self.per_byte_argmax
 
       def fn(params, tokens_BN, lengths_BP):
         compiles.append(("blt", (tokens_BN.shape[0], N, P)))
         logits_BNV = BLT(cfg).apply({"params": params}, tokens_BN, lengths_BP)
         logp_BNV = jax.nn.log_softmax(logits_BNV[:, :-1].astype(jnp.float32), axis=-1)
         nll_BN = -jnp.take_along_axis(logp_BNV, tokens_BN[:, 1:, None], axis=-1)[..., 0]
-        return jnp.pad(nll_BN, ((0, 0), (0, 1)))  # position t: -ln p(tokens[t + 1])
+        nll_BN = jnp.pad(nll_BN, ((0, 0), (0, 1)))  # position t: -ln p(tokens[t + 1])
+        if not argmax:
+          return nll_BN, None
+        # The id greedy generation picks at position t (the masking `generate.choose` applies).
+        masked_BNV = logits_BNV.astype(jnp.float32).at[..., jnp.asarray(NOT_BYTES)].set(-jnp.inf)
+        return nll_BN, jnp.argmax(masked_BNV, axis=-1).astype(jnp.int32)
 
       self._nll_fns[(N, P)] = jax.jit(fn, out_shardings=self._rows_sharding)
     return self._nll_fns[(N, P)]
@@ -193,7 +204,7 @@ class Scorer:
     return -(-rows // self._ndev) * self._ndev
 
   def _run_batch(self, N: int, rows: List[List[Tuple[_Piece, int]]]):
-    """Scores one batch of packed rows; returns (piece, nll, entropies, patch count) per piece."""
+    """Scores one batch of packed rows; returns (piece, nll, entropies, patch count, greedy ids) per piece."""
     R = self.rows_per_batch(N)
     tokens = np.zeros((R, N), np.int32)  # rows past len(rows) are padding: all BOE, results unused
     used = np.ones((R,), np.int32)
@@ -209,7 +220,8 @@ class Scorer:
       raise ValueError(f"a row of {N} bytes needs {needed} patches, more than the model's max_seqlen="
                        f"{self.model.config.max_seqlen}; use a smaller row_bytes (--row-bytes)")
     P = _slot_bucket(needed, N + 1)
-    nll = np.asarray(self._nll_fn(N, P)(self._params, tokens_dev, lengths[:, :P]))
+    nll, greedy = self._nll_fn(N, P)(self._params, tokens_dev, lengths[:, :P])
+    nll, greedy = np.asarray(nll), None if greedy is None else np.asarray(greedy)
     entropies, starts = np.asarray(entropies), np.asarray(starts)
     out = []
     for r, row in enumerate(rows):
@@ -218,7 +230,8 @@ class Scorer:
         # Targets score_from..L-1 are predicted at positions score_from-1..L-2.
         lo, hi = offset + piece.score_from - 1, offset + L - 1
         first = offset if piece.counts_bos_patch else offset + piece.score_from
-        out.append((piece, nll[r, lo:hi], entropies[r, lo:hi], int(starts[r, first:offset + L].sum())))
+        out.append((piece, nll[r, lo:hi], entropies[r, lo:hi], int(starts[r, first:offset + L].sum()),
+                    None if greedy is None else greedy[r, lo:hi]))
     return out
 
   # -------------------------------------------------------------------------------------------------------------
@@ -243,9 +256,9 @@ class Scorer:
       row, used = [], 0
 
     def run(N: int, rows):
-      for piece, nll, ent, n_patches in self._run_batch(N, rows):
+      for piece, *part in self._run_batch(N, rows):
         doc = pending[piece.doc]
-        doc.parts[piece.part] = (nll, ent, n_patches)
+        doc.parts[piece.part] = tuple(part)
         doc.parts_left -= 1
         if doc.parts_left == 0:
           yield self._finish(pending.pop(piece.doc))
@@ -281,7 +294,8 @@ class Scorer:
     return DocScore(index=doc.index, id=doc.id, n_bytes=int(nll.size), nll_nats=float(nll.sum()),
                     n_patches=sum(p[2] for p in parts),
                     nll_per_byte=nll.astype(np.float32) if self.per_byte else None,
-                    entropies=ent if self.per_byte and self.model.entropy_config is not None else None)
+                    entropies=ent if self.per_byte and self.model.entropy_config is not None else None,
+                    greedy_per_byte=np.concatenate([p[3] for p in parts]) if self.per_byte_argmax else None)
 
   # -------------------------------------------------------------------------------------------------------------
   # Python API.

@@ -69,6 +69,17 @@ def _direct_nll(t, tokens):
   return np.asarray(fn(jnp.asarray([tokens], jnp.int32)), np.float64)
 
 
+def _direct_logits(t, tokens_BN):
+  """The direct forward's logits `[B, N, V]` (one document per row, N + 1 patch slots)."""
+  @jax.jit
+  def fn(tokens_BN):
+    ent = compute_entropies(t["ent_params"], tokens_BN, t["ent_cfg"])
+    lengths = patching.patch(tokens_BN, ent, max_patches=tokens_BN.shape[1] + 1,
+                             **t["patch_cfg"].patch_kwargs()).patch_lengths_BP
+    return BLT(t["blt_cfg"]).apply({"params": t["blt_params"]}, tokens_BN, lengths)
+  return fn(tokens_BN)
+
+
 def _docs(n, seed=0, max_len=60):
   rng = np.random.default_rng(seed)
   words = ["the", "cat", "sat", "on", "a", "mat", "und", "über", "naïve", "x", "42", "\n"]
@@ -123,6 +134,27 @@ def test_long_document_is_scored_completely_in_windows(tiny):
   # Every later window had at least min_context bytes of left context.
   for w, start, first in windows[1:]:
     assert start - 1 >= 20 and len(w) <= scorer.row_len
+
+
+def test_per_byte_argmax_is_the_greedy_byte_of_the_direct_forward(tiny):
+  """`per_byte_argmax=True`: each scored byte's greedy id (ids 0/1/3 never), as the direct forward's argmax; a
+  default scorer stores none and gives the same NLL."""
+  docs = _docs(5, seed=4) + [b" ".join(_docs(30, seed=6))[:200]]  # the last one is scored in windows
+  scorer = score.Scorer(tiny["path"], per_byte=True, per_byte_argmax=True, min_context=20)
+  scores = scorer.score_texts(docs)
+  for d, s in zip(docs, scores):
+    tokens = tokenizer.encode(d, add_eos=False)
+    expected = []
+    for w, start, _ in score.split_document(tokens, scorer.row_len, 20):
+      lw = np.array(_direct_logits(tiny, jnp.asarray([w], jnp.int32))[0])
+      lw[:, [tokenizer.BOE_ID, tokenizer.BOS_ID, tokenizer.BPE_ID]] = -np.inf
+      expected.append(np.argmax(lw, -1)[start - 1:len(w) - 1])
+    assert s.greedy_per_byte.shape == (len(d),) and s.greedy_per_byte.dtype == np.int32
+    np.testing.assert_array_equal(s.greedy_per_byte, np.concatenate(expected))
+    assert not np.isin(s.greedy_per_byte, [tokenizer.BOE_ID, tokenizer.BOS_ID, tokenizer.BPE_ID]).any()
+  plain = score.Scorer(tiny["path"], min_context=20).score_texts(docs)
+  for a, b in zip(plain, scores):
+    assert a.greedy_per_byte is None and a.nll_nats == pytest.approx(b.nll_nats, rel=RTOL)
 
 
 def test_ten_thousand_documents_compile_a_bounded_number_of_programs(tiny):
