@@ -95,7 +95,7 @@ def _encode_patches(cfg: BLTConfig, params, h_layers, patch_ids_BL, num_patches:
   for i in range(cfg.n_layers_local_encoder):
     if i == cfg.n_layers_local_encoder - 1 or cfg.cross_attn_all_layers_encoder:
       h = h_layers[i]
-      if patch_BQD is None:
+      if patch_BQD is None or cfg.encoder_repool_patches:  # as LocalEncoder (re-pooling: transformers' port)
         pooled = pool_patches(h, patch_ids_BL, num_patches, cfg.downsampling_by_pooling)
         proj = layers.Linear(dE * k, ("embed", "heads"), 1.0, cfg.dtype)
         patch_BQD = decode_cache.apply_module(proj, p["patch_embedding_projection"], pooled)
@@ -130,7 +130,7 @@ def _decode(cfg: BLTConfig, params, h_BSD, pos_BS, global_BPG, dpid_BS, caches):
   new_caches = []
   for i in range(cfg.n_layers_local_decoder):
     if i == 0 or cfg.cross_attn_all_layers_decoder:
-      xattn = layers.CrossAttention(dD, cfg.cross_attn_nheads, 1.0, cfg.norm_eps, cfg.dtype)
+      xattn = layers.CrossAttention(dD, cfg.decoder_cross_attn_nheads, 1.0, cfg.norm_eps, cfg.dtype)
       h = h + decode_cache.apply_module(xattn, p[f"cross_attn_layers_{i}"], h, patch_BQD, attend)
     h, cache = decode_cache.block(stack, p[f"layers_{i}"], h, pos_BS, caches[i])
     new_caches.append(cache)

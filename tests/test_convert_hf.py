@@ -392,9 +392,7 @@ def test_scoring_an_imported_checkpoint(case):
   assert abs(score.nll_nats - want) < 1e-3
 
 
-@pytest.mark.parametrize("case", ["gqa_window", pytest.param("all_layers_k3", marks=pytest.mark.xfail(
-    reason="blt_jax/generate.py's cached encoder/decoder do not read encoder_repool_patches / "
-           "cross_attn_nheads_decoder yet"))], indirect=True)
+@pytest.mark.parametrize("case", ["gqa_window", "all_layers_k3"], indirect=True)
 def test_generation_from_an_imported_checkpoint(case):
   """blt_jax.generate (cached) on the imported checkpoint: every step's logits = transformers' forward (its own
   in-forward patching) over the same prefix."""
