@@ -47,40 +47,73 @@ def masked_attention(q_BSHD: jnp.ndarray, k_BTKD: jnp.ndarray, v_BTKD: jnp.ndarr
   return jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v)
 
 
+BLOCK = 128  # query/key block of the blocked path; sequences shorter than 2 blocks use the dense mask
+
+
 def self_attention(q_BSHD: jnp.ndarray, k_BSKD: jnp.ndarray, v_BSKD: jnp.ndarray, doc_BS: Optional[jnp.ndarray],
-                   window: Optional[int]) -> jnp.ndarray:
-  """Causal self-attention, windowed (`i - W < j <= i`) and split at documents when given."""
+                   window: Optional[int], block: int = BLOCK) -> jnp.ndarray:
+  """Causal self-attention, windowed (`i - W < j <= i`) and split at documents when given.
+
+  Short sequences: one dense masked softmax. Longer ones: `blocked_self_attention` (online softmax over key blocks,
+  skipping blocks the causal/window mask rules out), so memory is linear in S and no [S, S] matrix exists.
+  """
   S = q_BSHD.shape[1]
-  if window is None or S <= 2 * window:
+  if S < 2 * block:
     return masked_attention(q_BSHD, k_BSKD, v_BSKD, masks.dense_self_attention_mask(doc_BS, S, window))
-  return _blocked_window_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window)
+  return blocked_self_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window, block)
 
 
-def _blocked_window_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window):
-  """Sliding-window attention in blocks of `window` queries against 2*window keys."""
+def blocked_self_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window, block: int = BLOCK):
+  """Flash-style attention in plain jnp: for each query block, an online softmax over the key blocks its mask can
+  reach (`lax.cond` skips the others: those above the diagonal and, with a window, those too far back).
+
+  The inner step is rematerialised in the backward pass, so gradients keep only running statistics per block.
+  Every mask comes from `masks.self_attention_mask` (the one definition the dense path uses too).
+  """
   B, S, H, D = q_BSHD.shape
-  C = window
-  nb = -(-S // C)
-  pad = nb * C - S
+  n = -(-S // block)
+  pad = n * block - S
   pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  q = pad_seq(q_BSHD).reshape(B, nb, C, H, D)
-  k = _repeat_kv(pad_seq(k_BSKD), H).reshape(B, nb, C, H, D)
-  v = _repeat_kv(pad_seq(v_BSKD), H).reshape(B, nb, C, H, D)
-  with_prev = lambda x: jnp.concatenate([jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1], x], axis=2)
-  k2, v2 = with_prev(k), with_prev(v)  # [B, nb, 2C, H, D]: previous block then current block
-  q_pos = (jnp.arange(nb)[:, None] * C + jnp.arange(C)[None, :])[None, :, :, None]  # [1, nb, C, 1]
-  k_pos = (jnp.arange(nb)[:, None] * C - C + jnp.arange(2 * C)[None, :])[None, :, None, :]  # [1, nb, 1, 2C]
-  if doc_BS is None:
-    q_doc = k_doc = None
-  else:
-    doc = pad_seq(doc_BS).reshape(B, nb, C)
-    q_doc = doc[:, :, :, None]
-    k_doc = with_prev(doc)[:, :, None, :]
-  mask = masks.self_attention_mask(q_pos, k_pos, q_doc, k_doc, window) & (k_pos >= 0)  # [B|1, nb, C, 2C]
-  scores = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k2, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(D))
-  probs = _softmax_rows(scores, mask[:, :, None])
-  out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs.astype(v2.dtype), v2)
-  return out.reshape(B, nb * C, H, D)[:, :S]
+  q = pad_seq(q_BSHD).reshape(B, n, block, H, D)
+  k = _repeat_kv(pad_seq(k_BSKD), H).reshape(B, n, block, H, D)
+  v = _repeat_kv(pad_seq(v_BSKD), H).reshape(B, n, block, H, D)
+  doc = None if doc_BS is None else pad_seq(doc_BS).reshape(B, n, block)
+  scale = 1.0 / jnp.sqrt(jnp.float32(D))
+  offsets = jnp.arange(block)
+
+  def query_block(_, i):
+    q_i = q[:, i]
+    q_pos = (i * block + offsets)[None, :, None]  # [1, bq, 1]
+    q_doc = None if doc is None else doc[:, i][:, :, None]
+
+    @jax.checkpoint
+    def key_block(carry, j):
+      def visit(carry):
+        m, l, acc = carry  # [B, H, bq], [B, H, bq], [B, bq, H, D]
+        k_pos = (j * block + offsets)[None, None, :]
+        k_doc = None if doc is None else doc[:, j][:, None, :]
+        mask = masks.self_attention_mask(q_pos, k_pos, q_doc, k_doc, window) & (k_pos < S)  # [B|1, bq, bk]
+        s = jnp.einsum("bqhd,bkhd->bhqk", q_i, k[:, j], preferred_element_type=jnp.float32) * scale
+        s = jnp.where(mask[:, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v[:, j], preferred_element_type=jnp.float32)
+        acc = acc * jnp.moveaxis(correction, 1, 2)[..., None] + pv
+        return m_new, l, acc
+      first = 0 if window is None else jnp.maximum(0, (i * block - window + 1) // block)
+      return jax.lax.cond((j <= i) & (j >= first), visit, lambda c: c, carry), None
+
+    # A finite start for the running max: fully masked rows keep p = 0 and end with l = 0 (output 0, as dense).
+    init = (jnp.full((B, H, block), -1e30, jnp.float32), jnp.zeros((B, H, block), jnp.float32),
+            jnp.zeros((B, block, H, D), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(key_block, init, jnp.arange(n))
+    l = jnp.moveaxis(l, 1, 2)[..., None]
+    return None, (acc / jnp.where(l > 0, l, 1.0)).astype(v.dtype)
+
+  _, out = jax.lax.scan(query_block, None, jnp.arange(n))  # [n, B, bq, H, D]
+  return jnp.moveaxis(out, 0, 1).reshape(B, n * block, H, D)[:, :S]
 
 
 def _segment_reduce(op, data_BN, ids_BN, num_segments: int):

@@ -92,6 +92,15 @@ def bench_attention(p):
   dense = jax.jit(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(d, N, W)))
   rows.append((f"window-{W} self-attention (blocked vs dense)", timeit(fast, bytes_kv, doc),
                timeit(dense, bytes_kv, doc)))
+  fast = jax.jit(lambda x, d: attention.self_attention(x, x, x, d, None))
+  dense = jax.jit(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(d, N, None)))
+  rows.append(("causal self-attention, documents (blocked vs dense)", timeit(fast, bytes_kv, doc),
+               timeit(dense, bytes_kv, doc)))
+  grad = lambda fn: jax.jit(jax.grad(lambda x, d: jnp.sum(fn(x, d).astype(jnp.float32))))
+  rows.append(("causal self-attention, forward + backward (blocked vs dense)",
+               timeit(grad(lambda x, d: attention.self_attention(x, x, x, d, None)), bytes_kv, doc),
+               timeit(grad(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(
+                   d, N, None))), bytes_kv, doc)))
   return [dict(name=n, fast_s=f, dense_s=d, speedup=d / f) for n, f, d in rows]
 
 

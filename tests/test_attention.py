@@ -30,14 +30,36 @@ def test_window_mask_hand_case():
   np.testing.assert_array_equal(m, expected)
 
 
-@pytest.mark.parametrize("S,window,kv_heads", [(37, 8, 2), (64, 16, 4), (50, 7, 4)])
-def test_blocked_window_attention_equals_dense(S, window, kv_heads):
+blocked = jax.jit(attention.blocked_self_attention, static_argnums=(4, 5))
+
+
+@pytest.mark.parametrize("S,window,kv_heads,block,with_docs", [(37, 8, 2, 8, True), (50, None, 2, 8, True),
+                                                               (70, None, 4, 16, False), (33, 7, 4, 8, False)])
+def test_blocked_self_attention_equals_dense(S, window, kv_heads, block, with_docs):
+  """Values and gradients, causal or windowed, with documents (segment ids) or without, GQA, ragged last block."""
   q, k, v = _qkv(jax.random.PRNGKey(0), 2, S, S, 4, 8, kv_heads)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, S), 3, 260).at[0, 11].set(2).at[1, 30].set(2)
-  doc = masks.document_ids(tokens)
-  fast = self_attention(q, k, v, doc, window)
+  doc = masks.document_ids(tokens) if with_docs else None
+  fast = blocked(q, k, v, doc, window, block)
   dense = masked_attention(q, k, v, masks.dense_self_attention_mask(doc, S, window))
   np.testing.assert_allclose(fast, dense, atol=1e-5)
+  weights = jax.random.normal(jax.random.PRNGKey(2), fast.shape)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+  g_fast = jax.jit(jax.grad(loss(lambda q, k, v: attention.blocked_self_attention(q, k, v, doc, window, block)),
+                            argnums=(0, 1, 2)))(q, k, v)
+  g_dense = jax.jit(jax.grad(loss(lambda q, k, v: attention.masked_attention(
+      q, k, v, masks.dense_self_attention_mask(doc, S, window))), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(g_fast, g_dense):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_self_attention_picks_the_blocked_path_for_long_sequences():
+  S = 2 * attention.BLOCK + 5
+  q, k, v = _qkv(jax.random.PRNGKey(3), 1, S, S, 2, 8)
+  hlo = jax.jit(lambda q, k, v: attention.self_attention(q, k, v, None, None)).lower(q, k, v).as_text()
+  assert f"{S}x{S}" not in hlo  # no [S, S] score matrix
+  np.testing.assert_allclose(self_attention(q, k, v, None, None),
+                             masked_attention(q, k, v, masks.dense_self_attention_mask(None, S, None)), atol=1e-5)
 
 
 def _random_patches(seed, B, N, max_len, P):
