@@ -228,11 +228,11 @@ class Trainer:
     eval_sharding = sharding.data_sharding(self.mesh)
     rep = sharding.replicated(self.mesh)
     self.train_step = jax.jit(steps.make_train_step(self.sc, self.tx, self.schedule, eval_sharding,
-                                                    self.state_shardings.params),
+                                                    self.state_shardings.params, self.rules),
                               in_shardings=(self.state_shardings, batch_sharding, rep),
                               out_shardings=(self.state_shardings, rep), donate_argnums=0)
-    self.eval_step = jax.jit(steps.make_eval_step(self.sc), in_shardings=(self.state_shardings.params,
-                                                                          eval_sharding, rep), out_shardings=rep)
+    self.eval_step = jax.jit(steps.make_eval_step(self.sc, eval_sharding, self.rules),
+                             in_shardings=(self.state_shardings.params, eval_sharding, rep), out_shardings=rep)
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, save_interval_steps=cfg.checkpoint_every,
                                               max_to_keep=cfg.keep_checkpoints,
                                               async_checkpointing=cfg.async_checkpointing)

@@ -326,9 +326,10 @@ def test_grad_accumulation_is_exact(micro, straight, tmp_path):
   assert float(m_one["num_patches"]) == float(m_two["num_patches"])
   np.testing.assert_allclose(m_two["loss"], m_one["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_two["grad_norm"], m_one["grad_norm"], rtol=1e-5)
-  # Adam's first update is lr * g / (|g| + eps): entries with |g| near eps amplify fp32 summation-order noise, so
-  # params get an absolute tolerance well below the lr (2e-3) that any real disagreement would show.
-  assert_trees_close(two.params, one.params, rtol=1e-5, atol=2e-5)
+  # Adam's first update is lr * g / (|g| + eps): entries with |g| within a few eps amplify fp32 summation-order
+  # noise (4.8e-5 seen on one entry of w1), so params get an absolute tolerance of lr / 20 (1e-4): a real
+  # disagreement moves entries by up to lr (2e-3) and shows in the loss, grad norm and moments checked here too.
+  assert_trees_close(two.params, one.params, rtol=1e-5, atol=1e-4)
   assert_trees_close(two.opt_state, one.opt_state, rtol=1e-4, atol=1e-8)
   assert int(one.step) == int(two.step) == 1
   assert not np.allclose(np.asarray(one.params["local_decoder"]["output"]["kernel"]),
@@ -464,7 +465,7 @@ def test_cli_trains_and_rejects_unknown_keys(corpus, compile_cache, tmp_path):
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "done: steps 0 -> 2" in proc.stdout
-  assert re.search(r"^step 2/2 \(100.0%\) \| elapsed \d+s \| eta 0s \| loss ", proc.stdout, re.M), proc.stdout
+  assert re.search(r"^step 2/2 \(100.0%\) \| elapsed [0-9hms]+ \| eta 0s \| loss ", proc.stdout, re.M), proc.stdout
   assert (workdir / "checkpoints" / "2").is_dir()
   meta = json.loads((workdir / "export" / "config.json").read_text())
   assert meta["model"]["dim_global"] == 64 and meta["model"]["encoder_hash_byte_group_size"] == [3, 4]
