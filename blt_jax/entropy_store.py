@@ -5,28 +5,29 @@ The reference precomputes entropies per document (`preprocess_entropies.py`, spe
 store one flat float32 array of all tokens' entropies plus document offsets (zarr via tensorstore), keyed by each
 document's stable key so that any split or subset of the same corpus finds its rows.
 
-Layout of a store directory: `entropies.zarr` (float32 [total_tokens]), `offsets.zarr` (int64 [num_docs + 1]),
-`index.json` (document keys in order, the entropy model config, the corpus name).
+The layout of a store directory and its reader (`EntropyAnnotatedSource`) live in `blt_jax.data.entropy_source`; a
+store may be local or at a URL (`gs://bucket/stores/x`).
 """
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from blt_jax import paths
 from blt_jax.config import EntropyModelConfig
-from blt_jax.data import packing
+from blt_jax.data import entropy_source, packing, pipeline
+from blt_jax.data.entropy_source import EntropyAnnotatedSource  # noqa: F401 (the reader, re-exported)
 from blt_jax.entropy_model import compute_entropies_jit
 
 
-def _spec(path: str, dtype: str, shape: Sequence[int]) -> dict:
-  return {"driver": "zarr", "kvstore": {"driver": "file", "path": path},
-          "metadata": {"dtype": dtype, "shape": list(shape), "chunks": [min(max(int(shape[0]), 1), 1 << 20)]}}
+def _spec(store, name: str, dtype: str, shape: Sequence[int]) -> dict:
+  return dict(entropy_source.array_spec(store, name),
+              metadata={"dtype": dtype, "shape": list(shape), "chunks": [min(max(int(shape[0]), 1), 1 << 20)]})
 
 
 def _bucket_length(n: int) -> int:
@@ -65,18 +66,24 @@ def compute_document_entropies(docs: Sequence[np.ndarray], params, config: Entro
   return out
 
 
-def write_entropy_store(path: str, source: Any, params, config: EntropyModelConfig, *,
+def write_entropy_store(path: paths.PathLike, source: Any, params, config: EntropyModelConfig, *,
                         docs_per_flush: int = 256, progress=None) -> Dict[str, Any]:
-  """Scores every document of `source` (a data.DocumentSource) and writes the store at `path`."""
-  os.makedirs(path, exist_ok=True)
+  """Scores every document of `source` (a data.DocumentSource) and writes the store at `path` (local or a URL).
+
+  `index.json` is removed first and written last: on a local disk and on an object store alike (where a directory
+  cannot be renamed atomically), a store is complete exactly when its index is there.
+  """
+  store = paths.resolve(path)
+  store.mkdir(parents=True, exist_ok=True)
+  index_file = store / entropy_source.INDEX_FILE
+  if index_file.exists():
+    index_file.unlink()
   n_docs = len(source)
   lengths = np.array([source.num_tokens(i) for i in range(n_docs)], np.int64)
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-  tmp = path.rstrip("/") + ".tmp"
-  os.makedirs(tmp, exist_ok=True)
-  ent_store = ts.open(_spec(os.path.join(tmp, "entropies.zarr"), "<f4", [int(offsets[-1])]), create=True,
+  ent_store = ts.open(_spec(store, entropy_source.ENTROPIES, "<f4", [int(offsets[-1])]), create=True,
                       delete_existing=True).result()
-  ts.open(_spec(os.path.join(tmp, "offsets.zarr"), "<i8", [n_docs + 1]), create=True,
+  ts.open(_spec(store, entropy_source.OFFSETS, "<i8", [n_docs + 1]), create=True,
           delete_existing=True).result().write(offsets).result()
   for start in range(0, n_docs, docs_per_flush):
     ids = [packing.to_token_doc(source[i])[packing.IDS] for i in range(start, min(start + docs_per_flush, n_docs))]
@@ -87,12 +94,7 @@ def write_entropy_store(path: str, source: Any, params, config: EntropyModelConf
       progress(start + len(ids), n_docs)
   index = dict(keys=[source.key(i) for i in range(n_docs)], entropy_model=config.to_dict(),
                corpus=getattr(source, "name", ""), total_tokens=int(offsets[-1]))
-  with open(os.path.join(tmp, "index.json"), "w") as f:
-    json.dump(index, f)
-  if os.path.exists(path):
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(path)
-  os.replace(tmp, path)  # atomic: a store is either complete or absent
+  index_file.write_text(json.dumps(index))
   return dict(documents=n_docs, tokens=int(offsets[-1]))
 
 
@@ -126,62 +128,8 @@ class ConcatSource:
     return source.num_tokens(j)
 
 
-def write_corpus_store(path: str, data_cfg, params, config: EntropyModelConfig, progress=None) -> Dict[str, Any]:
+def write_corpus_store(path: paths.PathLike, data_cfg, params, config: EntropyModelConfig,
+                       progress=None) -> Dict[str, Any]:
   """Scores the train and validation documents a data config names (see `data.build_document_sources`)."""
-  from blt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   train, val = pipeline.build_document_sources(data_cfg)
   return write_entropy_store(path, ConcatSource(train, val), params, config, progress=progress)
-
-
-class EntropyAnnotatedSource:
-  """A document source whose items carry the stored entropies: `{"ids": int32[n], "entropies": float32[n]}`."""
-  extra_fields = ("entropies",)
-
-  def __init__(self, source: Any, store_path: str):
-    index_file = os.path.join(store_path, "index.json")
-    if not os.path.isfile(index_file):
-      raise FileNotFoundError(f"entropy store {store_path!r}: no index.json (write one with "
-                              f"scripts/precompute_entropies.py)")
-    with open(index_file) as f:
-      index = json.load(f)
-    position = {k: i for i, k in enumerate(index["keys"])}
-    self._rows = np.empty(len(source), np.int64)
-    for i in range(len(source)):
-      key = source.key(i)
-      if key not in position:
-        raise ValueError(f"entropy store {store_path!r} has no entropies for document {key!r} of {source!r}; "
-                         f"recompute the store for this corpus")
-      self._rows[i] = position[key]
-    self._source = source
-    self._offsets = ts.open({"driver": "zarr", "kvstore": {"driver": "file",
-                                                           "path": os.path.join(store_path, "offsets.zarr")}}
-                            ).result().read().result()
-    self._entropies = ts.open({"driver": "zarr", "kvstore": {"driver": "file",
-                                                             "path": os.path.join(store_path, "entropies.zarr")}}
-                              ).result()
-    self.name = f"{getattr(source, 'name', 'documents')}+entropies"
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
-    ids = packing.to_token_doc(self._source[i])[packing.IDS]
-    row = int(self._rows[i])
-    lo, hi = int(self._offsets[row]), int(self._offsets[row + 1])
-    if hi - lo != len(ids):
-      raise ValueError(f"entropy store is stale for document {self._source.key(i)!r}: stored {hi - lo} "
-                       f"entropies, the document now has {len(ids)} tokens")
-    return {"ids": ids, "entropies": np.asarray(self._entropies[lo:hi].read().result(), np.float32)}
-
-  def key(self, i: int) -> str:
-    return self._source.key(i)
-
-  def num_tokens(self, i: int) -> int:
-    return self._source.num_tokens(i)
-
-  def __repr__(self) -> str:
-    return f"EntropyAnnotatedSource({self.name!r}, {len(self)} documents)"
-
-
-def maybe_annotate(source: Any, store_path: Optional[str]):
-  return EntropyAnnotatedSource(source, store_path) if store_path else source

@@ -7,6 +7,8 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
+from etils import epath
+from test_paths import fake_gcs  # noqa: F401 (a fixture)
 
 from blt_jax import data
 from blt_jax import tokenizer
@@ -509,3 +511,185 @@ def test_packer_directly_on_known_stream():
     np.testing.assert_array_equal(w["tokens"][:n], seg[:-1])
     np.testing.assert_array_equal(w["targets"][:n], seg[1:])
     np.testing.assert_array_equal(w["loss_mask"], np.arange(4) < n)
+
+
+# ------------------------------------------------- shares and start-up work --
+
+
+def _mixed_corpus(root, n_lines=40):
+  """A jsonl, a parquet and txt files under `root` (an epath.Path, any
+  backend); returns the sorted-order texts of every document."""
+  rng = np.random.default_rng(1)
+  texts = [("line %d " % i) + "y" * int(rng.integers(0, 60))
+           for i in range(n_lines)]
+  (root / "sub").mkdir(parents=True, exist_ok=True)
+  lines = [json.dumps({"text": t}) for t in texts]
+  lines.insert(7, "")  # A blank line: no document, but it counts in keys.
+  (root / "a.jsonl").write_text("\n".join(lines) + "\n")
+  (root / "b.txt").write_bytes(b"a whole text file")
+  with (root / "sub" / "c.parquet").open("wb") as f:
+    pq.write_table(pa.table({"text": texts[:25]}), f, row_group_size=4)
+  (root / "sub" / "d.txt").write_bytes(b"another")
+  return ([t.encode() for t in texts] + [b"a whole text file"]
+          + [t.encode() for t in texts[:25]] + [b"another"])
+
+
+def _all(src):
+  """(documents, keys) of a source."""
+  n = len(src)
+  return [src[i] for i in range(n)], [src.key(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_shares_partition_the_corpus_in_order(tmp_path, n):
+  want = _mixed_corpus(epath.Path(tmp_path))
+  pattern = str(tmp_path / "**" / "*.*")
+  whole_docs, whole_keys = _all(data.file_corpus(pattern))
+  assert whole_docs == want
+  assert whole_keys[6:8] == ["a.jsonl:7", "a.jsonl:9"]  # Past the blank.
+  docs, keys = [], []
+  for i in range(n):  # Shares are contiguous runs: together, the corpus.
+    share_docs, share_keys = _all(data.file_corpus(pattern, shard=(i, n)))
+    docs += share_docs
+    keys += share_keys
+  assert docs == whole_docs and keys == whole_keys
+
+
+def test_train_source_shares_partition_the_training_split(tmp_path):
+  _mixed_corpus(epath.Path(tmp_path), n_lines=200)
+  cfg = _cfg(sources=[str(tmp_path / "**" / "*.*")], validation_fraction=0.2)
+  train, val = data.build_sources(cfg)
+  assert len(val) > 10
+  keys = []
+  for i in range(3):
+    share = data.build_train_source(cfg, i, 3)
+    keys += [share.key(j) for j in range(len(share))]
+  assert keys == [train.key(j) for j in range(len(train))]
+  one = data.build_train_source(cfg)  # One process: the training split.
+  assert [one.key(j) for j in range(len(one))] == keys
+
+
+class _CountingFile:
+  """A file object that adds the bytes read through it to `counter`."""
+
+  def __init__(self, f, counter):
+    self._f, self._counter = f, counter
+
+  def read(self, n=-1):
+    data_ = self._f.read(n)
+    self._counter["bytes"] += len(data_)
+    return data_
+
+  def readinto(self, buf):
+    n = self._f.readinto(buf)
+    self._counter["bytes"] += n
+    return n
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._f.close()
+
+  def __getattr__(self, name):
+    return getattr(self._f, name)
+
+
+def test_startup_reads_and_parses_only_its_share(tmp_path, monkeypatch):
+  from blt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  texts = [f"document {i:05d}" for i in range(2000)]  # Equal lines.
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  size = corpus.stat().st_size
+  val = tmp_path / "val.txt"
+  val.write_bytes(b"held out")
+  counter = {"bytes": 0, "parsed": 0}
+  path_cls = type(epath.Path(tmp_path))
+  original_open, original_parse = path_cls.open, sources._jsonl_text
+  monkeypatch.setattr(sources, "_READ_BLOCK", 4096)
+  monkeypatch.setattr(
+      path_cls, "open",
+      lambda self, *a, **k: _CountingFile(original_open(self, *a, **k),
+                                          counter))
+
+  def parse(line, field):
+    counter["parsed"] += 1
+    return original_parse(line, field)
+
+  monkeypatch.setattr(sources, "_jsonl_text", parse)
+  for n in (1, 4):
+    for i in range(n):
+      counter.update(bytes=0, parsed=0)
+      # Held-out files of their own: no split keys, so no line numbers.
+      cfg = _cfg(sources=[str(corpus)], validation_sources=[str(val)])
+      share = data.build_train_source(cfg, i, n)
+      assert counter["parsed"] == len(share) <= len(texts) // n + 1
+      assert counter["bytes"] <= size // n + 2 * 4096, (n, i, counter)
+      # The hash split needs keys: line numbers count the newlines before
+      # the share (read, not parsed).
+      counter.update(bytes=0, parsed=0)
+      share = data.build_train_source(_cfg(sources=[str(corpus)]), i, n)
+      assert counter["parsed"] <= len(texts) // n + 1
+  # Documents are read only when the iterator reaches them.
+  it = data.make_train_iterator(
+      _cfg(sources=[str(corpus)], validation_sources=[str(val)], prefetch=0,
+           num_threads=0), SEQ_LEN, 4, 0, 3, 4)
+  counter.update(bytes=0, parsed=0)
+  next(it)
+  assert counter["parsed"] <= 4 and counter["bytes"] < 4 * 200
+
+
+def test_share_iterators_resume_and_reject_other_shares(tmp_path):
+  folder = _write_txt(tmp_path, _docs(23))
+  cfg = _cfg(sources=[str(folder / "*.txt")], prefetch=0)
+  it = data.make_train_iterator(cfg, SEQ_LEN, 4, 0, 1, 2)
+  _take(it, 5)
+  state = data.state_from_bytes(data.state_to_bytes(it.get_state()))
+  expected = _take(it, 4)
+  again = data.make_train_iterator(cfg, SEQ_LEN, 4, 0, 1, 2)
+  again.set_state(state)
+  for a, b in zip(expected, _take(again, 4)):
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  with pytest.raises(ValueError, match="different data setup"):
+    data.make_train_iterator(cfg, SEQ_LEN, 4, 0, 0, 2).set_state(state)
+
+
+def test_error_process_without_documents(tmp_path):
+  (tmp_path / "only.txt").write_bytes(b"one document")
+  cfg = _cfg(sources=[str(tmp_path / "only.txt")], validation_fraction=0.0)
+  with pytest.raises(ValueError, match="process 1 of 2 has no training"
+                     " documents"):
+    data.make_train_iterator(cfg, SEQ_LEN, 2, 0, 1, 2)
+
+
+# ------------------------------------------------------------ cloud storage --
+
+
+def test_sources_at_a_url(tmp_path, fake_gcs):
+  want = _mixed_corpus(epath.Path("gs://bucket/corpus"))
+  src = data.file_corpus("gs://bucket/corpus/**/*.*")
+  docs, keys = _all(src)
+  assert docs == want
+  assert keys[0] == "a.jsonl:1" and keys[-1] == "sub/d.txt"
+  assert repr(src) == f"DocumentSource('files', {len(want)} documents)"
+  # The same files on a local disk: the same documents, keys and batches.
+  for key in fake_gcs.store:
+    local = tmp_path / key
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_bytes(fake_gcs.cat_file(key))
+  assert _all(data.file_corpus(str(tmp_path / "bucket" / "corpus" / "**" /
+                                   "*.*"))) == (docs, keys)
+  for i in range(2):
+    batches = []
+    for root in ("gs://bucket/corpus", str(tmp_path / "bucket" / "corpus")):
+      cfg = _cfg(sources=[root + "/*.jsonl", root + "/sub/*.parquet"],
+                 validation_sources=[root + "/b.txt"])
+      it = data.make_train_iterator(cfg, SEQ_LEN, 4, 0, i, 2)
+      batches.append(_take(it, 3))
+      it.close()
+    for a, b in zip(*batches):
+      np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  with pytest.raises(ValueError, match="matched no files"):
+    data.file_corpus("gs://bucket/corpus/*.parquet")
+  with pytest.raises(ValueError, match="does not exist"):
+    data.file_corpus("gs://bucket/corpus/missing.jsonl")

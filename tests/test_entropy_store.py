@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from etils import epath
+from test_paths import fake_gcs  # noqa: F401 (a fixture)
 
 from blt_jax import data as data_lib
 from blt_jax import entropy_store, tokenizer
@@ -90,3 +92,49 @@ def test_missing_or_stale_store_errors_are_clear(tmp_path, corpus, model):
   stale = [i for i in range(len(changed)) if changed.key(i).endswith("d.txt")][0]
   with pytest.raises(ValueError, match="stale"):
     annotated[stale]
+
+
+def test_store_at_a_url(tmp_path, corpus, model, fake_gcs):
+  """gs:// end to end: arrays through tensorstore's gcs driver, the index through epath, both on the fake bucket."""
+  cfg, _ = corpus
+  train, _ = pipeline.build_document_sources(cfg)
+  summary = entropy_store.write_entropy_store("gs://bucket/stores/s", train, model, CFG)
+  objects = sorted(fake_gcs.store)
+  assert "bucket/stores/s/index.json" in objects and "bucket/stores/s/entropies.zarr/.zarray" in objects
+  assert not any(o.startswith("bucket/stores/s.") for o in objects)  # no temporary directory on the bucket
+  entropy_store.write_entropy_store(str(tmp_path / "local"), train, model, CFG)
+  remote = entropy_store.EntropyAnnotatedSource(train, "gs://bucket/stores/s")
+  local = entropy_store.EntropyAnnotatedSource(train, str(tmp_path / "local"))
+  assert summary["documents"] == len(remote) == len(local)
+  for i in range(len(local)):
+    np.testing.assert_array_equal(remote[i]["entropies"], local[i]["entropies"])
+  # Training reads it (and its corpus) from the URL too.
+  for name in ("a.txt", "b.txt", "c.txt", "d.txt", "e.txt"):
+    fake_gcs.pipe_file(f"bucket/corpus/{name}", (tmp_path / name).read_bytes())
+  cfg.sources = ["gs://bucket/corpus/*.txt"]
+  cfg.entropy_store = "gs://bucket/stores/s"
+  batch = next(data_lib.make_train_iterator(cfg, seq_len=64, global_batch_size=2, seed=0, process_index=0,
+                                            process_count=1))
+  assert batch["entropies"].shape == (2, 64) and np.any(batch["entropies"] > 0)
+  # Rewriting removes the index first: a store is complete exactly when its index is there.
+  with pytest.raises(Exception):
+    entropy_store.write_entropy_store("gs://bucket/stores/s", _Failing(train), model, CFG)
+  assert not epath.Path("gs://bucket/stores/s/index.json").exists()
+  with pytest.raises(FileNotFoundError, match="no index.json"):
+    entropy_store.EntropyAnnotatedSource(train, "gs://bucket/stores/s")
+
+
+class _Failing:
+  """A source whose documents cannot be read (a write interrupted after it started)."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def num_tokens(self, i):
+    return self._source.num_tokens(i)
+
+  def __getitem__(self, i):
+    raise RuntimeError("interrupted")

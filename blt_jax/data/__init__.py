@@ -6,6 +6,7 @@ from blt_jax.data.packing import PackedWindowsIterDataset
 from blt_jax.data.packing import to_token_doc
 from blt_jax.data.pipeline import build_sources
 from blt_jax.data.pipeline import build_train_dataset
+from blt_jax.data.pipeline import build_train_source
 from blt_jax.data.pipeline import default_data_config
 from blt_jax.data.pipeline import document_dataset
 from blt_jax.data.pipeline import EvalIterator

@@ -1,11 +1,13 @@
 """Config-driven train/eval loaders built from grain datasets.
 
-Train: documents -> seeded shuffle -> repeat forever -> per-host shard ->
-encode `[BOS] bytes [EOS]` -> pack into windows -> batch -> thread prefetch.
-The resulting grain iterator is checkpointable (`get_state`/`set_state`).
+Train: this host's byte share of the documents (only that share is read) ->
+seeded shuffle -> repeat forever -> encode `[BOS] bytes [EOS]` -> pack into
+windows -> batch -> thread prefetch. The resulting grain iterator is
+checkpointable (`get_state`/`set_state`).
 
-Eval: documents -> per-host shard -> encode -> pack (final window padded) ->
-batch; a fixed number of fixed-shape batches, identical on every host.
+Eval: all validation documents -> per-host stride -> encode -> pack (final
+window padded) -> batch; a fixed number of fixed-shape batches, identical on
+every host (every host counts every host's windows to agree on it).
 
 Batches are dicts of numpy arrays of shape [B_host, seq_len]:
   tokens     int32    input ids
@@ -25,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from blt_jax import tokenizer
+from blt_jax.data import entropy_source
 from blt_jax.data import packing
 from blt_jax.data import sources as sources_lib
 
@@ -109,32 +112,49 @@ def build_sources(
 ) -> tuple[sources_lib.DocumentSource, sources_lib.DocumentSource]:
   """The (train, validation) sources a data config describes (with stored entropies if configured)."""
   train, val = build_document_sources(data_cfg)
+  return _annotate(train, data_cfg), _annotate(val, data_cfg)
+
+
+def _annotate(source: Any, data_cfg: ml_collections.ConfigDict) -> Any:
   store = _get(data_cfg, "entropy_store")
-  if store:
-    from blt_jax import entropy_store  # pylint: disable=g-import-not-at-top
-    return entropy_store.maybe_annotate(train, store), entropy_store.maybe_annotate(val, store)
-  return train, val
+  if not store:
+    return source
+  return entropy_source.EntropyAnnotatedSource(source, store)
+
+
+def _corpus(
+    data_cfg: ml_collections.ConfigDict, shard: tuple[int, int] = (0, 1)
+) -> sources_lib.DocumentSource:
+  """The training corpus (`sources`, else the stdlib), or a process's share."""
+  patterns = _as_list(_get(data_cfg, "sources"))
+  if patterns:
+    return sources_lib.file_corpus(
+        patterns, _get(data_cfg, "text_field"), name="sources", shard=shard
+    )
+  return sources_lib.stdlib_corpus(
+      _get(data_cfg, "stdlib_include_tests"), shard=shard
+  )
+
+
+def _validation_fraction(data_cfg: ml_collections.ConfigDict) -> float:
+  fraction = float(_get(data_cfg, "validation_fraction"))
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+  return fraction
 
 
 def build_document_sources(
     data_cfg: ml_collections.ConfigDict,
 ) -> tuple[sources_lib.DocumentSource, sources_lib.DocumentSource]:
   """The (train, validation) document sources (raw bytes) a data config describes."""
-  patterns = _as_list(_get(data_cfg, "sources"))
+  docs = _corpus(data_cfg)
   val_patterns = _as_list(_get(data_cfg, "validation_sources"))
-  text_field = _get(data_cfg, "text_field")
-  if patterns:
-    docs = sources_lib.file_corpus(patterns, text_field, name="sources")
-  else:
-    docs = sources_lib.stdlib_corpus(_get(data_cfg, "stdlib_include_tests"))
   if val_patterns:
     val = sources_lib.file_corpus(
-        val_patterns, text_field, name="validation_sources"
+        val_patterns, _get(data_cfg, "text_field"), name="validation_sources"
     )
     return docs, val
-  fraction = float(_get(data_cfg, "validation_fraction"))
-  if not 0.0 <= fraction < 1.0:
-    raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+  fraction = _validation_fraction(data_cfg)
   train, val = docs.split(fraction)
   if not len(train):
     raise ValueError(
@@ -142,6 +162,31 @@ def build_document_sources(
         f"{fraction} of {len(docs)} documents"
     )
   return train, val
+
+
+def build_train_source(
+    data_cfg: ml_collections.ConfigDict,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> sources_lib.DocumentSource:
+  """This process's training documents: its share less the validation split.
+
+  Reads only that share (see `sources`), so start-up work per process falls
+  as processes are added; the shares of all processes partition the training
+  documents of `build_sources`, and with one process they are those
+  documents, in the same order.
+  """
+  shard = (process_index, process_count)
+  docs = _corpus(data_cfg, shard)
+  if not _as_list(_get(data_cfg, "validation_sources")):
+    docs, _ = docs.split(_validation_fraction(data_cfg))
+  if not len(docs):
+    raise ValueError(
+        f"process {process_index} of {process_count} has no training"
+        f" documents in its share ({docs.name}) of the corpus; give more"
+        " (or smaller) files, or use fewer processes"
+    )
+  return _annotate(docs, data_cfg)
 
 
 def document_dataset(
@@ -182,8 +227,14 @@ def build_train_dataset(
     num_threads: int = 4,
     read_buffer_size: int = 64,
     prefetch: int = 2,
+    source_is_share: bool = False,
 ) -> grain.IterDataset:
-  """Infinite batches of `batch_size` packed windows for one host."""
+  """Infinite batches of `batch_size` packed windows for one host.
+
+  `source` is the whole training set, which the hosts stride through after
+  the shuffle, or with `source_is_share` this host's own share of it
+  (`build_train_source`), shuffled and repeated on its own.
+  """
   if not len(source):
     raise ValueError(f"training source {source!r} has no documents")
   docs = document_dataset(
@@ -191,8 +242,8 @@ def build_train_dataset(
       seed=seed,
       shuffle=True,
       repeat=True,
-      process_index=process_index,
-      process_count=process_count,
+      process_index=0 if source_is_share else process_index,
+      process_count=1 if source_is_share else process_count,
   )
   ds = docs.to_iter_dataset(
       grain.ReadOptions(
@@ -207,6 +258,8 @@ def build_train_dataset(
       "process_index": process_index,
       "process_count": process_count,
   }
+  if process_count > 1:  # (one process reads the same either way)
+    metadata["sharding"] = "byte_shares" if source_is_share else "strided"
   ds = packing.PackedWindowsIterDataset(ds, seq_len, metadata=metadata)
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
   if prefetch > 0:
@@ -244,7 +297,7 @@ def make_train_iterator(
   """
   process_index, process_count = _resolve_host(process_index, process_count)
   batch_size = _per_host_batch_size(global_batch_size, process_count)
-  train, _ = build_sources(data_cfg)
+  train = build_train_source(data_cfg, process_index, process_count)
   shuffle_seed = _get(data_cfg, "shuffle_seed")
   ds = build_train_dataset(
       train,
@@ -256,6 +309,7 @@ def make_train_iterator(
       num_threads=int(_get(data_cfg, "num_threads")),
       read_buffer_size=int(_get(data_cfg, "read_buffer_size")),
       prefetch=int(_get(data_cfg, "prefetch")),
+      source_is_share=True,
   )
   return iter(ds)
 
