@@ -1,5 +1,11 @@
 """Scalar metrics: TensorBoard event files in the workdir plus one concise console line per write.
 
+Events are written synchronously (tensorboardX's `EventsWriter`, flushed after every write; its `SummaryWriter` queues
+them to a thread, so that its `flush()` does not promise they are on disk). The workdir may be a URL
+(`gs://bucket/runs/x`, any epath backend): the event file is then written to a local temporary directory and copied
+whole to the URL at every `flush()`, at `close()` and at the first write `upload_secs` after the last copy (event files
+are small, and an object store cannot append; TensorBoard reads the URL as the run goes).
+
 A console line reads `step 120/1000 (12.0%) | elapsed 2m03s | eta 16m50s | loss 2.3456 | ...`: the time since the
 writer was made (the run's start) and the time the remaining steps will take at the pace measured since the first
 written step after the run's first one (so the first step's compilation does not inflate it).
@@ -7,12 +13,15 @@ written step after the run's first one (so the first step's compilation does not
 from __future__ import annotations
 
 import math
-import os
+import tempfile
 import time
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import jax
 import numpy as np
+from etils import epath
+
+from blt_jax import paths
 
 
 def format_value(value: Any) -> str:
@@ -62,25 +71,35 @@ def _print_flushed(line: str) -> None:
 class MetricsWriter:
   """Writes scalars to `workdir` (tensorboardX) and prints a progress line; a no-op where not `enabled`.
 
-  `enabled` defaults to "this is process 0", so every process may call it unconditionally.
+  `enabled` defaults to "this is process 0", so every process may call it unconditionally. `workdir` may be local or
+  a URL (see the module docstring; `upload_secs` bounds how stale the URL's copy gets between flushes).
   """
 
-  def __init__(self, workdir: Union[str, os.PathLike], enabled: Optional[bool] = None,
+  def __init__(self, workdir: paths.PathLike, enabled: Optional[bool] = None,
                total_steps: Optional[int] = None, print_fn: Callable[[str], Any] = _print_flushed,
-               clock: Callable[[], float] = time.perf_counter):
+               clock: Callable[[], float] = time.perf_counter, upload_secs: float = 60.0):
     self.enabled = (jax.process_index() == 0) if enabled is None else bool(enabled)
     self.total_steps = total_steps
     self._print = print_fn
     self._clock = clock
     self._start = clock()
-    self._writer = None
+    self._events = None  # tensorboardX EventsWriter
     self._last = None  # (step, time) of the previous write, for steps/s
     self._first_step = None  # the run's first written step (its time includes compiling the step)
     self._pace_from = None  # (step, time) of the first write after it: the ETA's reference point
+    self._remote: Optional[epath.Path] = None  # the URL the local event files are copied to
+    self._local: Optional[epath.Path] = None
+    self._uploaded: Dict[str, int] = {}  # event file name -> size at its last copy
+    self._upload_secs = upload_secs
+    self._last_upload = time.monotonic()
     if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      os.makedirs(os.fspath(workdir), exist_ok=True)
-      self._writer = SummaryWriter(logdir=os.fspath(workdir), flush_secs=30)
+      from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+      logdir = paths.resolve(workdir)
+      logdir.mkdir(parents=True, exist_ok=True)
+      if paths.is_url(logdir):
+        self._remote = logdir
+        self._local = logdir = epath.Path(tempfile.mkdtemp(prefix="blt_jax_events_"))
+      self._events = EventsWriter(str(logdir / "events"))  # events.out.tfevents.<time>.<host>
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any], console: bool = True) -> Optional[str]:
     """Logs `scalars` (host numbers or jax scalars) at `step`; returns the console line (None if disabled)."""
@@ -91,12 +110,16 @@ class MetricsWriter:
     if self._last is not None and step > self._last[0] and now > self._last[1]:
       values.setdefault("steps_per_s", (step - self._last[0]) / (now - self._last[1]))
     self._last = (step, now)
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
     for key, value in values.items():
-      self._writer.add_scalar(key, value, global_step=int(step))
+      self._write_event(int(step), summary.scalar(key, value))
+    self._events.flush()
     line = format_console_line(int(step), values, self.total_steps, elapsed_s=now - self._start,
                                eta_s=self._eta(int(step), now))
     if console:
       self._print(line)
+    if self._remote is not None and time.monotonic() - self._last_upload >= self._upload_secs:
+      self.flush()
     return line
 
   def _eta(self, step: int, now: float) -> Optional[float]:
@@ -113,16 +136,37 @@ class MetricsWriter:
   def write_text(self, step: int, tag: str, text: str) -> None:
     """A text blob (e.g. the run config) shown in TensorBoard's text tab."""
     if self.enabled:
-      self._writer.add_text(tag, text, global_step=int(step))
+      from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+      self._write_event(int(step), summary.text(tag, text))
+      self._events.flush()
+
+  def _write_event(self, step: int, summary_proto) -> None:
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_proto))
 
   def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
+    if self._events is not None:
+      self._events.flush()
+      self._upload()
+
+  def _upload(self) -> None:
+    """Copies every local event file that grew since its last copy to the URL workdir."""
+    if self._remote is None:
+      return
+    for local in sorted(self._local.iterdir(), key=str):
+      size = local.stat().length
+      if self._uploaded.get(local.name) != size:
+        (self._remote / local.name).write_bytes(local.read_bytes())
+        self._uploaded[local.name] = size
+    self._last_upload = time.monotonic()
 
   def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+    if self._events is not None:
+      self._events.close()
+      self._upload()
+      self._events = None
+      if self._local is not None:
+        self._local.rmtree()
     self.enabled = False
 
   def __enter__(self) -> "MetricsWriter":

@@ -4,13 +4,18 @@ import struct
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tensorboardX.proto import event_pb2
+from test_paths import fake_gcs  # noqa: F401 (a fixture)
 
 from blt_jax import metrics
 
 
 def _read_scalars(logdir):
-  """{tag: [(step, value)]} from every event file: TFRecord framing (len, crc, data, crc) around Event protos."""
+  """{tag: [(step, value)]} from every event file: TFRecord framing (len, crc, data, crc) around Event protos.
+
+  `logdir` is a pathlib or epath path (local or URL).
+  """
   out = {}
   for path in sorted(logdir.glob("events.out.tfevents.*")):
     data = path.read_bytes()
@@ -89,3 +94,24 @@ def test_disabled_writer_is_a_noop(tmp_path):
 def test_default_enabled_on_process_zero(tmp_path):
   with metrics.MetricsWriter(tmp_path, print_fn=lambda _: None) as writer:
     assert writer.enabled
+
+
+def test_events_arrive_at_a_url(fake_gcs):
+  """A gs:// workdir: events are written locally and copied whole to the URL at flush, on close and every
+  `upload_secs`; TensorBoard reading the URL sees the same scalars as a local run's."""
+  writer = metrics.MetricsWriter("gs://bucket/runs/x", enabled=True, total_steps=10, print_fn=lambda _: None,
+                                 upload_secs=3600)
+  local_dir = writer._local  # pylint: disable=protected-access
+  writer.write_scalars(1, {"loss": 3.5})
+  assert not epath.Path("gs://bucket/runs/x").exists() or not list(epath.Path("gs://bucket/runs/x").iterdir())
+  writer.flush()
+  assert _read_scalars(epath.Path("gs://bucket/runs/x")) == {"loss": [(1, 3.5)]}
+  writer._upload_secs = 0.0  # pylint: disable=protected-access
+  writer.write_scalars(2, {"loss": 2.5})  # copied on the write: the interval has passed
+  assert _read_scalars(epath.Path("gs://bucket/runs/x"))["loss"] == [(1, 3.5), (2, 2.5)]
+  writer.write_text(0, "config", "lr: 1e-3")
+  writer.close()
+  remote = list(epath.Path("gs://bucket/runs/x").iterdir())
+  assert len(remote) == 1 and remote[0].name.startswith("events.out.tfevents.")
+  assert _read_scalars(epath.Path("gs://bucket/runs/x"))["loss"] == [(1, 3.5), (2, 2.5)]
+  assert not local_dir.exists()  # the local copy is gone
