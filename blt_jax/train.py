@@ -45,18 +45,29 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def load_entropy_model(path: str):
-  """(EntropyModelConfig, params) from a converted model dir, a `save_params` dir, or a training workdir."""
+def _entropy_model_dir(path: str):
+  """(dir, config.json contents) of the entropy model in a converted model dir, a `save_params` dir or a workdir."""
   root = paths.resolve(path)
   candidates = [root, root / "export", root / "entropy_model"]
   for candidate in candidates:
     if (candidate / "config.json").is_file():
       meta = ckpt_lib.read_params_config(candidate)
       if meta.get("model_type") == "entropy_model":
-        params, _ = ckpt_lib.load_params(candidate)
-        return EntropyModelConfig.from_dict(meta["model"]), params
+        return candidate, meta
   raise FileNotFoundError(f"entropy_checkpoint {path!r}: no entropy model found (looked for config.json with "
                           f"model_type 'entropy_model' in {', '.join(map(str, candidates))})")
+
+
+def load_entropy_model_config(path: str) -> EntropyModelConfig:
+  """The EntropyModelConfig of `load_entropy_model(path)`, without reading its params."""
+  return EntropyModelConfig.from_dict(_entropy_model_dir(path)[1]["model"])
+
+
+def load_entropy_model(path: str):
+  """(EntropyModelConfig, params) from a converted model dir, a `save_params` dir, or a training workdir."""
+  directory, meta = _entropy_model_dir(path)
+  params, _ = ckpt_lib.load_params(directory)
+  return EntropyModelConfig.from_dict(meta["model"]), params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +196,60 @@ def _num_data_slices(mesh) -> int:
   return sharding.process_data_shard(mesh)[1]
 
 
+def uses_entropy_model(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the train step runs an entropy model in-graph (entropy patching without a `data.entropy_store`)."""
+  return (cfg.model_type == "blt" and train_config.patching_config(cfg).mode == "entropy"
+          and not cfg.data.entropy_store)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStepParts:
+  """The trainer's jitted steps and what they are built from: shared by `Trainer` and `blt_jax.aot`."""
+  sc: steps.StepConfig
+  rules: sharding.Rules
+  schedule: Any  # optax schedule
+  tx: Any  # optax.GradientTransformation
+  init_fn: Any  # () -> TrainState with boxed params
+  abstract_state: Any  # jax.eval_shape(init_fn): boxed ShapeDtypeStructs
+  state_shardings: Any  # NamedSharding tree of the unboxed state
+  batch_sharding: NamedSharding  # of the train step's [A, B, N] micro-batch stacks
+  eval_sharding: NamedSharding  # of the eval step's [B, N] batches
+  train_step: Any  # jitted (state, batches_ABN, entropy_params) -> (state, metrics), donates the state
+  eval_step: Any  # jitted (params, batch_BN, entropy_params) -> sums
+
+
+def build_train_step(cfg: ml_collections.ConfigDict, mesh, entropy_cfg: Optional[EntropyModelConfig] = None
+                     ) -> TrainStepParts:
+  """The steps of a validated `cfg` on `mesh`; `entropy_cfg`: the in-graph entropy model's, when it has one.
+
+  Nothing is allocated: the state exists only as shapes, so the mesh may be made of devices this process cannot
+  run on (a TPU topology description, for ahead-of-time compiles).
+  """
+  rules = sharding.logical_axis_rules_from_config(cfg.mesh, mesh)
+  shards = sharding.num_batch_shards(mesh)
+  if cfg.global_batch_size % shards:
+    raise ValueError(f"config.global_batch_size={cfg.global_batch_size} is not divisible by the {shards} batch "
+                     f"shards of mesh {dict(mesh.shape)} (data x fsdp)")
+  model_cfg = train_config.model_config(cfg)
+  patch_cfg = train_config.patching_config(cfg) if isinstance(model_cfg, BLTConfig) else None
+  sc = steps.StepConfig(model_cfg, patch_cfg, train_config.max_patches(cfg) if patch_cfg else 0, entropy_cfg)
+  schedule = optimizer_lib.lr_schedule(cfg.optimizer, cfg.num_steps)
+  tx = optimizer_lib.make_optimizer(cfg.optimizer, cfg.num_steps)
+  init_fn = steps.make_init_fn(sc, tx, jax.random.PRNGKey(cfg.seed))
+  abstract = jax.eval_shape(init_fn)
+  state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+  batch_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+  eval_sharding = sharding.data_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  train_step = jax.jit(steps.make_train_step(sc, tx, schedule, eval_sharding, state_shardings.params, rules),
+                       in_shardings=(state_shardings, batch_sharding, rep),
+                       out_shardings=(state_shardings, rep), donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(sc, eval_sharding, rules),
+                      in_shardings=(state_shardings.params, eval_sharding, rep), out_shardings=rep)
+  return TrainStepParts(sc, rules, schedule, tx, init_fn, abstract, state_shardings, batch_sharding, eval_sharding,
+                        train_step, eval_step)
+
+
 class Trainer:
   """Builds everything from a config once; `run()` trains to `num_steps`, resuming if a checkpoint exists."""
 
@@ -201,38 +266,14 @@ class Trainer:
     train_config.validate(cfg)
     self.cfg, self.workdir = cfg, paths.resolve(workdir)
     self.mesh = sharding.make_mesh(cfg.mesh)
-    self.rules = sharding.logical_axis_rules_from_config(cfg.mesh, self.mesh)
-    shards = sharding.num_batch_shards(self.mesh)
-    if cfg.global_batch_size % shards:
-      raise ValueError(f"config.global_batch_size={cfg.global_batch_size} is not divisible by the {shards} batch "
-                       f"shards of mesh {dict(self.mesh.shape)} (data x fsdp)")
-    model_cfg = train_config.model_config(cfg)
     entropy_cfg = self.entropy_params = None
-    patch_cfg = None
-    if isinstance(model_cfg, BLTConfig):
-      patch_cfg = train_config.patching_config(cfg)
-      if patch_cfg.mode == "entropy" and not cfg.data.entropy_store:  # else batches carry stored entropies
-        entropy_cfg, params = load_entropy_model(cfg.entropy_checkpoint)
-        self.entropy_params = jax.device_put(params, sharding.replicated(self.mesh))
-    self.sc = steps.StepConfig(model_cfg, patch_cfg, train_config.max_patches(cfg) if patch_cfg else 0, entropy_cfg)
-    self.schedule = optimizer_lib.lr_schedule(cfg.optimizer, cfg.num_steps)
-    self.tx = optimizer_lib.make_optimizer(cfg.optimizer, cfg.num_steps)
-
-    init_fn = steps.make_init_fn(self.sc, self.tx, jax.random.PRNGKey(cfg.seed))
-    abstract = jax.eval_shape(init_fn)
-    self.state_shardings = sharding.logical_to_shardings(abstract, self.mesh, self.rules)
-    self._init_fn = init_fn
-    self._abstract = abstract
-
-    batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, sharding.BATCH_AXES))
-    eval_sharding = sharding.data_sharding(self.mesh)
-    rep = sharding.replicated(self.mesh)
-    self.train_step = jax.jit(steps.make_train_step(self.sc, self.tx, self.schedule, eval_sharding,
-                                                    self.state_shardings.params, self.rules),
-                              in_shardings=(self.state_shardings, batch_sharding, rep),
-                              out_shardings=(self.state_shardings, rep), donate_argnums=0)
-    self.eval_step = jax.jit(steps.make_eval_step(self.sc, eval_sharding, self.rules),
-                             in_shardings=(self.state_shardings.params, eval_sharding, rep), out_shardings=rep)
+    if uses_entropy_model(cfg):  # else batches carry stored entropies, or patching needs no model
+      entropy_cfg, params = load_entropy_model(cfg.entropy_checkpoint)
+      self.entropy_params = jax.device_put(params, sharding.replicated(self.mesh))
+    built = build_train_step(cfg, self.mesh, entropy_cfg)
+    self.rules, self.sc, self.schedule, self.tx = built.rules, built.sc, built.schedule, built.tx
+    self._init_fn, self._abstract, self.state_shardings = built.init_fn, built.abstract_state, built.state_shardings
+    self.train_step, self.eval_step = built.train_step, built.eval_step
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, save_interval_steps=cfg.checkpoint_every,
                                               max_to_keep=cfg.keep_checkpoints,
                                               async_checkpointing=cfg.async_checkpointing)
