@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -274,81 +274,71 @@ def decoder_patch_ids(
   return patch_ids_from_lengths(patch_lengths_BP[:, 1:], num_tokens)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("mode", "threshold", "threshold_add", "monotonicity",
-                     "patch_size", "first_patch_single_byte",
-                     "include_next_token", "compare_dtype"))
+class ModeOptions(NamedTuple):
+  """The keyword arguments `mode_starts` and `patch` share: how the mode decides starts (all static)."""
+
+  mode: str = "entropy"  # one of MODES
+  threshold: float = DEFAULT_THRESHOLD  # entropy mode (spec 3.3)
+  threshold_add: float | None = None  # entropy mode: e[p-1] - e[p-2] must pass it too
+  monotonicity: bool = False  # entropy mode: e[p-1] - e[p-2] > threshold; wins over threshold_add
+  patch_size: int | None = None  # static mode only
+  first_patch_single_byte: bool = True  # static mode: position 1 starts too (spec 13.5)
+  include_next_token: bool = True  # decide T = N + 1 positions (spec 3.2)
+  compare_dtype: Any = jnp.float32  # entropy mode: jnp.bfloat16 is realtime patching (Q4)
+
+
+@functools.partial(jax.jit, static_argnames=ModeOptions._fields)
 def mode_starts(
     tokens_BN: jnp.ndarray,
     entropies_BN: jnp.ndarray | None = None,
-    *,
-    mode: str = "entropy",
-    threshold: float = DEFAULT_THRESHOLD,
-    threshold_add: float | None = None,
-    monotonicity: bool = False,
-    patch_size: int | None = None,
-    first_patch_single_byte: bool = True,
-    include_next_token: bool = True,
-    compare_dtype=jnp.float32,
+    **mode_options,
 ) -> jnp.ndarray:
   """The mode's own starts, bool [B, T], before `max_patch_length` splits.
 
-  Every mode restarts at each document start (`masks`), so patches never
-  cross one and a packed document is patched as it is alone.
+  `mode_options` are `ModeOptions` fields. Every mode restarts at each
+  document start (`masks`), so patches never cross one and a packed document
+  is patched as it is alone.
   """
+  opts = ModeOptions(**mode_options)
   batch, num_tokens = tokens_BN.shape
-  doc_pos_BT = document_positions(tokens_BN, include_next_token)
-  if mode == "entropy":
+  doc_pos_BT = document_positions(tokens_BN, opts.include_next_token)
+  if opts.mode == "entropy":
     if entropies_BN is None:
       raise ValueError("mode 'entropy' needs entropies_BN")
     return entropy_starts(
-        entropies_BN, threshold, threshold_add=threshold_add,
-        monotonicity=monotonicity, include_next_token=include_next_token,
-        compare_dtype=compare_dtype, doc_pos_BT=doc_pos_BT)
-  if mode == "space":
-    return space_starts(tokens_BN, include_next_token=include_next_token)
-  if mode == "static":
+        entropies_BN, opts.threshold, threshold_add=opts.threshold_add,
+        monotonicity=opts.monotonicity, include_next_token=opts.include_next_token,
+        compare_dtype=opts.compare_dtype, doc_pos_BT=doc_pos_BT)
+  if opts.mode == "space":
+    return space_starts(tokens_BN, include_next_token=opts.include_next_token)
+  if opts.mode == "static":
     return static_starts(
-        batch, num_tokens, patch_size, include_next_token=include_next_token,
-        first_patch_single_byte=first_patch_single_byte, doc_pos_BT=doc_pos_BT)
-  if mode == "byte":
+        batch, num_tokens, opts.patch_size, include_next_token=opts.include_next_token,
+        first_patch_single_byte=opts.first_patch_single_byte, doc_pos_BT=doc_pos_BT)
+  if opts.mode == "byte":
     return byte_starts(
-        batch, num_tokens, include_next_token=include_next_token)
-  raise ValueError(f"unknown patching mode {mode!r}; expected one of {MODES}")
+        batch, num_tokens, include_next_token=opts.include_next_token)
+  raise ValueError(f"unknown patching mode {opts.mode!r}; expected one of {MODES}")
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("mode", "threshold", "threshold_add", "monotonicity",
-                     "patch_size", "first_patch_single_byte",
-                     "max_patch_length", "include_next_token", "max_patches",
-                     "compare_dtype"))
+    static_argnames=ModeOptions._fields + ("max_patch_length", "max_patches"))
 def patch(
     tokens_BN: jnp.ndarray,
     entropies_BN: jnp.ndarray | None = None,
     *,
-    mode: str = "entropy",
-    threshold: float = DEFAULT_THRESHOLD,
-    threshold_add: float | None = None,
-    monotonicity: bool = False,
-    patch_size: int | None = None,
-    first_patch_single_byte: bool = True,
     max_patch_length: int | None = None,
-    include_next_token: bool = True,
     max_patches: int | None = None,
-    compare_dtype=jnp.float32,
+    **mode_options,
 ) -> Patches:
   """Patches a batch: mode starts -> max_patch_length -> fixed-shape Patches.
 
+  `mode_options` are `ModeOptions` fields, passed on to `mode_starts`.
   `max_patches=None` uses T columns, which can never overflow. All arguments
   but the two arrays are static (hashable), so a jnp threshold is not allowed.
   """
-  starts_BT = mode_starts(
-      tokens_BN, entropies_BN, mode=mode, threshold=threshold,
-      threshold_add=threshold_add, monotonicity=monotonicity,
-      patch_size=patch_size, first_patch_single_byte=first_patch_single_byte,
-      include_next_token=include_next_token, compare_dtype=compare_dtype)
+  starts_BT = mode_starts(tokens_BN, entropies_BN, **mode_options)
   starts_BT = limit_patch_length(starts_BT, max_patch_length)
   if max_patches is None:
     max_patches = starts_BT.shape[1]
