@@ -63,11 +63,7 @@ def export_hf(checkpoint: Any, out: Any, dtype: str = "float32", max_shard_bytes
       raise ExportError(f"{model.path}: {e}") from None
 
   shards = _plan_shards({k: a.size * want.itemsize for k, a in tensors.items()}, max_shard_bytes)
-  staging = out.parent / f".{out.name}.exporting"
-  if staging.exists():
-    staging.rmtree()
-  staging.mkdir(parents=True)
-  try:
+  with paths.staged_dir(out, "exporting") as staging:
     weight_map, total = {}, 0
     for i, names in enumerate(shards):
       name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -77,14 +73,6 @@ def export_hf(checkpoint: Any, out: Any, dtype: str = "float32", max_shard_bytes
     if len(shards) > 1:
       (staging / hf.INDEX_FILE).write_text(hf.index_json(weight_map, total))
     (staging / hf.CONFIG_FILE).write_text(json.dumps(config_json, indent=2, sort_keys=True))
-    if out.is_dir():
-      out.rmtree()
-    elif out.exists():
-      out.unlink()
-    staging.rename(out)
-  finally:
-    if staging.exists():
-      staging.rmtree()
   return {"out": str(out), "checkpoint": str(model.path), "dtype": dtype, "tensors": len(tensors),
           "bytes": total, "shards": len(shards), "patcher": ent_flat is not None, "problems": problems}
 

@@ -5,9 +5,10 @@ point turns what the user typed into an absolute `etils.epath.Path` here, once, 
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
-from typing import Union
+from typing import Iterator, Union
 
 from etils import epath
 
@@ -109,3 +110,31 @@ def kvstore_spec(path: PathLike) -> dict:
   except ValueError as e:
     raise ValueError(f"{path}: tensorstore cannot store arrays at this URL ({e}); use a local path, gs://, s3:// "
                      "or memory://") from None
+
+
+@contextlib.contextmanager
+def staged_dir(out: epath.Path, suffix: str) -> Iterator[epath.Path]:
+  """Yields an empty staging directory `.{out.name}.{suffix}` beside `out`; `out` appears only once it is written.
+
+  When the block ends without an error the staging directory replaces `out` (a directory or file there is removed
+  first); in any case no staging directory is left behind. A leftover of an interrupted run is removed first.
+  """
+  staging = out.parent / f".{out.name}.{suffix}"
+  if staging.exists():
+    staging.rmtree()
+  staging.mkdir(parents=True)
+  try:
+    yield staging
+    _remove(out)
+    staging.rename(out)
+  finally:
+    if staging.exists():
+      staging.rmtree()
+
+
+def _remove(path: epath.Path) -> None:
+  """Removes `path`, a directory tree or a file, if it exists."""
+  if path.is_dir():
+    path.rmtree()
+  elif path.exists():
+    path.unlink()

@@ -77,22 +77,11 @@ def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
   entropy_dir = entropy.source if entropy is not None else None
   choices_dict = (choices or ImportChoices()).to_dict() if format == "hf" else None
 
-  staging = out.parent / f".{out.name}.converting"
-  if staging.exists():
-    staging.rmtree()  # leftover of an interrupted run
-  try:
+  with paths.staged_dir(out, "converting") as staging:
     _write_params(staging, main.params, _config_json(main, src, format, entropy is not None, choices_dict))
     if entropy is not None:
       _write_params(staging / reference.ENTROPY_SUBDIR, entropy.params,
                     _config_json(entropy, entropy_dir, format, False, choices_dict))
-    if out.is_dir():
-      out.rmtree()
-    elif out.exists():
-      out.unlink()
-    staging.rename(out)
-  finally:
-    if staging.exists():
-      staging.rmtree()
 
   models = [_summary(main, out)]
   if entropy is not None:
