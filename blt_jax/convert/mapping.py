@@ -80,10 +80,11 @@ def from_ours(target: Target, leaf: np.ndarray) -> np.ndarray:
 
 
 class DictSource:
-  """Tensors already in memory (a torch state dict turned numpy)."""
+  """Tensors in a mapping (numpy arrays, or torch tensors), each turned into numpy by `to_numpy` only when read."""
 
-  def __init__(self, tensors: Mapping[str, Any]):
+  def __init__(self, tensors: Mapping[str, Any], to_numpy: Callable[[Any], np.ndarray] = np.asarray):
     self._tensors = tensors
+    self._to_numpy = to_numpy
 
   def keys(self):
     return self._tensors.keys()
@@ -92,8 +93,8 @@ class DictSource:
     return tuple(np.shape(self._tensors[key]))
 
   def read(self, key: str, rows: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    array = np.asarray(self._tensors[key])
-    return array if rows is None else array[rows[0]:rows[1]]
+    value = self._tensors[key]
+    return self._to_numpy(value if rows is None else value[rows[0]:rows[1]])
 
 
 def params_from_source(source, targets: Mapping[str, Target], shapes: Mapping[K.Path, tuple], where: str,

@@ -112,7 +112,8 @@ def open_weights(path: pathlib.Path):
       return SafetensorsSource(safetensors_io.read_header(path))
     except safetensors_io.SafetensorsError as e:
       raise ConversionError(str(e)) from None
-  return _TorchSource(_read_torch(path))
+  # torch.load memory-maps the state dict; each tensor (or row block) is copied out only when read.
+  return mapping.DictSource(_read_torch(path), _torch_to_numpy)
 
 
 class SafetensorsSource:
@@ -131,22 +132,10 @@ class SafetensorsSource:
     return safetensors_io.read_tensor(self.infos[key], rows)
 
 
-class _TorchSource:
-  """A torch state dict (memory-mapped by torch.load); each tensor is turned into numpy only when read."""
-
-  def __init__(self, state_dict: Mapping[str, Any]):
-    self._sd = state_dict
-
-  def keys(self):
-    return self._sd.keys()
-
-  def shape(self, key: str) -> tuple:
-    return tuple(self._sd[key].shape)
-
-  def read(self, key: str, rows=None) -> np.ndarray:
-    import torch  # pylint: disable=g-import-not-at-top
-    value = self._sd[key] if rows is None else self._sd[key][rows[0]:rows[1]]
-    return (value.to(torch.float32) if value.is_floating_point() else value).numpy()
+def _torch_to_numpy(value) -> np.ndarray:
+  """A torch tensor as numpy, floating point as float32 (numpy has no bfloat16)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return (value.to(torch.float32) if value.is_floating_point() else value).numpy()
 
 
 def _read_torch(path: pathlib.Path) -> Mapping[str, Any]:
