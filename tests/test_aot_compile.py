@@ -1,0 +1,148 @@
+"""Ahead-of-time TPU compiles on a CPU machine (libtpu, no TPU): the trainer's step for a small v5e slice."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("libtpu", reason="ahead-of-time TPU compiles need libtpu (requirements-test.txt)")
+
+from blt_jax import aot, flops, hlo_stats, train_config  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOPOLOGY = "v5e:2x2"  # 4 chips: the smallest slice with an fsdp axis to shard over
+
+
+def _config(name: str, **overrides):
+  cfg = train_config.load_config_file(str(ROOT / "configs" / name))
+  for key, value in overrides.items():
+    node = cfg
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return cfg
+
+
+def _small_tiny():
+  """configs/tiny.py with one block per stack and 128-byte rows: the same step, less for XLA to compile."""
+  return _config("tiny.py", **{"model.n_layers_global": 1, "model.n_layers_local_decoder": 1, "seq_len": 128,
+                               "model.encoder_hash_byte_group_size": (3, 4)})
+
+
+def test_tiny_step_compiles_for_a_v5e_slice():
+  cfg = _small_tiny()
+  report = aot.compile_step(cfg, TOPOLOGY)
+  assert report.fits and not report.error, report.error
+  assert (report.chips, report.device_kind, report.mesh) == (4, "TPU v5 lite", dict(data=1, fsdp=4, tensor=1))
+  assert report.hbm_bytes == 16 * aot.GiB
+  # (A step this small keeps its temporaries out of HBM: temp_bytes may be 0; the program's code is counted.)
+  assert report.argument_bytes > 0 and report.temp_bytes >= 0 and report.argument_bytes < report.total_bytes
+  assert report.total_bytes < report.hbm_bytes
+  # Space patching runs the global stack over all seq_len + 1 slots: flops.py's every-slot count is what runs.
+  expected = report.model_flops["every_patch_slot"]
+  assert report.model_flops["model"] == pytest.approx(
+      flops.blt_train_flops_per_byte(train_config.model_config(cfg), 128, 4.5) * 8 * 128 / 4)
+  assert 0.5 < report.matmul_flops / expected < 4, (report.matmul_flops, expected)
+  assert report.uncounted_loops == 0 and 0 < report.xla_flops
+  # FSDP over 4 chips: weights are all-gathered for the forward and gradients reduced across the batch shards.
+  assert report.collectives["all-gather"]["ops"] > 0 and report.collectives["all-gather"]["bytes"] > 0
+  assert report.collectives["all-reduce"]["ops"] + report.collectives["reduce-scatter"]["ops"] > 0
+  text = "\n".join(report.lines())
+  assert "compiled in" in text and "of 16.00 GiB HBM" in text and "DOES NOT FIT" not in text
+
+
+def test_a_step_too_big_for_the_chip_says_so():
+  # An entropy-model step (the smaller program) with 8192 rows of 512 bytes per chip and no remat: its float32
+  # activations and logits alone are tens of GiB.
+  cfg = _config("entropy_tiny.py", global_batch_size=4 * 8192, seq_len=512, **{"mesh.data": -1, "mesh.fsdp": 1})
+  report = aot.compile_step(cfg, TOPOLOGY)
+  assert not report.fits
+  text = "\n".join(report.lines())
+  assert "DOES NOT FIT in 16.00 GiB per chip" in text, text
+
+
+def test_unknown_topology_is_named():
+  with pytest.raises(aot.AotError, match=r"--topology 'v9z:2x2' is not a TPU slice libtpu can describe"):
+    aot.topology_devices("v9z:2x2")
+
+
+def test_in_graph_entropy_model_needs_its_shape():
+  cfg = _config("blt_1b.py")  # its entropy_checkpoint is not on this machine
+  with pytest.raises(aot.AotError, match="--entropy_config"):
+    aot.entropy_model_config(cfg)
+  entropy = aot.entropy_model_config(cfg, str(ROOT / "configs" / "entropy_100m.py"))
+  assert (entropy.dim, entropy.n_layers) == (768, 14)
+  cfg.data.entropy_store = "precomputed"  # batches carry entropies: no model in the step
+  assert aot.entropy_model_config(cfg) is None
+
+
+def test_collectives_are_counted_from_hlo_text():
+  hlo = """
+  %ag = bf16[128,1024]{1,0} all-gather(bf16[32,1024]{1,0} %p), replica_groups={{0,1,2,3}}, dimensions={0}
+  %ags = (f32[8]{0}, f32[32]{0}) all-gather-start(f32[8]{0} %q), dimensions={0}
+  %agd = f32[32]{0} all-gather-done((f32[8]{0}, f32[32]{0}) %ags)
+  %ar = f32[] all-reduce(f32[] %x), to_apply=%add
+  %rs = f32[256]{0} reduce-scatter(f32[1024]{0} %y), dimensions={0}, to_apply=%add
+  """
+  counts = hlo_stats.count_collectives(hlo)
+  assert counts["all-gather"] == dict(ops=2, bytes=128 * 1024 * 2 + 32 * 4)
+  assert counts["all-reduce"] == dict(ops=1, bytes=4)
+  assert counts["reduce-scatter"] == dict(ops=1, bytes=1024)
+  assert counts["all-to-all"]["ops"] == counts["collective-permute"]["ops"] == 0
+
+
+_LOOP_HLO = """
+%body (t: (s32[], f32[64,32])) -> (s32[], f32[64,32]) {
+  %t = (s32[], f32[64,32]) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %h = f32[64,32]{1,0} get-tuple-element(%t), index=1
+  %w = f32[32,32]{1,0} constant({...})
+  %d = f32[64,32]{1,0} dot(f32[64,32]{1,0} %h, f32[32,32]{1,0} %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %out = (s32[], f32[64,32]) tuple(%next, %d)
+}
+
+%cond (t.1: (s32[], f32[64,32])) -> pred[] {
+  %t.1 = (s32[], f32[64,32]) parameter(0)
+  %n = s32[] constant(25)
+  %i.1 = s32[] get-tuple-element(%t.1), index=0
+  ROOT %lt = pred[] compare(%i.1, %n), direction=LT
+}
+
+%small (x.2: f32[64,32]) -> f32[64,32] {
+  %x.2 = f32[64,32]{1,0} parameter(0)
+  ROOT %c = f32[64,32]{1,0} convolution(%x.2, %x.2), dim_labels=bf_io->bf
+}
+
+%none (x.3: f32[64,32]) -> f32[64,32] {
+  ROOT %x.3 = f32[64,32]{1,0} parameter(0)
+}
+
+ENTRY %main (x: f32[64,32], p: s32[]) -> f32[64,32] {
+  %x = f32[64,32]{1,0} parameter(0)
+  %p = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[64,32]) tuple(%zero, %x)
+  %loop = (s32[], f32[64,32]) while(%init), condition=%cond, body=%body
+  %y = f32[64,32]{1,0} get-tuple-element(%loop), index=1
+  ROOT %z = f32[64,32]{1,0} conditional(%p, %y, %y), branch_computations={%none, %small}
+}
+"""
+
+
+def test_matmul_flops_count_loops_by_their_trip_count():
+  # 25 iterations of a [64, 32] x [32, 32] dot, then the costlier branch: a convolution with a [64 in, 32 out]
+  # kernel, 64 multiply-adds per output element.
+  flops, unknown = hlo_stats.matmul_flops(_LOOP_HLO)
+  assert unknown == 0
+  assert flops == 25 * 2 * 64 * 32 * 32 + 2 * 64 * 32 * 64
+
+
+def test_command_line_reports_a_bad_override_in_one_line():
+  result = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--config",
+                           str(ROOT / "configs" / "tiny.py"), "--topology=v5e:2x2", "--config.optimizer.lrr=1"],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "optimizer.lr" in result.stderr
