@@ -43,6 +43,7 @@ class StackConfig:
   dtype: str = "float32"
   remat: bool = False
   intermediate_size: Optional[int] = None  # explicit SwiGLU width (transformers' configs state it); None = spec 5.3
+  scan_layers: bool = False  # run the blocks as one lax.scan over stacked params (compile time flat in depth)
 
   @property
   def hd(self) -> int:
@@ -86,6 +87,7 @@ class EntropyModelConfig:
   dtype: str = "float32"
   remat: bool = False
   intermediate_size: Optional[int] = None  # explicit FFN width (transformers' patcher_config); None = spec 5.3
+  scan_layers: bool = False  # a run setting: blocks as one lax.scan (same params, same numbers)
 
   def __post_init__(self):
     _check_common("entropy_model", self.dtype, self.init_std_factor)
@@ -96,7 +98,7 @@ class EntropyModelConfig:
     return StackConfig(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim,
                        self.ffn_dim_multiplier, self.multiple_of, self.norm_eps, self.rope_theta,
                        self.sliding_window, self.document_mask, self.init_std_factor, self.dtype, self.remat,
-                       self.intermediate_size)
+                       self.intermediate_size, self.scan_layers)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> "EntropyModelConfig":
@@ -144,6 +146,7 @@ class BLTConfig:
   init_std_factor: str = "current_depth"
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False  # a run setting: the global stack's blocks as one lax.scan (same params and numbers)
   # Fields that the reference derives but transformers' configs state per stage (None: the reference's rule).
   intermediate_size_local_encoder: Optional[int] = None  # explicit SwiGLU widths; None = spec 5.3 from the dim
   intermediate_size_global: Optional[int] = None
@@ -175,7 +178,7 @@ class BLTConfig:
   def _stack(self, dim, n_layers, n_heads, n_kv_heads, window, intermediate_size) -> StackConfig:
     return StackConfig(dim, n_layers, n_heads, n_kv_heads, self.head_dim, self.ffn_dim_multiplier, self.multiple_of,
                        self.norm_eps, self.rope_theta, window, self.document_mask, self.init_std_factor, self.dtype,
-                       self.remat, intermediate_size)
+                       self.remat, intermediate_size, self.scan_layers)
 
   def encoder_stack(self) -> StackConfig:
     return self._stack(self.dim_local_encoder, self.n_layers_local_encoder, self.n_heads_local_encoder,

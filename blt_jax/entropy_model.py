@@ -28,8 +28,7 @@ class EntropyModel(nn.Module):
     segment_BS, positions_BS = masks.context_segments(tokens_BS, context_len or c.max_seqlen)
     h = layers.Embed(c.vocab_size, c.dim, c.dim ** -0.5, name="tok_embeddings")(tokens_BS).astype(jnp.dtype(c.dtype))
     cos, sin = layers.stack_rope_at(stack, positions_BS)
-    for i in range(c.n_layers):
-      h = layers.block(stack, i, f"layers_{i}")(h, cos, sin, segment_BS)
+    h = layers.run_blocks(self, stack, h, cos, sin, segment_BS)
     h = layers.RMSNorm(c.norm_eps, c.dtype, name="norm")(h)
     logits = layers.Linear(c.vocab_size, ("embed", "vocab"), c.dim ** -0.5, c.dtype, name="output")(h)
     return logits.astype(jnp.float32)

@@ -26,6 +26,4 @@ class GlobalTransformer(nn.Module):
       cos, sin = layers.stack_rope_at(stack, masks.patch_positions(patch_doc_BP))
     else:
       cos, sin = layers.stack_rope(stack, P)
-    for i in range(c.n_layers_global):
-      h = layers.block(stack, i, f"layers_{i}")(h, cos, sin, patch_doc_BP)
-    return h
+    return layers.run_blocks(self, stack, h, cos, sin, patch_doc_BP)

@@ -184,6 +184,35 @@ def block(stack: StackConfig, depth: int, name: str) -> TransformerBlock:
   return cls(stack, depth, name=name)
 
 
+def run_blocks(parent: nn.Module, stack: StackConfig, x_BSD, cos, sin, doc_BS, prefix: str = "layers_"):
+  """`x` through the parent's blocks `{prefix}0 .. {prefix}{n-1}`, in order.
+
+  With `stack.scan_layers` (outside init) the blocks' params are stacked on a leading layer axis and run as one
+  `lax.scan` whose body is a single block, so compile time does not grow with depth. The param tree is the same
+  either way (one `{prefix}i` subtree per layer, the reference's names), so checkpoints, converters and the cached
+  decoder never see the difference; the stacking costs one copy of the stack's params per step.
+  """
+  n = stack.n_layers
+  if not stack.scan_layers or n <= 1 or parent.is_initializing():
+    for i in range(n):
+      x_BSD = block(stack, i, f"{prefix}{i}")(x_BSD, cos, sin, doc_BS)
+    return x_BSD
+  params = nn.meta.unbox(parent.variables["params"])
+  missing = [f"{prefix}{i}" for i in range(n) if f"{prefix}{i}" not in params]
+  if missing:
+    raise ValueError(f"scan_layers: params have no {missing[0]!r} ({n} layers expected)")
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[f"{prefix}{i}"] for i in range(n)])
+  one_block = TransformerBlock(stack, 0, parent=None)  # unbound; the depth only sets init stds: every layer's apply is the same function
+
+  def body(h, layer_params):
+    return one_block.apply({"params": layer_params}, h, cos, sin, doc_BS), None
+
+  if stack.remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  x_BSD, _ = jax.lax.scan(body, x_BSD, stacked)
+  return x_BSD
+
+
 # attend(q_BQHD, k_BTHD, v_BTHD) -> out_BQHD, closing over the ids that define who sees whom.
 AttendFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 

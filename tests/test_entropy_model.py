@@ -1,4 +1,5 @@
 """Entropy model: golden parity, the released masks (window, documents), chunking without cross-row bleed."""
+import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,3 +70,11 @@ def test_sliding_window_and_documents(params):
   a = compute_entropies_jit(p, with_eos, cfg)
   b = compute_entropies_jit(p, with_eos.at[0, 8].set(77), cfg)
   np.testing.assert_allclose(a[0, 11:], b[0, 11:], atol=1e-6)
+
+
+def test_scan_layers_gives_the_same_logits():
+  cfg = EntropyModelConfig(dim=32, n_layers=3, n_heads=2, sliding_window=8, max_seqlen=64)
+  params = nn.meta.unbox(init_entropy_model(jax.random.PRNGKey(1), cfg))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(4, 260, size=(2, 40)), jnp.int32).at[1, 17].set(2)
+  scanned = dataclasses.replace(cfg, scan_layers=True)
+  np.testing.assert_allclose(chunked_logits(params, tokens, scanned), chunked_logits(params, tokens, cfg), atol=2e-5)

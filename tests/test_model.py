@@ -197,6 +197,28 @@ def test_remat_gives_the_same_gradients():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_layers_gives_the_same_logits_and_gradients(remat):
+  """The scanned global stack reads the same per-layer params and computes the same function as the loop."""
+  blt_cfg = dataclasses.replace(_tiny_configs(remat=remat)[0], n_layers_global=3)
+  scan_cfg = dataclasses.replace(blt_cfg, scan_layers=True)
+  params = init_blt(jax.random.PRNGKey(0), blt_cfg)
+  assert jax.tree.structure(params) == jax.tree.structure(init_blt(jax.random.PRNGKey(0), scan_cfg))
+  rng = np.random.default_rng(4)
+  tokens = jnp.asarray(rng.integers(4, 260, size=(2, 24)), jnp.int32).at[0, 9].set(2)  # two documents in row 0
+  lengths = patching.patch(tokens, None, mode="static", patch_size=3, max_patches=25).patch_lengths_BP
+
+  def logits_and_grads(cfg):
+    fwd = lambda p: BLT(cfg).apply({"params": p}, tokens, lengths)
+    loss = lambda p: jnp.mean(jax.nn.logsumexp(fwd(p), -1))
+    return jax.jit(fwd)(params), jax.jit(jax.grad(loss))(params)
+  (ref_logits, ref_grads), (logits, grads) = logits_and_grads(blt_cfg), logits_and_grads(scan_cfg)
+  np.testing.assert_allclose(logits, ref_logits, atol=2e-5)
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+
+
 # (patching, documents end with EOS as in training rows, or not as in scoring rows)
 PACK_CASES = [(MODES[0], True), (MODES[0], False), (MODES[1], False), (MODES[2], True), (MODES[3], False),
               (MODES[3], True), (MODES[4], True), (MODES[4], False)]
