@@ -104,8 +104,12 @@ def _buckets(row_len: int) -> List[int]:
 
 
 def _slot_bucket(needed: int, num_positions: int) -> int:
+  """Patch slots of the global model's program: the next of 16, 24, 32, 48, 64, 96, ... (half-octave steps, so at
+  most a third of the slots are padding, at two programs per octave), capped by the row's positions."""
   p = MIN_SLOT_BUCKET
   while p < needed:
+    if p * 3 // 2 >= needed:
+      return min(p * 3 // 2, num_positions)
     p *= 2
   return min(p, num_positions)
 
