@@ -71,3 +71,39 @@ def device_peak_flops(device) -> float:
     if name.lower() in kind.lower():
       return peak
   return 0.0
+
+
+def measured_matmul_flops(device=None, n: int = 1024, repeats: int = 3) -> float:
+  """FLOP/s of a jitted float32 `[n, n] @ [n, n]` on `device` (median of `repeats` after a warm-up): the rate a
+  CPU, which has no vendor peak here, can actually reach."""
+  import time  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  device = device or jax.devices()[0]
+  a = jax.device_put(np.ones((n, n), np.float32), device)
+  mm = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(mm(a))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(mm(a))
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / max(float(np.median(times)), 1e-9)
+
+
+def peak_flops(devices) -> tuple:
+  """(peak FLOP/s of all `devices` together, where the number comes from) for MFU.
+
+  Accelerators: the vendor's dense bf16 peak per chip times the chip count. CPU devices share one host's cores, so
+  their peak is one measured float32 matmul rate per process (`measured_matmul_flops`), however many host devices
+  XLA was told to emulate.
+  """
+  devices = list(devices)
+  vendor = device_peak_flops(devices[0])
+  if vendor > 0:
+    return vendor * len(devices), f"vendor peak {vendor / 1e12:g} TFLOP/s x {len(devices)} {devices[0].device_kind}"
+  processes = len({getattr(d, "process_index", 0) for d in devices})
+  rate = measured_matmul_flops(devices[0])
+  return rate * processes, (f"measured f32 matmul rate {rate / 1e9:.1f} GFLOP/s"
+                            + (f" x {processes} processes" if processes > 1 else "") + f" ({devices[0].platform})")

@@ -35,6 +35,21 @@ from blt_jax.config import BLTConfig, EntropyModelConfig
 log = logging.getLogger("blt_jax.train")
 
 
+# Seconds jax has spent tracing, lowering and compiling in this process (its monitoring events), for the first
+# step's compile time.
+_COMPILE_SECONDS = [0.0]
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+def _count_compile_seconds(event: str, seconds: float, **_) -> None:
+  if event in _COMPILE_EVENTS:
+    _COMPILE_SECONDS[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile_seconds)
+
+
 class TrainingError(RuntimeError):
   """The run cannot continue (non-finite loss, patch overflow in 'error' mode)."""
 
@@ -284,6 +299,9 @@ class Trainer:
     self.state = None  # the final train state once `run()` returns
     self._eval_iterator = None
     self.flops_per_byte = self._flops_per_byte(4.5)
+    self._compile_s: Optional[float] = None
+    self.peak_flops, peak_source = flops_lib.peak_flops(jax.devices())
+    _say(f"MFU is measured against {self.peak_flops / 1e12:.4g} TFLOP/s: {peak_source}")
     self.stop_request = StopRequest(self.mesh)
     profile_dir = self.workdir / "profile"
     if jax.process_count() > 1:  # hosts of one machine would write over each other's trace files
@@ -376,7 +394,10 @@ class Trainer:
       batches = [next(iterator) for _ in range(cfg.grad_accum_steps)]
       arrays = _stack_to_global(batches, self.mesh)
       self.profile.before_step(step + 1)
-      state, metrics = self.train_step(state, arrays, self.entropy_params)
+      if step == start_step:
+        state, metrics = self._first_step(state, arrays)
+      else:
+        state, metrics = self.train_step(state, arrays, self.entropy_params)
       step += 1
       self.profile.after_step(step, state)
       is_log = step % cfg.log_every == 0 or step == cfg.num_steps
@@ -404,6 +425,16 @@ class Trainer:
     return dict(start_step=start_step, final_step=step, history=self.history, preempted=preempted,
                 final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()} if metrics else {})
 
+  def _first_step(self, state, arrays):
+    """The run's first step, timed: its compile time is logged (and written as `compile_s`)."""
+    before = _COMPILE_SECONDS[0]
+    t = time.perf_counter()
+    state, metrics = jax.block_until_ready(self.train_step(state, arrays, self.entropy_params))
+    total, compile_s = time.perf_counter() - t, _COMPILE_SECONDS[0] - before
+    _say(f"first step: {total:.1f} s, of which {compile_s:.1f} s tracing and compiling the train step")
+    self._compile_s = compile_s  # joins the next metrics line
+    return state, metrics
+
   def _log_train(self, step: int, host, window) -> None:
     cfg = self.cfg
     now = time.perf_counter()
@@ -417,8 +448,9 @@ class Trainer:
       line.update(mean_patch_length=mean_patch, patches_per_s=rows_bytes / elapsed / mean_patch,
                   overflow_rows=host["overflow_rows"])
       self.flops_per_byte = self._flops_per_byte(mean_patch)
-    peak = flops_lib.device_peak_flops(jax.devices()[0]) * jax.device_count()
-    line["mfu"] = flops_lib.mfu(self.flops_per_byte, line["bytes_per_s"], peak)
+    line["mfu"] = flops_lib.mfu(self.flops_per_byte, line["bytes_per_s"], self.peak_flops)
+    if self._compile_s is not None:
+      line["compile_s"], self._compile_s = self._compile_s, None
     self.writer.write_scalars(step, line)
     self.history.append((step, {k: float(v) for k, v in line.items()}))
     window.update(t=time.perf_counter(), steps=0)

@@ -199,6 +199,18 @@ def straight(micro, tmp_path_factory):
   return dict(summary=summary, trainer=trainer, params=as_numpy(trainer.state.params), batches=record)
 
 
+def test_first_step_logs_its_compile_time_and_mfu_has_a_measured_cpu_peak(straight):
+  """CPU has no vendor peak: MFU is against a matmul rate measured at start-up, so it is never a constant 0."""
+  rows = train_rows(straight["summary"])
+  first, *rest = sorted(rows)
+  assert rows[first]["compile_s"] > 0 and all("compile_s" not in rows[s] for s in rest)
+  assert straight["trainer"].peak_flops > 1e8  # any CPU multiplies faster than 0.1 GFLOP/s
+  for step in rows:
+    assert 0 < rows[step]["mfu"] < 1, (step, rows[step]["mfu"])
+    expected = straight["trainer"].flops_per_byte * rows[step]["bytes_per_s"] / straight["trainer"].peak_flops
+    np.testing.assert_allclose(rows[step]["mfu"], expected, rtol=0.2)  # flops_per_byte follows the patch length
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Meshes.
 
