@@ -18,7 +18,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from blt_jax import masks
+from blt_jax import masks, splash
+from blt_jax.config import ATTENTION_IMPLS
 
 
 def _repeat_kv(x_BTKD: jnp.ndarray, n_heads: int) -> jnp.ndarray:
@@ -48,19 +49,64 @@ def masked_attention(q_BSHD: jnp.ndarray, k_BTKD: jnp.ndarray, v_BTKD: jnp.ndarr
 
 
 BLOCK = 128  # query/key block of the blocked path; sequences shorter than 2 blocks use the dense mask
+# Self-attention implementations (a stack's `attention_impl`). "auto": the Pallas splash kernel on TPU, cuDNN on GPU
+# when no document split is asked for (its masks have no segment ids), else dense below 2 blocks and blocked above.
+IMPLS = ATTENTION_IMPLS
+
+
+def target_platform() -> str:
+  """The platform being compiled for: the mesh set while tracing (an ahead-of-time compile for a TPU topology on a
+  CPU host says "tpu"), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
+def choose_impl(impl: str, seq_len: int, has_documents: bool, block: int = BLOCK) -> str:
+  """The implementation `self_attention` runs for `impl` on the default backend."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention_impl={impl!r}: expected one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  backend = target_platform()
+  if backend == "tpu" and seq_len % splash.MIN_BLOCK == 0:
+    return "splash"
+  if backend == "gpu" and not has_documents:
+    return "cudnn"
+  return "dense" if seq_len < 2 * block else "blocked"
 
 
 def self_attention(q_BSHD: jnp.ndarray, k_BSKD: jnp.ndarray, v_BSKD: jnp.ndarray, doc_BS: Optional[jnp.ndarray],
-                   window: Optional[int], block: int = BLOCK) -> jnp.ndarray:
+                   window: Optional[int], block: int = BLOCK, impl: str = "auto") -> jnp.ndarray:
   """Causal self-attention, windowed (`i - W < j <= i`) and split at documents when given.
 
-  Short sequences: one dense masked softmax. Longer ones: `blocked_self_attention` (online softmax over key blocks,
-  skipping blocks the causal/window mask rules out), so memory is linear in S and no [S, S] matrix exists.
+  Every implementation computes the mask of `masks.self_attention_mask`: dense (one masked softmax), blocked
+  (`blocked_self_attention`: online softmax over key blocks, skipping blocks the causal/window mask rules out; memory
+  linear in S, no [S, S] matrix), splash (`splash.self_attention`: the Pallas TPU kernel with segment ids for
+  documents), cudnn (`jax.nn.dot_product_attention`, only without documents).
   """
   S = q_BSHD.shape[1]
-  if S < 2 * block:
+  chosen = choose_impl(impl, S, doc_BS is not None, block)
+  if chosen == "dense":
     return masked_attention(q_BSHD, k_BSKD, v_BSKD, masks.dense_self_attention_mask(doc_BS, S, window))
+  if chosen == "splash":
+    return splash.self_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window, interpret=target_platform() != "tpu")
+  if chosen == "cudnn":
+    if doc_BS is not None:
+      raise ValueError("attention_impl='cudnn' cannot split attention at documents (no segment ids in cuDNN's "
+                       "masks); use 'auto', 'blocked' or set document_mask=False")
+    return cudnn_self_attention(q_BSHD, k_BSKD, v_BSKD, window)
   return blocked_self_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window, block)
+
+
+def cudnn_self_attention(q_BSHD, k_BSKD, v_BSKD, window, implementation: Optional[str] = "cudnn"):
+  """Causal (optionally windowed) attention through `jax.nn.dot_product_attention`; `implementation="xla"` runs
+  the same call anywhere (the tests' CPU check of the arguments)."""
+  H = q_BSHD.shape[2]
+  k, v = _repeat_kv(k_BSKD, H), _repeat_kv(v_BSKD, H)
+  local = None if window is None else (window - 1, 0)  # keys i-W < j <= i
+  return jax.nn.dot_product_attention(q_BSHD, k, v, is_causal=True, local_window_size=local,
+                                      implementation=implementation)
 
 
 def blocked_self_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window, block: int = BLOCK):

@@ -146,7 +146,8 @@ class SelfAttention(nn.Module):
     k = Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wk")(x_BSD).reshape(B, S, K, D)
     v = Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wv")(x_BSD).reshape(B, S, K, D)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attention.self_attention(q, k, v, doc_BS if c.document_mask else None, c.sliding_window)
+    out = attention.self_attention(q, k, v, doc_BS if c.document_mask else None, c.sliding_window,
+                                   impl=c.attention_impl)
     return Linear(c.dim, ("heads", "embed"), self.std, c.dtype, name="wo")(out.reshape(B, S, H * D))
 
 
