@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import helpers
 from blt_jax import checkpoint
 from blt_jax import sharding
 
@@ -167,15 +168,8 @@ def _two_steps(tmp_path, mesh):
   return states, tmp_path / "checkpoints" / "20"
 
 
-def _truncate_arrays(step_dir):
-  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-  assert files
-  for p in files:
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-
-
 def _delete_arrays(step_dir):
-  for p in [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]:
+  for p in helpers.state_array_files(step_dir):
     p.unlink()
 
 
@@ -191,7 +185,7 @@ def _bad_state_metadata(step_dir):
   (step_dir / "state" / "_METADATA").write_text("{")
 
 
-@pytest.mark.parametrize("damage", [_truncate_arrays, _delete_arrays, _bad_meta_json, _bad_data_json,
+@pytest.mark.parametrize("damage", [helpers.truncate_state_arrays, _delete_arrays, _bad_meta_json, _bad_data_json,
                                     _bad_state_metadata])
 def test_damaged_latest_falls_back_and_is_kept_aside(tmp_path, mesh, damage):
   states, step_dir = _two_steps(tmp_path, mesh)
@@ -219,7 +213,7 @@ def test_damaged_latest_falls_back_and_is_kept_aside(tmp_path, mesh, damage):
 
 def test_damaged_latest_in_error_mode_names_step_and_path(tmp_path, mesh):
   states, step_dir = _two_steps(tmp_path, mesh)
-  _truncate_arrays(step_dir)
+  helpers.truncate_state_arrays(step_dir)
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     with pytest.raises(checkpoint.DamagedCheckpointError) as info:
       ckpt.restore_newest_readable(_abstract(states[10]), on_damaged="error")

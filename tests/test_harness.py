@@ -9,8 +9,6 @@ import sys
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local tasks only: a download attempt fails instead
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -19,10 +17,8 @@ lm_eval = pytest.importorskip("lm_eval")  # an optional extra (requirements-test
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
-from blt_jax import checkpoint, generate, harness, score, tokenizer  # noqa: E402
-from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig  # noqa: E402
-from blt_jax.entropy_model import compute_entropies, init_entropy_model  # noqa: E402
-from blt_jax.model import init_blt  # noqa: E402
+import helpers  # noqa: E402
+from blt_jax import generate, harness, score, tokenizer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -107,33 +103,14 @@ def write_tasks(directory) -> str:
 # A tiny random BLT with entropy patching.
 
 
-def _unbox(tree):
-  import flax.linen as nn
-  return nn.meta.unbox(tree)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  blt_cfg = BLTConfig(dim_local_encoder=32, n_layers_local_encoder=1, n_heads_local_encoder=4, dim_global=64,
-                      n_layers_global=2, n_heads_global=4, dim_local_decoder=32, n_layers_local_decoder=1,
-                      n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4),
-                      encoder_hash_byte_group_vocab=211, encoder_hash_byte_group_nb_functions=1,
-                      local_attention_window_len=16, max_seqlen=128, max_encoder_seq_length=128)
-  ent_cfg = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, sliding_window=16, max_seqlen=48)
-  blt_params = _unbox(init_blt(jax.random.PRNGKey(0), blt_cfg))
-  ent_params = _unbox(init_entropy_model(jax.random.PRNGKey(1), ent_cfg))
-  sample = jnp.asarray([tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)])
-  threshold = float(np.median(np.asarray(compute_entropies(ent_params, sample, ent_cfg))))
+  model = helpers.tiny_entropy_blt(max_seqlen=128)
   # Random weights: logit 0 for EOS and the non-ASCII bytes (below the best of a hundred random logits), so greedy
   # rows run on in ASCII, which stop strings can name.
-  out = blt_params["local_decoder"]["output"]
+  out = model["blt_params"]["local_decoder"]["output"]
   out["kernel"] = out["kernel"].at[:, tokenizer.EOS_ID].set(0.0).at[:, tokenizer.OFFSET + 128:].set(0.0)
-  path = tmp_path_factory.mktemp("harness") / "ckpt"
-  checkpoint.save_params(path, blt_params, {"format": "blt_jax", "model_type": "blt", "model": blt_cfg.to_dict(),
-                                            "patching": PatchingConfig(mode="entropy", threshold=threshold).to_dict()})
-  checkpoint.save_params(path / "entropy_model", ent_params,
-                         {"format": "blt_jax", "model_type": "entropy_model", "model": ent_cfg.to_dict()})
-  return str(path)
+  return helpers.save_checkpoint(tmp_path_factory.mktemp("harness") / "ckpt", **model)
 
 
 @pytest.fixture(scope="module")

@@ -13,48 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blt_jax import checkpoint, patching, score, tokenizer
-from blt_jax.config import (BLTConfig, EntropyModelConfig, PatchingConfig, blt_config_from_reference,
-                            entropy_config_from_reference)
+import helpers
+from blt_jax import patching, score, tokenizer
+from blt_jax.config import PatchingConfig, blt_config_from_reference, entropy_config_from_reference
 from blt_jax.convert.mapping import params_from_state_dict
-from blt_jax.entropy_model import compute_entropies, init_entropy_model
-from blt_jax.model import BLT, init_blt
+from blt_jax.entropy_model import compute_entropies
+from blt_jax.model import BLT
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-6
 
 
-def _unbox(tree):
-  import flax.linen as nn
-  return nn.meta.unbox(tree)
-
-
-def _save(path, blt_cfg, blt_params, patch_cfg, ent_cfg=None, ent_params=None):
-  checkpoint.save_params(path, blt_params, {"format": "blt_jax", "model_type": "blt", "model": blt_cfg.to_dict(),
-                                            "patching": patch_cfg.to_dict()})
-  if ent_cfg is not None:
-    checkpoint.save_params(pathlib.Path(path) / "entropy_model", ent_params,
-                           {"format": "blt_jax", "model_type": "entropy_model", "model": ent_cfg.to_dict()})
-  return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   """A random tiny BLT with entropy patching (threshold at the median entropy, so patches vary)."""
-  blt_cfg = BLTConfig(dim_local_encoder=32, n_layers_local_encoder=1, n_heads_local_encoder=4, dim_global=64,
-                      n_layers_global=2, n_heads_global=4, dim_local_decoder=32, n_layers_local_decoder=1,
-                      n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4),
-                      encoder_hash_byte_group_vocab=211, encoder_hash_byte_group_nb_functions=1,
-                      local_attention_window_len=16, max_seqlen=64, max_encoder_seq_length=128)
-  ent_cfg = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, sliding_window=16, max_seqlen=48)
-  blt_params = _unbox(init_blt(jax.random.PRNGKey(0), blt_cfg))
-  ent_params = _unbox(init_entropy_model(jax.random.PRNGKey(1), ent_cfg))
-  sample = jnp.asarray([tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)])
-  threshold = float(np.median(np.asarray(compute_entropies(ent_params, sample, ent_cfg))))
-  patch_cfg = PatchingConfig(mode="entropy", threshold=threshold)
-  path = _save(tmp_path_factory.mktemp("tiny") / "ckpt", blt_cfg, blt_params, patch_cfg, ent_cfg, ent_params)
-  return dict(path=path, blt_cfg=blt_cfg, blt_params=blt_params, ent_cfg=ent_cfg, ent_params=ent_params,
-              patch_cfg=patch_cfg)
+  model = helpers.tiny_entropy_blt(max_seqlen=64)
+  return dict(model, path=helpers.save_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", **model))
 
 
 def _direct_nll(t, tokens):
@@ -191,9 +165,9 @@ def test_golden_checkpoint_through_the_cli_reproduces_the_golden_nll(golden, tmp
   blt_cfg = blt_config_from_reference(meta["blt_args"])
   ent_cfg = entropy_config_from_reference(meta["entropy_model_args"])
   strip = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-  _save(tmp_path / "golden", blt_cfg, params_from_state_dict(strip("blt/"), blt_cfg),
-        PatchingConfig(mode="entropy", threshold=meta["threshold"]), ent_cfg,
-        params_from_state_dict(strip("entropy_model/"), ent_cfg))
+  helpers.save_checkpoint(tmp_path / "golden", blt_cfg, params_from_state_dict(strip("blt/"), blt_cfg),
+                          PatchingConfig(mode="entropy", threshold=meta["threshold"]), ent_cfg,
+                          params_from_state_dict(strip("entropy_model/"), ent_cfg))
   tokens, logits = arrays["tokens"], arrays["blt_logits"]
   expected = []
   for row in range(2):

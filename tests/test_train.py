@@ -28,6 +28,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 
+import helpers
 from blt_jax import checkpoint as ckpt_lib
 from blt_jax import convert, entropy_store, patching, train
 from blt_jax.convert import safetensors_io
@@ -534,31 +535,40 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_one_mesh(corpus, tmp_path):
-  overrides = {**MICRO, **corpus, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2,
-               "mesh.coordinator_address": f"127.0.0.1:{_free_port()}", "mesh.num_processes": 2}
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
-  procs, logs = [], []
+def _launch(overrides, workdir, logdir, env):
+  """Starts both processes of a 2-process run; output to files (a full pipe would stall a collective)."""
+  procs = []
   for i in range(2):
-    # Output to files, not pipes: a process blocked on a full pipe would stall the other one in a collective.
-    logs.append((tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt"))
-    with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
-      procs.append(subprocess.Popen([sys.executable, str(DRIVER), str(tmp_path / "run"),
-                                     json.dumps({**overrides, "mesh.process_id": i})],
-                                    cwd=ROOT, env=env, stdout=out, stderr=err))
+    with open(logdir / f"out{i}.txt", "w") as out, open(logdir / f"err{i}.txt", "w") as err:
+      procs.append(subprocess.Popen([sys.executable, str(DRIVER), str(workdir), json.dumps({**overrides,
+                                     "mesh.process_id": i})], cwd=ROOT, env=env, stdout=out, stderr=err))
+  return procs
+
+
+def _reports(procs, logdir, timeout=300):
+  """Each process's last JSON line, once all have exited with 0 (any still running at `timeout` is killed)."""
   try:
     for p in procs:
-      p.wait(timeout=300)
+      p.wait(timeout=timeout)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
   reports = []
-  for p, (out, err) in zip(procs, logs):
-    assert p.returncode == 0, f"rc={p.returncode}\n{err.read_text()[-4000:]}"
-    reports.append(json.loads([line for line in out.read_text().splitlines() if line.startswith("{")][-1]))
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i}: rc={p.returncode}\n{(logdir / f'err{i}.txt').read_text()[-4000:]}"
+    lines = (logdir / f"out{i}.txt").read_text().splitlines()
+    reports.append(json.loads([line for line in lines if line.startswith("{")][-1]))
+  return reports
+
+
+def test_two_processes_train_one_mesh(corpus, tmp_path):
+  overrides = {**MICRO, **corpus, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2,
+               "mesh.coordinator_address": f"127.0.0.1:{_free_port()}", "mesh.num_processes": 2}
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+  reports = _reports(_launch(overrides, tmp_path / "run", tmp_path, env), tmp_path)
   assert [r["process"] for r in reports] == [0, 1]
   assert all(r["process_count"] == 2 and r["device_count"] == 4 for r in reports)
   assert sorted(reports[0]["losses"]) == ["1", "2"]
@@ -650,33 +660,6 @@ class _BothHosts:
       h.set_state(s)
 
 
-def _launch(overrides, workdir, logdir, env):
-  """Both processes of a 2-process run (4 CPU devices each); output to files (a full pipe would stall a collective)."""
-  procs = []
-  for i in range(2):
-    with open(logdir / f"out{i}.txt", "w") as out, open(logdir / f"err{i}.txt", "w") as err:
-      procs.append(subprocess.Popen([sys.executable, str(DRIVER), str(workdir), json.dumps({**overrides,
-                                     "mesh.process_id": i})], cwd=ROOT, env=env, stdout=out, stderr=err))
-  return procs
-
-
-def _reports(procs, logdir, timeout=300):
-  try:
-    for p in procs:
-      p.wait(timeout=timeout)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  reports = []
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i}: rc={p.returncode}\n{(logdir / f'err{i}.txt').read_text()[-4000:]}"
-    lines = (logdir / f"out{i}.txt").read_text().splitlines()
-    reports.append(json.loads([line for line in lines if line.startswith("{")][-1]))
-  return reports
-
-
 def test_two_processes_sigterm_and_resume_match_one_process(micro, corpus, compile_cache, tmp_path, capsys):
   """SIGTERM to one of two processes: both stop at the same step; resumed, the losses are a 1-process run's."""
   env = dict(os.environ, **compile_cache, JAX_PLATFORMS="cpu",
@@ -725,18 +708,11 @@ def test_two_processes_sigterm_and_resume_match_one_process(micro, corpus, compi
 # 9. Damaged checkpoints: the run resumes from the newest readable one and keeps the damaged one aside.
 
 
-def _truncate_state_arrays(step_dir):
-  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-  assert files
-  for p in files:
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-
-
 def _break_data_json(step_dir):
   (step_dir / "data" / "process_0-of-1.json").write_text('{"kind": "json", "value": {')
 
 
-@pytest.mark.parametrize("damage", [_truncate_state_arrays, _break_data_json])
+@pytest.mark.parametrize("damage", [helpers.truncate_state_arrays, _break_data_json])
 def test_damaged_latest_checkpoint_falls_back(micro, straight, tmp_path, caplog, damage):
   # The straight run's checkpoints (steps 3 and 6) with step 6 damaged.
   shutil.copytree(straight["trainer"].workdir / "checkpoints", tmp_path / "checkpoints")
