@@ -45,6 +45,7 @@ class StackConfig:
   intermediate_size: Optional[int] = None  # explicit SwiGLU width (transformers' configs state it); None = spec 5.3
   scan_layers: bool = False  # run the blocks as one lax.scan over stacked params (compile time flat in depth)
   attention_impl: str = "auto"  # self-attention kernel (attention.IMPLS); "auto" picks by platform and shape
+  remat_policy: str = "full"  # with remat: what the backward pass keeps (REMAT_POLICIES)
 
   @property
   def hd(self) -> int:
@@ -63,9 +64,15 @@ class StackConfig:
 
 # Self-attention kernels (attention.self_attention's `impl`).
 ATTENTION_IMPLS = ("auto", "dense", "blocked", "splash", "cudnn")
+# With remat, what a block's backward pass keeps instead of recomputing: nothing ("full" recompute), every matmul
+# output ("dots"), or the matmul outputs without batch dimensions, i.e. the projections, not attention ("dots_no_batch").
+REMAT_POLICIES = ("full", "dots", "dots_no_batch")
 
 
-def _check_common(name: str, dtype: str, init_std_factor: str, attention_impl: str = "auto") -> None:
+def _check_common(name: str, dtype: str, init_std_factor: str, attention_impl: str = "auto",
+                  remat_policy: str = "full") -> None:
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"{name}.remat_policy={remat_policy!r}: expected one of {REMAT_POLICIES}")
   if attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f"{name}.attention_impl={attention_impl!r}: expected one of {ATTENTION_IMPLS}")
   if dtype not in _DTYPES:
@@ -96,9 +103,10 @@ class EntropyModelConfig:
   intermediate_size: Optional[int] = None  # explicit FFN width (transformers' patcher_config); None = spec 5.3
   scan_layers: bool = False  # a run setting: blocks as one lax.scan (same params, same numbers)
   attention_impl: str = "auto"  # a run setting: the self-attention kernel (attention.IMPLS)
+  remat_policy: str = "full"  # a run setting: with remat, what the backward pass keeps (REMAT_POLICIES)
 
   def __post_init__(self):
-    _check_common("entropy_model", self.dtype, self.init_std_factor, self.attention_impl)
+    _check_common("entropy_model", self.dtype, self.init_std_factor, self.attention_impl, self.remat_policy)
     if (self.head_dim or self.dim // self.n_heads) * self.n_heads != self.dim and self.head_dim is None:
       raise ValueError(f"entropy_model.dim={self.dim} is not divisible by n_heads={self.n_heads}")
 
@@ -106,7 +114,7 @@ class EntropyModelConfig:
     return StackConfig(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim,
                        self.ffn_dim_multiplier, self.multiple_of, self.norm_eps, self.rope_theta,
                        self.sliding_window, self.document_mask, self.init_std_factor, self.dtype, self.remat,
-                       self.intermediate_size, self.scan_layers, self.attention_impl)
+                       self.intermediate_size, self.scan_layers, self.attention_impl, self.remat_policy)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> "EntropyModelConfig":
@@ -156,6 +164,7 @@ class BLTConfig:
   remat: bool = False
   scan_layers: bool = False  # a run setting: the global stack's blocks as one lax.scan (same params and numbers)
   attention_impl: str = "auto"  # a run setting: every stack's self-attention kernel (attention.IMPLS)
+  remat_policy: str = "full"  # a run setting: with remat, what the backward pass keeps (REMAT_POLICIES)
   # Fields that the reference derives but transformers' configs state per stage (None: the reference's rule).
   intermediate_size_local_encoder: Optional[int] = None  # explicit SwiGLU widths; None = spec 5.3 from the dim
   intermediate_size_global: Optional[int] = None
@@ -167,7 +176,7 @@ class BLTConfig:
   encoder_repool_patches: bool = False
 
   def __post_init__(self):
-    _check_common("blt", self.dtype, self.init_std_factor, self.attention_impl)
+    _check_common("blt", self.dtype, self.init_std_factor, self.attention_impl, self.remat_policy)
     object.__setattr__(self, "encoder_hash_byte_group_size", tuple(int(n) for n in self.encoder_hash_byte_group_size))
     if self.ngram_vocab_sizes is not None:
       object.__setattr__(self, "ngram_vocab_sizes", tuple(int(n) for n in self.ngram_vocab_sizes))
@@ -187,7 +196,7 @@ class BLTConfig:
   def _stack(self, dim, n_layers, n_heads, n_kv_heads, window, intermediate_size) -> StackConfig:
     return StackConfig(dim, n_layers, n_heads, n_kv_heads, self.head_dim, self.ffn_dim_multiplier, self.multiple_of,
                        self.norm_eps, self.rope_theta, window, self.document_mask, self.init_std_factor, self.dtype,
-                       self.remat, intermediate_size, self.scan_layers, self.attention_impl)
+                       self.remat, intermediate_size, self.scan_layers, self.attention_impl, self.remat_policy)
 
   def encoder_stack(self) -> StackConfig:
     return self._stack(self.dim_local_encoder, self.n_layers_local_encoder, self.n_heads_local_encoder,

@@ -179,9 +179,15 @@ class TransformerBlock(nn.Module):
     return h + FeedForward(c, factor, name="feed_forward")(RMSNorm(c.norm_eps, c.dtype, name="ffn_norm")(h))
 
 
+def remat_policy(stack: StackConfig):
+  """The `jax.checkpoint` policy of the stack's `remat_policy` (config.REMAT_POLICIES)."""
+  return {"full": None, "dots": jax.checkpoint_policies.dots_saveable,
+          "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[stack.remat_policy]
+
+
 def block(stack: StackConfig, depth: int, name: str) -> TransformerBlock:
   """A block, rematerialised in the backward pass when the stack asks for it."""
-  cls = nn.remat(TransformerBlock) if stack.remat else TransformerBlock
+  cls = nn.remat(TransformerBlock, policy=remat_policy(stack)) if stack.remat else TransformerBlock
   return cls(stack, depth, name=name)
 
 
@@ -209,7 +215,7 @@ def run_blocks(parent: nn.Module, stack: StackConfig, x_BSD, cos, sin, doc_BS, p
     return one_block.apply({"params": layer_params}, h, cos, sin, doc_BS), None
 
   if stack.remat:
-    body = jax.checkpoint(body, prevent_cse=False)
+    body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(stack))
   x_BSD, _ = jax.lax.scan(body, x_BSD, stacked)
   return x_BSD
 

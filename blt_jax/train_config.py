@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # master weights
   c.compute_dtype = "bfloat16"  # activations and matmuls
   c.remat = False  # rematerialise every transformer block in the backward pass
+  c.remat_policy = "full"  # with remat, what is kept: full (recompute all), dots, dots_no_batch (config.REMAT_POLICIES)
   c.scan_layers = False  # deep stacks (global, entropy model) as one lax.scan: compile time flat in depth
   c.attention_impl = "auto"  # self-attention kernel: auto (splash on TPU, cuDNN on GPU where it can), dense, blocked
   c.mesh = sharding.default_mesh_config()  # data/fsdp/tensor sizes (one may be -1), logical rules, multi-host
@@ -84,7 +85,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 def model_config(cfg: ml_collections.ConfigDict):
   """The typed model config of the run (compute dtype and remat folded in)."""
   extra = dict(dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=cfg.get("scan_layers", False),
-               attention_impl=cfg.get("attention_impl", "auto"))
+               attention_impl=cfg.get("attention_impl", "auto"), remat_policy=cfg.get("remat_policy", "full"))
   if cfg.model_type == "blt":
     return BLTConfig.from_dict({**cfg.model.to_dict(), **extra})
   if cfg.model_type == "entropy_model":
@@ -139,9 +140,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.compute_dtype={cfg.compute_dtype!r}: expected 'float32' or 'bfloat16'")
 
 
-# Fields of a checkpoint's model dict that are run settings here (compute_dtype, remat, scan_layers, attention_impl),
-# not its architecture.
-_RUN_SETTINGS = ("dtype", "remat", "scan_layers", "attention_impl")
+# Fields of a checkpoint's model dict that are run settings here (compute_dtype, remat and its policy, scan_layers,
+# attention_impl), not its architecture.
+_RUN_SETTINGS = ("dtype", "remat", "scan_layers", "attention_impl", "remat_policy")
 
 
 def apply_checkpoint_config(cfg: ml_collections.ConfigDict, meta: dict,

@@ -182,9 +182,10 @@ def test_forward_and_grad_compile_once():
   assert len(traces) == 1
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_gives_the_same_gradients(policy):
   blt_cfg, _ = _tiny_configs()
-  remat_cfg = dataclasses.replace(blt_cfg, remat=True)
+  remat_cfg = dataclasses.replace(blt_cfg, remat=True, remat_policy=policy)
   params = init_blt(jax.random.PRNGKey(0), blt_cfg)
   rng = np.random.default_rng(3)
   tokens = jnp.asarray(rng.integers(4, 260, size=(2, 24)), jnp.int32)
