@@ -215,3 +215,24 @@ def test_fake_gcs_is_shared_by_epath_and_tensorstore(fake_gcs):
   array[1:5].write(np.arange(4, dtype=np.float32)).result()
   assert sorted(p.name for p in epath.Path("gs://bucket/arr").iterdir()) == [".zarray", "0", "1"]
   np.testing.assert_array_equal(ts.open(spec).result().read().result(), [0, 0, 1, 2, 3, 0])
+
+
+def test_staged_dir_replaces_the_output_only_when_the_block_succeeds(tmp_path):
+  out = epath.Path(tmp_path) / "export"
+  out.mkdir()
+  (out / "old.txt").write_text("old")
+  with pytest.raises(RuntimeError, match="interrupted"):
+    with paths.staged_dir(out, "exporting") as staging:
+      (staging / "new.txt").write_text("half")
+      raise RuntimeError("interrupted")
+  assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # the old output is untouched
+  assert not (epath.Path(tmp_path) / ".export.exporting").exists()  # and no staging directory is left
+  (epath.Path(tmp_path) / ".export.exporting").mkdir()  # a leftover of a killed run is cleared first
+  with paths.staged_dir(out, "exporting") as staging:
+    (staging / "new.txt").write_text("new")
+  assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+  file_out = epath.Path(tmp_path) / "single"
+  file_out.write_text("a file in the way")
+  with paths.staged_dir(file_out, "converting") as staging:
+    (staging / "x").write_text("x")
+  assert file_out.is_dir() and (file_out / "x").read_text() == "x"
