@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from blt_jax.config import BLTConfig, EntropyModelConfig, StackConfig
 
+TRAIN_TO_FORWARD = 3  # training FLOPs = 3x the forward: the forward and the two backward matmuls
+
 
 def _mean_keys(context: int, window) -> float:
   """Average number of keys a causal query sees over `context` positions with an optional window."""
@@ -29,7 +31,20 @@ def _stack_forward_flops_per_token(stack: StackConfig, context: int) -> float:
 def entropy_model_train_flops_per_byte(config: EntropyModelConfig, seq_len: int) -> float:
   stack = config.stack()
   head = 2 * config.dim * config.vocab_size
-  return 3 * (_stack_forward_flops_per_token(stack, seq_len) + head)
+  return TRAIN_TO_FORWARD * (_stack_forward_flops_per_token(stack, seq_len) + head)
+
+
+def token_model_train_flops_per_byte(config: EntropyModelConfig, seq_len: int, bytes_per_token: float) -> float:
+  """Training FLOPs per byte of a token (e.g. BPE) transformer: its per-token cost (the same stack formula, a
+  `vocab_size` head) over rows of `seq_len` tokens, divided by the mean bytes per token."""
+  if bytes_per_token <= 0:
+    raise ValueError(f"bytes_per_token must be > 0, got {bytes_per_token}")
+  return entropy_model_train_flops_per_byte(config, seq_len) / bytes_per_token
+
+
+def inference_flops_per_byte(train_flops_per_byte: float) -> float:
+  """Forward-only FLOPs per byte (scoring, generation without a cache) of a model with this training cost."""
+  return train_flops_per_byte / TRAIN_TO_FORWARD
 
 
 def blt_train_flops_per_byte(config: BLTConfig, seq_len: int, mean_patch_length: float) -> float:
@@ -50,7 +65,7 @@ def blt_train_flops_per_byte(config: BLTConfig, seq_len: int, mean_patch_length:
   dec_x = n_dec_x * (4 * dD * dD + 4 * dD * dD * k / mean_patch_length + 4 * w_dec * k * dD)
   proj = 2 * dE * dE * k / mean_patch_length + 2 * dG * dE * k / mean_patch_length
   head = 2 * dD * config.vocab_size
-  return 3 * (enc + dec + glob / mean_patch_length + enc_x + dec_x + proj + head)
+  return TRAIN_TO_FORWARD * (enc + dec + glob / mean_patch_length + enc_x + dec_x + proj + head)
 
 
 def mfu(flops_per_byte: float, bytes_per_second: float, peak_flops_per_second: float) -> float:
