@@ -124,6 +124,7 @@ class Report:
   xla_flops: float = 0.0  # XLA's cost analysis for one chip: every loop body counted once
   matmul_flops: float = 0.0  # the program's matmuls with loops times their trip counts (hlo_stats), one chip
   uncounted_loops: int = 0  # loops whose trip count could not be read (their matmuls counted once)
+  pallas_kernels: int = 0  # Pallas kernel calls (splash attention): their FLOPs are not in matmul_flops
   # matmul_flops by "stage/pass/kind" (`flops_part`): which stage, forward/backward/recompute, attention/dense
   matmul_parts: Dict[str, float] = dataclasses.field(default_factory=dict)
   model_flops: Dict[str, float] = dataclasses.field(default_factory=dict)  # flops.py terms, per chip
@@ -153,8 +154,10 @@ class Report:
     model = self.model_flops.get("model", 0.0)
     ratio = f" = {self.matmul_flops / model:.2f} x flops.py's {model:.3g}" if model else ""
     loops = f", {self.uncounted_loops} loop(s) of unknown length counted once" if self.uncounted_loops else ""
+    kernels = f"; {self.pallas_kernels} Pallas kernel call(s) not counted" if self.pallas_kernels else ""
     out.append(f"FLOPs per chip per step: matmuls in the compiled program {self.matmul_flops:.3g}{ratio} (loops "
-               f"times their trip counts{loops}); XLA's cost analysis {self.xla_flops:.3g} (loop bodies once)")
+               f"times their trip counts, conditionals at their costliest branch{loops}{kernels}); XLA's cost "
+               f"analysis {self.xla_flops:.3g} (loop bodies once)")
     for name, value in self.model_flops.items():
       if name != "model":
         out.append(f"  flops.py {name}: {value:.3g}" + (f" ({value / model:.2f} x model)" if model else ""))
@@ -193,9 +196,14 @@ def flops_part(op_name: str) -> str:
   if stage is None:
     stage = "entropy_model" if "EntropyModel" in op_name or "entropy" in op_name else "other"
   pass_ = "recompute" if "rematted_computation" in op_name else "backward" if "transpose(" in op_name else "forward"
-  last = op_name.rsplit("/", 2)[-2] if op_name.count("/") >= 2 else ""
-  kind = "attention" if "->" in last else "dense"
+  parts = op_name.split("/")
+  # An einsum of activations (scores, values); the backward of a weight's matmul is an einsum under its name.
+  einsum = len(parts) >= 2 and "->" in parts[-2]
+  kind = "attention" if einsum and not any(_WEIGHT.fullmatch(p) for p in parts) else "dense"
   return f"{stage}/{pass_}/{kind}"
+
+
+_WEIGHT = re.compile(r"w[qkvo]|w\d")  # the attention and feed-forward kernels' module names
 
 
 def model_flops_per_chip(cfg: ml_collections.ConfigDict, parts: train.TrainStepParts, chips: int,
@@ -237,7 +245,13 @@ def compile_step(cfg: ml_collections.ConfigDict, topology: str, entropy_config: 
   train_config.validate(cfg)
   entropy_cfg = entropy_model_config(cfg, entropy_config)
   devices = topology_devices(topology)
-  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  try:
+    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  except (NotImplementedError, ValueError, AssertionError) as e:  # jax's mesh_utils cannot lay the axes on the torus
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise AotError(f"mesh data={cfg.mesh.data}, fsdp={cfg.mesh.fsdp}, tensor={cfg.mesh.tensor} cannot be laid out "
+                   f"on {topology}'s {len(devices)} chips ({first[:400]}); pick mesh sizes that are products of the "
+                   f"slice's dimensions") from None
   parts = train.build_train_step(cfg, mesh, entropy_cfg)
   state, batch, entropy_params = abstract_inputs(cfg, parts, entropy_cfg)
   kind = devices[0].device_kind
@@ -276,6 +290,7 @@ def compile_step(cfg: ml_collections.ConfigDict, topology: str, entropy_config: 
   report.matmul_parts, report.uncounted_loops = hlo_stats.matmul_flops_by(hlo, flops_part)
   report.matmul_flops = sum(report.matmul_parts.values())
   report.collectives = hlo_stats.count_collectives(hlo)
+  report.pallas_kernels = hlo_stats.pallas_kernels(hlo)
   if hlo_path:
     with open(hlo_path, "w") as f:
       f.write(hlo)

@@ -81,7 +81,7 @@ def parse_module(hlo_text: str) -> Tuple[Dict[str, List[Instruction]], Optional[
       computations[current] = []
       if line.startswith("ENTRY"):
         entry = current
-    elif line.startswith("}"):
+    elif line.rstrip() == "}":  # (a custom call's config may span lines, one of which starts with "}}")
       current = None
     elif current is not None:
       instruction = _parse_instruction(line)
@@ -262,3 +262,8 @@ def count_collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
     out[kind]["ops"] += 1
     out[kind]["bytes"] += int(sum(sizes))
   return out
+
+
+def pallas_kernels(hlo_text: str) -> int:
+  """Pallas (Mosaic) kernel calls in a compiled TPU program: opaque custom calls whose FLOPs no count above sees."""
+  return len(re.findall(r'custom_call_target="tpu_custom_call"', hlo_text))

@@ -67,6 +67,13 @@ def test_unknown_topology_is_named():
     aot.topology_devices("v9z:2x2")
 
 
+def test_a_mesh_the_slice_cannot_hold_is_named():
+  # v6e:16x16 is a 16 x 16 torus: a tensor axis of 4 would split one of its rings (configs/blt_7b.py's mesh).
+  cfg = _config("tiny.py", **{"mesh.tensor": 4})
+  with pytest.raises(aot.AotError, match=r"mesh data=1, fsdp=-1, tensor=4 cannot be laid out on v6e:16x16"):
+    aot.compile_step(cfg, "v6e:16x16")
+
+
 def test_in_graph_entropy_model_needs_its_shape():
   cfg = _config("blt_1b.py")  # its entropy_checkpoint is not on this machine
   with pytest.raises(aot.AotError, match="--entropy_config"):
@@ -138,6 +145,21 @@ def test_matmul_flops_count_loops_by_their_trip_count():
   flops, unknown = hlo_stats.matmul_flops(_LOOP_HLO)
   assert unknown == 0
   assert flops == 25 * 2 * 64 * 32 * 32 + 2 * 64 * 32 * 64
+
+
+def test_a_kernel_config_over_several_lines_does_not_end_its_computation():
+  # A Pallas kernel's custom call prints its config over lines, one starting with "}}": the dot after it counts.
+  hlo = """
+ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,4]{1,0} parameter(1)
+  %k = f32[8,16]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"body":"x
+}}, metadata={op_name="jit(step)/attention/pallas_call"}
+  ROOT %d = f32[8,4]{1,0} dot(f32[8,16]{1,0} %k, f32[16,4]{1,0} %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+  assert hlo_stats.matmul_flops(hlo) == (2 * 8 * 4 * 16, 0)
+  assert hlo_stats.pallas_kernels(hlo) == 1
 
 
 def test_command_line_reports_a_bad_override_in_one_line():
