@@ -112,6 +112,8 @@ class Report:
   remat: bool
   scan_layers: bool
   in_graph_entropy_model: bool
+  attention_impl: str = "auto"  # config.attention_impl ("auto": the Pallas splash kernel on a TPU target)
+  remat_policy: str = ""  # config.remat_policy, when the config has one
   lower_s: float = 0.0
   compile_s: float = 0.0
   fits: bool = True
@@ -141,7 +143,9 @@ class Report:
     mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
     out = [f"topology {self.topology}: {self.chips} x {self.device_kind}; mesh {mesh}",
            f"step: batch {self.global_batch_size} x {self.seq_len} bytes x {self.grad_accum_steps} micro-step(s), "
-           f"{self.compute_dtype}, remat={self.remat}, scan_layers={self.scan_layers}, in-graph entropy model="
+           f"{self.compute_dtype}, remat={self.remat}" + (f" ({self.remat_policy})" if self.remat and self.remat_policy
+                                                          else "")
+           + f", scan_layers={self.scan_layers}, attention={self.attention_impl}, in-graph entropy model="
            f"{self.in_graph_entropy_model}",
            f"lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s"]
     if not self.fits:
@@ -259,6 +263,7 @@ def compile_step(cfg: ml_collections.ConfigDict, topology: str, entropy_config: 
                   global_batch_size=cfg.global_batch_size, grad_accum_steps=cfg.grad_accum_steps,
                   seq_len=cfg.seq_len, compute_dtype=cfg.compute_dtype, remat=bool(cfg.remat),
                   scan_layers=bool(cfg.get("scan_layers", False)), in_graph_entropy_model=entropy_cfg is not None,
+                  attention_impl=str(cfg.get("attention_impl", "auto")), remat_policy=str(cfg.get("remat_policy", "")),
                   hbm_bytes=hbm_bytes(devices[0]),
                   model_flops=model_flops_per_chip(cfg, parts, len(devices), mean_patch_length))
   start = time.perf_counter()
