@@ -146,13 +146,14 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     grads = jax.tree_util.tree_map(lambda x: x / denom, g)
     loss = s / denom
     grad_norm = optimizer_lib.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jnp.where(finite, new, old)
-    new_state = TrainState(step=jnp.where(finite, state.step + 1, state.step),
-                           params=jax.tree_util.tree_map(keep, params, state.params),
-                           opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state))
+
+    def apply(old: TrainState) -> TrainState:
+      updates, opt_state = tx.update(grads, old.opt_state, old.params)
+      return TrainState(step=old.step + 1, params=optax.apply_updates(old.params, updates), opt_state=opt_state)
+    # A branch, not `where(finite, new, old)` per leaf: with the state donated, a select that still reads the old
+    # moments after the update has overwritten them in place makes XLA copy the whole optimizer state first.
+    new_state = jax.lax.cond(finite, apply, lambda old: old, state)
     metrics = dict(loss=loss, bpb=loss / loss_lib.LN2, grad_norm=grad_norm, lr=schedule(state.step),
                    bytes=n, finite=finite, **stats)
     return new_state, metrics
