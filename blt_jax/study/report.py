@@ -79,7 +79,7 @@ def plot(study: dict, path: str) -> None:
            title="Held-out bpb vs training FLOPs (equal budget per run)")
   right.set(xscale="log", xlabel="inference FLOPs per byte", ylabel="held-out bits per byte",
             title="Final held-out bpb vs inference cost")
-  left.legend(fontsize=7)
+  left.legend(fontsize=7, loc="lower left", ncol=2)  # the lower band holds only the compressor lines
   for ax in (left, right):
     ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
