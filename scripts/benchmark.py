@@ -9,6 +9,8 @@ Sections:
   train       BLT train-step throughput (bytes/s, patches/s) and MFU with the one FLOP model of blt_jax.flops
   scoring     the scoring CLI on ~1 MB of stdlib sources: packed rows vs one document per row (--sections scoring)
   generation  cached generation vs full recompute per byte, and per-byte cost against prompt length
+  compile     train-step compile time for 4 vs 25 global layers, blocks as a loop vs `scan_layers`
+  --compare transformers   side by side with transformers' BltForCausalLM (the issue-13 config; torch on CPU)
 Prints a markdown table; paste it into BENCHMARKS.md with the device line.
 """
 import argparse
@@ -96,12 +98,18 @@ def bench_attention(p):
   dense = jax.jit(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(d, N, None)))
   rows.append(("causal self-attention, documents (blocked vs dense)", timeit(fast, bytes_kv, doc),
                timeit(dense, bytes_kv, doc)))
+  # Its own q @ k matmuls: the [S, S] scores of every head, no mask, no softmax (the roofline of the kernel).
+  qk = jax.jit(lambda x: jnp.einsum("bqhd,bkhd->bhqk", x, x))
+  qk_s = timeit(qk, bytes_kv)
   grad = lambda fn: jax.jit(jax.grad(lambda x, d: jnp.sum(fn(x, d).astype(jnp.float32))))
   rows.append(("causal self-attention, forward + backward (blocked vs dense)",
                timeit(grad(lambda x, d: attention.self_attention(x, x, x, d, None)), bytes_kv, doc),
                timeit(grad(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(
                    d, N, None))), bytes_kv, doc)))
-  return [dict(name=n, fast_s=f, dense_s=d, speedup=d / f) for n, f, d in rows]
+  out = [dict(name=n, fast_s=f, dense_s=d, speedup=d / f) for n, f, d in rows]
+  for r in out[2:4]:  # the self-attention forwards
+    r.update(qk_matmul_s=qk_s, over_qk=r["fast_s"] / qk_s)
+  return out
 
 
 def _random_params(abstract):
@@ -297,6 +305,166 @@ def bench_generation():
   return results
 
 
+def matmul_rate(n=2048, dtype=jnp.float32, repeats=5):
+  """This machine's achievable FLOP/s: a jitted `[n, n] @ [n, n]` (the roofline every kernel is judged against)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  mm = jax.jit(lambda x, y: x @ y)
+  return 2 * n ** 3 / timeit(mm, a, a, repeats=repeats)
+
+
+def _compile_seconds(jitted, *args):
+  t = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return time.perf_counter() - t, compiled
+
+
+def bench_compile(preset, depths=(4, 25), rounds=2):
+  """Train-step compile time against global depth, blocks as a Python loop vs `scan_layers`."""
+  blt_cfg = preset["blt"]
+  B, N = 2, 256
+  tx = optax.adamw(1e-4)
+  pc = PatchingConfig(mode="static", patch_size=4)
+  batch = {k: jnp.asarray(v)[None] for k, v in _text_batch(B, N).items()}
+  rows = {}
+  for _ in range(rounds):  # interleaved rounds, the fastest kept: compile times on a shared machine are noisy
+    for depth, scan in [(d, s) for d in depths for s in (False, True)]:
+      cfg = dataclasses.replace(blt_cfg, n_layers_global=depth, scan_layers=scan)
+      sc = steps.StepConfig(cfg, pc, N // 2, None)
+      params = jax.eval_shape(lambda: nn.meta.unbox(steps.init_blt(jax.random.PRNGKey(0), cfg)))
+      state = steps.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                               opt_state=jax.eval_shape(tx.init, params))
+      seconds, _ = _compile_seconds(jax.jit(steps.make_train_step(sc, tx, lambda s: 1e-4)), state, batch, None)
+      grad_only = jax.jit(jax.grad(lambda p, b: steps.loss_terms(sc, p, jax.tree.map(lambda x: x[0], b))[0]))
+      grad_seconds, _ = _compile_seconds(grad_only, params, batch)
+      best = rows.setdefault((depth, scan), dict(global_layers=depth, scan_layers=scan, compile_s=seconds,
+                                                   grad_compile_s=grad_seconds))
+      best.update(compile_s=min(best["compile_s"], seconds), grad_compile_s=min(best["grad_compile_s"], grad_seconds))
+  return list(rows.values())
+
+
+# The issue's side-by-side config: entropy 2x128; encoder 1x256; global 4x512; decoder 2x256; hash 3..8 @ 50002;
+# k 2; window 512; every FFN width stated on both sides.
+COMPARE_HF = dict(
+    vocab_size=260, max_position_embeddings=1024, local_attention_window_len=512, cross_attn_k=2,
+    encoder_hash_byte_group_size=[3, 4, 5, 6, 7, 8], encoder_hash_byte_group_vocab=50002,
+    encoder_hash_byte_group_nb_functions=1, patching_mode="entropy", patch_size=4, max_patch_length=None,
+    patcher_config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                        sliding_window=512, max_position_embeddings=8192),
+    encoder_config=dict(hidden_size=256, num_attention_heads=4, num_hidden_layers=1, cross_attn_all_layers=False,
+                        cross_attn_k=2, hidden_size_global=512, intermediate_size=768, max_position_embeddings=2048),
+    decoder_config=dict(hidden_size=256, num_attention_heads=4, num_hidden_layers=2, cross_attn_all_layers=True,
+                        cross_attn_k=2, hidden_size_global=512, intermediate_size=768, max_position_embeddings=2048),
+    global_config=dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=4, intermediate_size=1536,
+                       max_position_embeddings=1024))
+
+
+def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repeats=5):
+  """blt_jax against transformers' BltForCausalLM: one random model in both, the same bytes and patch lengths."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from blt_jax import convert, loading  # pylint: disable=import-outside-toplevel
+  from blt_jax.entropy_model import compute_entropies  # pylint: disable=import-outside-toplevel
+  from blt_jax.model import BLT  # pylint: disable=import-outside-toplevel
+  from blt_jax.score import Scorer  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(0)
+  hf_model = transformers.BltForCausalLM(transformers.BltConfig(**COMPARE_HF)).eval()
+  rng = np.random.default_rng(0)
+  ids_BN = np.concatenate([np.ones((B, 1)), rng.integers(4, 260, size=(B, N - 1))], axis=1).astype(np.int64)
+  ids_t = torch.as_tensor(ids_BN)
+
+  def hf_patcher(threshold):
+    with torch.no_grad():
+      return hf_model.model.patcher(ids_t, patch_size=hf_model.config.patch_size, threshold=threshold,
+                                    max_patch_length=None, patching_batch_size=1, device=None)
+  entropies, _, _ = hf_patcher(0.0)
+  # The threshold that gives `bytes_per_patch` on these bytes (both sides patch with it).
+  threshold = float(np.quantile(entropies.numpy()[:, 1:], 1 - 1 / bytes_per_patch))
+  hf_model.config.patching_threshold = threshold
+  _, lengths_t, _ = hf_patcher(threshold)
+  lengths_BP = _lengths_with_next_token(lengths_t.numpy())
+  root = os.path.join(workdir, "compare_transformers")
+  hf_model.save_pretrained(os.path.join(root, "hf"))
+  ckpt = os.path.join(root, "blt_jax")
+  if os.path.exists(ckpt):
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(ckpt)
+  convert.convert_dir(os.path.join(root, "hf"), ckpt, format="hf")
+  model = loading.load(ckpt)
+
+  def torch_time(fn):
+    with torch.no_grad():
+      fn()
+      times = []
+      for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+  def hf_nll():
+    logits = hf_model(input_ids=ids_t, use_cache=False).logits.float()
+    return -torch.gather(torch.log_softmax(logits[:, :-1], -1), -1, ids_t[:, 1:, None])
+
+  tokens = jnp.asarray(ids_BN, jnp.int32)
+  lengths = jnp.asarray(lengths_BP)
+  ent_fn = jax.jit(lambda p, t: compute_entropies(p, t, model.entropy_config))
+  patch_fn = jax.jit(lambda p, t: patching.patch(t, compute_entropies(p, t, model.entropy_config),
+                                                 max_patches=N + 1, **model.patching.patch_kwargs()).patch_lengths_BP)
+  fwd = jax.jit(lambda p, t, l: BLT(model.config).apply({"params": p}, t, l))
+  ours_lengths = np.asarray(patch_fn(model.entropy_params, tokens))
+  scorer = Scorer(model, row_bytes=N, batch_bytes=B * N)
+  rows_np = [r.astype(np.int32) for r in ids_BN]
+  score_ours = lambda: scorer.score_arrays(rows_np)
+  # Same patches: every byte in the same patch (the next-token position may close a patch or open its own).
+  same_lengths = bool(np.array_equal(np.asarray(patching.patch_ids_from_lengths(jnp.asarray(ours_lengths), N)),
+                                     np.asarray(patching.patch_ids_from_lengths(jnp.asarray(lengths_BP), N))))
+  # Parity check of the forward given the same lengths, so the timings compare the same computation.
+  ours_logits = np.asarray(fwd(model.params, tokens, lengths))
+  with torch.no_grad():
+    theirs_logits = hf_model(input_ids=ids_t, patch_lengths=lengths_t, use_cache=False).logits.float().numpy()
+  result = dict(config=COMPARE_HF, batch=B, seq_len=N, threshold=threshold,
+                bytes_per_patch=B * (N + 1) / float((lengths_BP > 0).sum()), same_patch_lengths=same_lengths,
+                max_logit_diff=float(np.max(np.abs(ours_logits - theirs_logits))), torch_threads=torch.get_num_threads())
+  pairs = [
+      ("entropy model (patcher)", lambda: timeit(ent_fn, model.entropy_params, tokens, repeats=repeats),
+       lambda: torch_time(lambda: hf_patcher(threshold))),
+      ("BLT forward given patch lengths", lambda: timeit(fwd, model.params, tokens, lengths, repeats=repeats),
+       lambda: torch_time(lambda: hf_model(input_ids=ids_t, patch_lengths=lengths_t, use_cache=False))),
+      ("whole scoring path (patcher + forward + NLL)", lambda: _median_seconds(score_ours, repeats),
+       lambda: torch_time(hf_nll)),
+  ]
+  rows = []
+  for name, ours, theirs in pairs:
+    t_ours, t_theirs = ours(), theirs()
+    rows.append(dict(name=name, blt_jax_s=t_ours, transformers_s=t_theirs, speedup=t_theirs / t_ours,
+                     blt_jax_bytes_per_s=B * N / t_ours, transformers_bytes_per_s=B * N / t_theirs))
+  a = torch.randn(2048, 2048)
+  rows.append(dict(name="f32 matmul 2048^3 (GFLOP/s)", blt_jax_gflops=matmul_rate() / 1e9,
+                   transformers_gflops=2 * 2048 ** 3 / torch_time(lambda: a @ a) / 1e9))
+  result["rows"] = rows
+  return result
+
+
+def _lengths_with_next_token(hf_lengths_BP):
+  """transformers' patch lengths cover the N bytes; ours also the next-token position (spec 3.2): the last real
+  patch of each row takes it. Same patch of every byte, so the same logits."""
+  out = np.pad(hf_lengths_BP.astype(np.int32), ((0, 0), (0, 1)))
+  for row in out:
+    row[np.flatnonzero(row)[-1]] += 1
+  return out
+
+
+def _median_seconds(fn, repeats):
+  fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -304,6 +472,8 @@ def main():
   parser.add_argument("--json", default="", help="also write the results here")
   parser.add_argument("--workdir", default="runs/benchmark", help="scoring: corpus and random checkpoints go here")
   parser.add_argument("--corpus-bytes", type=int, default=1_000_000, help="scoring: corpus size")
+  parser.add_argument("--compare", choices=["transformers"], default=None,
+                      help="also run the side-by-side against transformers' BltForCausalLM (torch on CPU)")
   args = parser.parse_args()
   preset = PRESETS[args.preset]
   dev = jax.devices()[0]
@@ -312,9 +482,10 @@ def main():
   if "attention" in args.sections:
     results["attention"] = bench_attention(preset["attn"])
     print(f"\nattention, shapes {preset['attn']}")
-    print("| kernel | fast (ms) | dense (ms) | speedup |\n|---|---|---|---|")
+    print("| kernel | fast (ms) | dense (ms) | speedup | fast / its q@k matmul |\n|---|---|---|---|---|")
     for r in results["attention"]:
-      print(f"| {r['name']} | {r['fast_s'] * 1e3:.2f} | {r['dense_s'] * 1e3:.2f} | {r['speedup']:.1f}x |")
+      over = f"{r['over_qk']:.2f}x" if "over_qk" in r else ""
+      print(f"| {r['name']} | {r['fast_s'] * 1e3:.2f} | {r['dense_s'] * 1e3:.2f} | {r['speedup']:.1f}x | {over} |")
   if "train" in args.sections:
     r = results["train"] = bench_train(preset)
     print(f"\nBLT train step: {r['params'] / 1e6:.1f}M params, batch {r['batch']} x {r['seq_len']} bytes, "
@@ -345,6 +516,25 @@ def main():
     print("| prompt | cached ms per generated byte | prefill ms |\n|---|---|---|")
     for x in r["prompt_scaling"]:
       print(f"| {x['prompt']} | {x['ms_per_byte']:.2f} | {x['prefill_ms']:.0f} |")
+  if "compile" in args.sections:
+    results["compile"] = bench_compile(preset)
+    print("\ntrain-step compile time against global depth (batch 2 x 256 bytes, static patches)")
+    print("| global layers | blocks | train step compile (s) | loss gradient alone compile (s) |\n|---|---|---|---|")
+    for r in results["compile"]:
+      print(f"| {r['global_layers']} | {'scan' if r['scan_layers'] else 'loop'} | {r['compile_s']:.1f} | "
+            f"{r['grad_compile_s']:.1f} |")
+  if args.compare == "transformers":
+    r = results["compare_transformers"] = bench_compare_transformers(args.workdir)
+    print(f"\nblt_jax vs transformers BltForCausalLM (torch {r['torch_threads']} threads), {r['batch']} x "
+          f"{r['seq_len']} random bytes, {r['bytes_per_patch']:.2f} bytes/patch, same patch lengths: "
+          f"{r['same_patch_lengths']}, max |logit diff| {r['max_logit_diff']:.1e}")
+    print("| path | blt_jax (ms) | transformers (ms) | blt_jax bytes/s | transformers bytes/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for x in r["rows"][:-1]:
+      print(f"| {x['name']} | {x['blt_jax_s'] * 1e3:.0f} | {x['transformers_s'] * 1e3:.0f} | "
+            f"{x['blt_jax_bytes_per_s']:.0f} | {x['transformers_bytes_per_s']:.0f} | {x['speedup']:.2f}x |")
+    x = r["rows"][-1]
+    print(f"| {x['name']} | {x['blt_jax_gflops']:.0f} | {x['transformers_gflops']:.0f} | | | |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
