@@ -158,6 +158,14 @@ class Scorer:
     self._patch_fns: Dict[int, Any] = {}
     self._nll_fns: Dict[Tuple[int, int], Any] = {}
 
+  def set_params(self, params) -> None:
+    """Scores with other params of the same model (e.g. later checkpoints of one run); the compiled programs take
+    params as an argument, so they are reused."""
+    if jax.tree.structure(params) != jax.tree.structure(self.model.params):
+      raise ValueError("Scorer.set_params: the params do not have the loaded model's structure")
+    self.model = dataclasses.replace(self.model, params=params)
+    self._params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+
   # -------------------------------------------------------------------------------------------------------------
   # Jitted programs.
 

@@ -1,4 +1,5 @@
 """Batch scoring: equal to a direct forward, invariant to packing/batching/buckets, long documents, the CLI."""
+import dataclasses
 import json
 import math
 import os
@@ -129,6 +130,22 @@ def test_per_byte_argmax_is_the_greedy_byte_of_the_direct_forward(tiny):
   plain = score.Scorer(tiny["path"], min_context=20).score_texts(docs)
   for a, b in zip(plain, scores):
     assert a.greedy_per_byte is None and a.nll_nats == pytest.approx(b.nll_nats, rel=RTOL)
+
+
+def test_set_params_scores_like_a_fresh_scorer_and_compiles_nothing_new(tiny):
+  texts = ["Scoring a later checkpoint of the same run.", "Second document."]
+  scorer = score.Scorer(tiny["path"], batch_bytes=4096)
+  before = scorer.score_texts(texts)
+  other = jax.tree.map(lambda x: x * 1.5 if x.ndim == 2 else x, scorer.model.params)
+  compiles = len(scorer.compiles)
+  scorer.set_params(other)
+  after = scorer.score_texts(texts)
+  assert len(scorer.compiles) == compiles
+  fresh = score.Scorer(dataclasses.replace(scorer.model, params=other), batch_bytes=4096).score_texts(texts)
+  for a, b, c in zip(after, fresh, before):
+    assert a.nll_nats == pytest.approx(b.nll_nats, rel=1e-6) and a.nll_nats != pytest.approx(c.nll_nats, rel=1e-3)
+  with pytest.raises(ValueError, match="structure"):
+    scorer.set_params({"not": jnp.zeros(3)})
 
 
 def test_ten_thousand_documents_compile_a_bounded_number_of_programs(tiny):

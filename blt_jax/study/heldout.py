@@ -16,7 +16,6 @@ from typing import List, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from blt_jax import loading, score, tokenizer
 from blt_jax.config import EntropyModelConfig
@@ -39,9 +38,8 @@ class HeldOutBLT:
                                   entropy_params, path="<training run>")
       self.scorer = score.Scorer(model, row_bytes=self.row_bytes, min_context=self.row_bytes // 2,
                                  batch_bytes=self.row_bytes * self.rows_per_batch)
-    else:  # same shapes: the Scorer's jitted programs take params as an argument, so they are reused
-      replicated = NamedSharding(self.scorer.mesh, PartitionSpec())  # as the Scorer places its own params
-      self.scorer._params = jax.device_put(params, replicated)  # pylint: disable=protected-access
+    else:  # same shapes: the Scorer's compiled programs are reused
+      self.scorer.set_params(params)
     docs = self.scorer.score_texts(self.texts)
     nll = sum(d.nll_nats for d in docs)
     n_bytes = sum(d.n_bytes for d in docs)
