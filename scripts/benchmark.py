@@ -394,13 +394,7 @@ def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repea
 
   def torch_time(fn):
     with torch.no_grad():
-      fn()
-      times = []
-      for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+      return _median_seconds(fn, repeats)
 
   def hf_nll():
     logits = hf_model(input_ids=ids_t, use_cache=False).logits.float()
