@@ -460,7 +460,10 @@ def load_params(path: Union[str, os.PathLike], abstract: Any = None) -> Tuple[An
       tree = getattr(metadata, "item_metadata", metadata)
       tree = getattr(tree, "tree", tree)
       # Saved shardings may name devices that do not exist here: restore without them.
-      target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+      # Restored onto this process's first device (without a sharding orbax hands back numpy arrays, which every
+      # jitted call would then copy to the device again).
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
     else:
       target = _to_abstract(_unbox(abstract))
     params = checkpointer.restore(params_dir, target)

@@ -137,6 +137,8 @@ def test_save_and_load_params(tmp_path, mesh):
   assert not list(tmp_path.glob(".*tmp*"))
   loaded, loaded_config = checkpoint.load_params(path)
   _assert_same(loaded, params)
+  # On a device, not numpy: numpy params would be copied to the device again by every jitted call.
+  assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(loaded))
   assert loaded_config == {"dim": 8, "n_layers": 2, "sliding_window": None, "sizes": [3, 4]}
   # Into given shardings.
   loaded, _ = checkpoint.load_params(path, _abstract(params))
