@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blt_jax import attention
+from blt_jax import attention, layer_stacking
 from blt_jax.config import StackConfig, init_std_factor
 
 
@@ -192,23 +192,34 @@ def block(stack: StackConfig, depth: int, name: str) -> TransformerBlock:
 
 
 def run_blocks(parent: nn.Module, stack: StackConfig, x_BSD, cos, sin, doc_BS, prefix: str = "layers_"):
-  """`x` through the parent's blocks `{prefix}0 .. {prefix}{n-1}`, in order.
+  """`x` through the parent's blocks, in order; the params may be in either layout (`blt_jax.layer_stacking`).
 
-  With `stack.scan_layers` (outside init) the blocks' params are stacked on a leading layer axis and run as one
-  `lax.scan` whose body is a single block, so compile time does not grow with depth. The param tree is the same
-  either way (one `{prefix}i` subtree per layer, the reference's names), so checkpoints, converters and the cached
-  decoder never see the difference; the stacking costs one copy of the stack's params per step.
+  * stacked (one `layers` subtree of `[n, ...]` leaves, what a `scan_layers` run keeps in its train state): one
+    `lax.scan` whose body is a single block, so compile time does not grow with depth;
+  * per-layer (`{prefix}0 .. {prefix}{n-1}`, the reference's names, what checkpoints on disk hold): with
+    `stack.scan_layers` (outside init) they are stacked here, in the step, and scanned the same way (one copy of
+    the stack's params per call); without it the blocks run as a Python loop, one compiled block per layer.
   """
   n = stack.n_layers
-  if not stack.scan_layers or n <= 1 or parent.is_initializing():
+  if parent.is_initializing():
+    params = {}
+  else:
+    params = nn.meta.unbox(parent.variables.get("params", {}))
+  name = layer_stacking.stacked_name(prefix)
+  if name in params:
+    stacked = params[name]
+    found = layer_stacking.num_layers(stacked)
+    if found != n:
+      raise ValueError(f"stacked params {name!r} hold {found} layers; the stack has {n}")
+  elif stack.scan_layers and n > 1 and not parent.is_initializing():
+    missing = [f"{prefix}{i}" for i in range(n) if f"{prefix}{i}" not in params]
+    if missing:
+      raise ValueError(f"scan_layers: params have no {missing[0]!r} ({n} layers expected) and no stacked {name!r}")
+    stacked = layer_stacking.stack_layers({f"{prefix}{i}": params[f"{prefix}{i}"] for i in range(n)}, prefix)[name]
+  else:
     for i in range(n):
       x_BSD = block(stack, i, f"{prefix}{i}")(x_BSD, cos, sin, doc_BS)
     return x_BSD
-  params = nn.meta.unbox(parent.variables["params"])
-  missing = [f"{prefix}{i}" for i in range(n) if f"{prefix}{i}" not in params]
-  if missing:
-    raise ValueError(f"scan_layers: params have no {missing[0]!r} ({n} layers expected)")
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[f"{prefix}{i}"] for i in range(n)])
   one_block = TransformerBlock(stack, 0, parent=None)  # unbound; the depth only sets init stds: every layer's apply is the same function
 
   def body(h, layer_params):

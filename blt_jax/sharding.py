@@ -135,6 +135,7 @@ def default_logical_axis_rules() -> Rules:
   """
   return (
       # Params.
+      ("layers", None),  # the leading layer axis of a scan_layers stack's stacked params: each layer shards alike
       ("hash_vocab", ("fsdp", "tensor")),
       ("hash_tables", None),
       ("vocab", None),  # 260 rows: too small to be worth splitting
@@ -205,13 +206,15 @@ def logical_axis_rules_from_config(mesh_cfg: Any, mesh: Optional[Mesh] = None) -
 
 
 def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, relocate: bool = True,
-                      name: str = "") -> PartitionSpec:
+                      name: str = "", keep_whole: Sequence[int] = ()) -> PartitionSpec:
   """`spec` with mesh axes that do not divide their dimension removed (replicated there).
 
   Per dimension, mesh axes are kept in order while the running product still divides the size. With `relocate`,
   each dropped axis moves to the largest dimension left unsharded that it divides, so e.g. a
   [6, 500002, 1024] hash table (500002 = 2 * 53^2 * 89) that cannot take fsdp=8 on its rows takes it on its
-  width instead of being replicated 8 times. Changes are logged once per (name, shape, spec).
+  width instead of being replicated 8 times. Dims in `keep_whole` (the layer axis of stacked params) never take
+  a moved axis, so a stacked param is sharded as each of its layers alone. Changes are logged once per (name,
+  shape, spec).
   """
   shape = tuple(int(s) for s in shape)
   entries = list(spec)
@@ -236,7 +239,7 @@ def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, rel
     kept.append(axes)
 
   if dropped and relocate:
-    open_dims = [i for i, axes in enumerate(kept) if not axes]
+    open_dims = [i for i, axes in enumerate(kept) if not axes and i not in keep_whole]
     # Largest dims first: they hold the most memory and are the most likely to be divisible.
     open_dims.sort(key=lambda i: -shape[i])
     still_dropped = []
@@ -273,6 +276,8 @@ def logical_to_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Optional[R
   """
   rules = parse_logical_axis_rules(rules, tuple(mesh.axis_names))
   known = {logical for logical, _ in rules}
+  if "layers" not in known:  # rules from a config written before stacked params: the layer axis stays whole
+    rules, known = (("layers", None),) + tuple(rules), known | {"layers"}
 
   def one(path, leaf):
     name = jax.tree_util.keystr(path)
@@ -283,10 +288,12 @@ def logical_to_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Optional[R
         _log_once(f"{name}: logical axes {unknown} have no rule; replicating them")
       spec = nn.logical_to_mesh_axes(logical, rules)
       shape = leaf.value.shape
+      whole = tuple(i for i, n in enumerate(logical) if n == "layers")
     else:
       spec = PartitionSpec()
       shape = getattr(leaf, "shape", ())
-    return NamedSharding(mesh, fit_spec_to_shape(spec, shape, mesh, relocate=relocate, name=name))
+      whole = ()
+    return NamedSharding(mesh, fit_spec_to_shape(spec, shape, mesh, relocate=relocate, name=name, keep_whole=whole))
 
   return jax.tree_util.tree_map_with_path(one, abstract_boxed_tree, is_leaf=_is_box)
 

@@ -89,3 +89,50 @@ def test_bf16_linear_rounds_the_kernel_and_returns_a_float32_kernel_gradient():
 def test_batch_sharded_is_a_no_op_without_a_mesh():
   x = jnp.arange(24.0).reshape(2, 3, 4)
   np.testing.assert_array_equal(layers.batch_sharded(x), x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run_blocks and the two param layouts of a stack (blt_jax.layer_stacking).
+
+
+def _entropy_model(scan_layers: bool, n_layers: int = 3):
+  from blt_jax.config import EntropyModelConfig  # pylint: disable=g-import-not-at-top
+  return EntropyModelConfig(dim=32, n_layers=n_layers, n_heads=2, multiple_of=32, sliding_window=8, max_seqlen=32,
+                            scan_layers=scan_layers)
+
+
+def test_stack_layers_round_trip_keeps_values_and_logical_axes():
+  from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
+  from blt_jax.entropy_model import init_entropy_model  # pylint: disable=g-import-not-at-top
+  boxed = init_entropy_model(jax.random.PRNGKey(0), _entropy_model(False))
+  stacked = layer_stacking.stack_layers(boxed)
+  assert sorted(stacked) == ["layers", "norm", "output", "tok_embeddings"]
+  wq = stacked["layers"]["attention"]["wq"]["kernel"]
+  assert wq.names == ("layers", "embed", "heads") and wq.value.shape == (3, 32, 32)
+  np.testing.assert_array_equal(wq.value[2], boxed["layers_2"]["attention"]["wq"]["kernel"].value)
+  back = layer_stacking.unstack_layers(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(boxed)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(boxed)):
+    np.testing.assert_array_equal(a, b)
+  plain = nn.meta.unbox(boxed)  # unboxed trees (live params, optimizer moments) the same way
+  assert jax.tree.structure(layer_stacking.unstack_layers(layer_stacking.stack_layers(plain))) == \
+      jax.tree.structure(plain)
+  with np.testing.assert_raises_regex(ValueError, "layers_0 ... layers_1, found layers"):
+    layer_stacking.stack_layers({"layers_0": {"w": jnp.ones(2)}, "layers_2": {"w": jnp.ones(2)}})
+
+
+def test_run_blocks_runs_stacked_and_per_layer_params_alike():
+  """One function for both layouts: a scanned stack on stacked params, or on per-layer ones (stacked in the call),
+  and the Python loop over per-layer params give the same logits."""
+  from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
+  from blt_jax.entropy_model import EntropyModel, init_entropy_model  # pylint: disable=g-import-not-at-top
+  params = nn.meta.unbox(init_entropy_model(jax.random.PRNGKey(0), _entropy_model(False)))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 20), 4, 260).at[0, 7].set(2)
+  loop = EntropyModel(_entropy_model(False)).apply({"params": params}, tokens)
+  scan = _entropy_model(True)
+  stacked = layer_stacking.stack_params(params, scan)
+  np.testing.assert_allclose(EntropyModel(scan).apply({"params": params}, tokens), loop, atol=1e-5)
+  np.testing.assert_allclose(EntropyModel(scan).apply({"params": stacked}, tokens), loop, atol=1e-5)
+  np.testing.assert_allclose(EntropyModel(_entropy_model(False)).apply({"params": stacked}, tokens), loop, atol=1e-5)
+  with np.testing.assert_raises_regex(ValueError, "hold 3 layers; the stack has 4"):
+    EntropyModel(_entropy_model(True, n_layers=4)).apply({"params": stacked}, tokens)

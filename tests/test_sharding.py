@@ -238,3 +238,23 @@ def test_maybe_initialize_distributed_single_process(monkeypatch):
   monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # under srun
   assert sharding.maybe_initialize_distributed({}) is True
   assert calls[-1] == ((), {})
+
+
+def test_stacked_params_shard_as_each_of_their_layers():
+  """The leading "layers" axis of stacked (scan_layers) params is never sharded, not even by a relocated axis: a
+  stacked param gets its layers' spec behind an unsharded layer axis, with or without a "layers" rule."""
+  from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
+  mesh = _mesh(1, 8, 1)
+  layer = {"w": nn.LogicallyPartitioned(jnp.zeros((36, 4)), ("embed", "heads")),  # fsdp=8 divides neither dim
+           "v": nn.LogicallyPartitioned(jnp.zeros((64, 12)), ("embed", "mlp"))}
+  per_layer = {f"layers_{i}": layer for i in range(8)}  # 8 layers: the one dim fsdp would divide
+  stacked = layer_stacking.stack_layers(per_layer)
+  assert stacked["layers"]["w"].names == ("layers", "embed", "heads")
+  custom = [r for r in sharding.default_logical_axis_rules() if r[0] != "layers"]
+  for rules in (None, custom):
+    one = sharding.logical_to_shardings(per_layer, mesh, rules)["layers_0"]
+    got = sharding.logical_to_shardings(stacked, mesh, rules)["layers"]
+    for key in ("w", "v"):
+      assert got[key].spec == P(None, *one[key].spec), (key, got[key].spec, one[key].spec)
+    assert got["w"].spec == P(None, None, "tensor")  # fsdp dropped, not moved onto the 8 layers
+    assert got["v"].spec == P(None, "fsdp", "tensor")
