@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from blt_jax import flops as flops_lib
-from blt_jax import hlo_stats, sharding, train, train_config
+from blt_jax import hlo_stats, layer_stacking, sharding, train, train_config
 from blt_jax.config import EntropyModelConfig
 from blt_jax.entropy_model import init_entropy_model
 
@@ -92,7 +92,9 @@ def abstract_inputs(cfg: ml_collections.ConfigDict, parts: train.TrainStepParts,
   entropy_params = None
   if entropy_cfg is not None:
     rep = sharding.replicated(parts.batch_sharding.mesh)
-    boxed = jax.eval_shape(lambda: init_entropy_model(jax.random.PRNGKey(0), entropy_cfg))
+    # In the trainer's layout (`Trainer` stacks a scan_layers entropy model's params once, at load).
+    boxed = jax.eval_shape(lambda: layer_stacking.to_run_layout(init_entropy_model(jax.random.PRNGKey(0), entropy_cfg),
+                                                                entropy_cfg))
     unboxed = train._unbox(boxed)  # pylint: disable=protected-access
     entropy_params = _with_sharding(unboxed, jax.tree_util.tree_map(lambda _: rep, unboxed))
   return state, batch, entropy_params

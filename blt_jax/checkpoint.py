@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import ml_collections
@@ -206,6 +206,17 @@ def _all_processes(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
+@dataclasses.dataclass(frozen=True)
+class OtherLayout:
+  """Another on-disk layout of the same train state that `Checkpointer.restore` accepts and converts.
+
+  E.g. a `scan_layers` run (stacked params, `blt_jax.layer_stacking`) resuming from a checkpoint written per-layer.
+  """
+  name: str  # said in messages: "per-layer params (layers_0 ... layers_{n-1})"
+  target: Any  # restore target in that layout (ShapeDtypeStructs with shardings)
+  convert: Callable[[Any], Any]  # restored tree -> the run's layout
+
+
 class Checkpointer:
   """Periodic, keep-N, async, atomic checkpoints of (train state, data iterator state, json metadata)."""
 
@@ -251,15 +262,20 @@ class Checkpointer:
   def step_path(self, step: int) -> epath.Path:
     return self.directory / str(int(step))
 
-  def restore(self, step: Optional[int] = None, abstract_state: Any = None) -> Tuple[Any, DataState, dict]:
+  def restore(self, step: Optional[int] = None, abstract_state: Any = None,
+              other_layouts: Sequence[OtherLayout] = ()) -> Tuple[Any, DataState, dict]:
     """(train state, data iterator state, extra json) of `step` (default: the latest).
 
     `abstract_state` is the target tree: `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` leaves (or live arrays,
     whose shardings are used) so that each process reads only its own shards, directly onto their devices; it
     may use a different mesh than the one that saved. None restores with the saved shardings (same topology only).
 
+    A checkpoint that does not fit `abstract_state` but fits one of `other_layouts` is restored in that layout and
+    converted (logged with the layout's name).
+
     Raises `DamagedCheckpointError` when files of the step are missing, truncated or unparseable, and
-    `CheckpointMismatchError` when the saved arrays do not fit `abstract_state` (another model or optimizer).
+    `CheckpointMismatchError` when the saved arrays fit neither `abstract_state` nor any of `other_layouts`
+    (another model or optimizer).
     """
     if step is None:
       step = self.latest_step()
@@ -270,9 +286,13 @@ class Checkpointer:
                               f"(available: {list(self._manager.all_steps())})")
     target = None if abstract_state is None else _to_abstract(abstract_state)
     readable = True  # whether the saved array metadata could be read (if not, any failure below is damage)
+    layout = None  # the other layout the checkpoint is in, if it is not in the target's
     _quiet_closed_loop_callbacks()
     try:
-      readable = target is None or self._check_fits(step, target)
+      if target is not None:
+        readable, layout = self._check_fits(step, target, other_layouts)
+        if layout is not None:
+          target = _to_abstract(layout.target)
       restored = self._manager.restore(int(step), args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target),
           data=DataStateRestore(),
@@ -284,34 +304,45 @@ class Checkpointer:
       if _is_damage(e) or not readable:
         raise DamagedCheckpointError(step, self.step_path(step), short_reason(e)) from e
       raise
-    return restored["state"], restored["data"], dict(restored["meta"] or {})
+    state = restored["state"]
+    if layout is not None:
+      log.warning("checkpoint step %d at %s holds %s; converting it to this run's layout", step,
+                  self.step_path(step), layout.name)
+      state = layout.convert(state)
+    return state, restored["data"], dict(restored["meta"] or {})
 
-  def _check_fits(self, step: int, target: Any) -> bool:
+  def _check_fits(self, step: int, target: Any, other_layouts: Sequence[OtherLayout] = ()
+                  ) -> Tuple[bool, Optional[OtherLayout]]:
     """Compares saved array shapes with the target's, so that a changed config is never mistaken for damage.
 
-    Returns False when orbax cannot read the array metadata (then restoring names the broken file).
+    Returns (readable, layout): readable is False when orbax cannot read the array metadata (then restoring names
+    the broken file); layout is the one of `other_layouts` the checkpoint fits when it does not fit `target`.
     """
     handler = ocp.StandardCheckpointHandler()  # the item's own metadata (the Checkpointer's would look for more)
     try:
       saved = handler.metadata(self.step_path(step) / "state")
     except Exception:  # pylint: disable=broad-except
-      return False
+      return False, None
     finally:
       handler.close()
     saved = getattr(saved, "tree", saved)
     have, want = _shapes_by_path(saved), _shapes_by_path(target)
     if not have and want:  # orbax answers None (and logs) when the tree or array metadata cannot be read
-      return False
+      return False, None
     if have == want:
-      return True
+      return True, None
+    for layout in other_layouts:
+      if _shapes_by_path(_to_abstract(layout.target)) == have:
+        return True, layout
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     differ = sorted(k for k in set(want) & set(have) if want[k] != have[k])
     details = ([f"not in the checkpoint: {', '.join(missing[:3])}"] if missing else []) + \
               ([f"only in the checkpoint: {', '.join(extra[:3])}"] if extra else []) + \
               [f"{k}: saved {have[k]}, expected {want[k]}" for k in differ[:3]]
+    tried = "".join(f", nor as {layout.name}" for layout in other_layouts)
     raise CheckpointMismatchError(
         f"checkpoint step {step} at {self.step_path(step)} does not fit this run's model/optimizer ("
-        f"{'; '.join(details)}); use the config it was written with, or another workdir")
+        f"{'; '.join(details)}{tried}); use the config it was written with, or another workdir")
 
   def move_aside(self, step: int) -> epath.Path:
     """Renames step `step` to `<step>.damaged[-i]` (kept for inspection, never listed, restored or deleted).
@@ -331,19 +362,20 @@ class Checkpointer:
     return dst
 
   def restore_newest_readable(self, abstract_state: Any, on_damaged: str = "fallback",
-                              warn: Callable[[str], Any] = log.warning
+                              warn: Callable[[str], Any] = log.warning, other_layouts: Sequence[OtherLayout] = ()
                               ) -> Optional[Tuple[int, Any, DataState, dict]]:
     """(step, state, data state, meta) of the newest step that reads back; None if there is none.
 
     `on_damaged="fallback"`: each damaged step is moved aside (see `move_aside`) with a warning naming it, and the
     next older one is tried. `"error"`: the first damaged step raises `DamagedCheckpointError`. All processes
     must call it; they agree on each step (a file damaged on one process's side fails every process).
+    `other_layouts`: as `restore`'s.
     """
     if on_damaged not in ("fallback", "error"):
       raise ValueError(f"on_damaged={on_damaged!r}: expected 'fallback' or 'error'")
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        restored, error = self.restore(step, abstract_state), None
+        restored, error = self.restore(step, abstract_state, other_layouts), None
       except DamagedCheckpointError as e:
         restored, error = None, e
       if not _all_processes(error is None):

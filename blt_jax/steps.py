@@ -17,7 +17,7 @@ import optax
 
 from blt_jax import loss as loss_lib
 from blt_jax import optimizer as optimizer_lib
-from blt_jax import patching, sharding
+from blt_jax import layer_stacking, patching, sharding
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
 from blt_jax.entropy_model import EntropyModel, compute_entropies
 from blt_jax.model import BLT, init_blt
@@ -44,12 +44,18 @@ class StepConfig:
 
 
 def make_init_fn(sc: StepConfig, tx: optax.GradientTransformation, rng: jax.Array) -> Callable[[], TrainState]:
-  """`() -> TrainState` with boxed params, so `sharding.init_sharded` can shard params and optimizer moments."""
+  """`() -> TrainState` with boxed params, so `sharding.init_sharded` can shard params and optimizer moments.
+
+  With `scan_layers` the scanned stacks are stacked (`layer_stacking`): params `[L, ...]` under one `layers`
+  subtree, so the optimizer's moments are stacked too and the step neither stacks nor slices them. The values are
+  those of the per-layer init with the same rng.
+  """
   def init():
     if sc.is_blt:
       params = init_blt(rng, sc.model)
     else:
       params = EntropyModel(sc.model).init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+    params = layer_stacking.to_run_layout(params, sc.model)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return init
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from blt_jax import checkpoint as ckpt_lib
+from blt_jax import layer_stacking
 from blt_jax import data as data_lib
 from blt_jax import flops as flops_lib
 from blt_jax import metrics as metrics_lib
@@ -265,6 +267,42 @@ def build_train_step(cfg: ml_collections.ConfigDict, mesh, entropy_cfg: Optional
                         train_step, eval_step)
 
 
+@functools.lru_cache(maxsize=None)
+def _stacker(out_sharding):
+  return jax.jit(lambda *leaves: jnp.stack(leaves), out_shardings=out_sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _splitter(n: int, out_sharding):
+  return jax.jit(lambda x: tuple(x[i] for i in range(n)), out_shardings=(out_sharding,) * n)
+
+
+def restack_live(tree, params_like, model, stacked: bool, free: bool):
+  """`layer_stacking.restack` of live sharded arrays, one weight at a time, placed as the layout's shardings place
+  them (a stacked weight: its layers' spec behind an unsharded layer axis, `sharding.fit_spec_to_shape`).
+
+  With `free`, every input array is deleted as soon as its converted copy exists, so converting a whole train state
+  needs one weight's worth of memory beyond it (a jit of the whole conversion would hold both layouts at once).
+  """
+  def spec(x):
+    return tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+
+  def stack(*leaves):
+    out = _stacker(NamedSharding(leaves[0].sharding.mesh, PartitionSpec(None, *spec(leaves[0]))))(*leaves)
+    if free:
+      for leaf in leaves:
+        leaf.delete()
+    return out
+
+  def split(x, n):
+    out = list(_splitter(n, NamedSharding(x.sharding.mesh, PartitionSpec(*spec(x)[1:])))(x))
+    if free:
+      x.delete()
+    return out
+
+  return layer_stacking.restack(tree, params_like, model, stacked, stack=stack, split=split)
+
+
 class Trainer:
   """Builds everything from a config once; `run()` trains to `num_steps`, resuming if a checkpoint exists."""
 
@@ -284,6 +322,7 @@ class Trainer:
     entropy_cfg = self.entropy_params = None
     if uses_entropy_model(cfg):  # else batches carry stored entropies, or patching needs no model
       entropy_cfg, params = load_entropy_model(cfg.entropy_checkpoint)
+      params = layer_stacking.to_run_layout(params, entropy_cfg)  # stacked once here, not in every step
       self.entropy_params = jax.device_put(params, sharding.replicated(self.mesh))
     built = build_train_step(cfg, self.mesh, entropy_cfg)
     self.rules, self.sc, self.schedule, self.tx = built.rules, built.sc, built.schedule, built.tx
@@ -319,7 +358,8 @@ class Trainer:
     iterator = data_lib.make_train_iterator(cfg.data, cfg.seq_len, cfg.global_batch_size, cfg.seed,
                                             process_index=self.data_index, process_count=self.data_count)
     target = sharding.abstract_with_shardings(self._abstract, self.state_shardings)
-    newest = self.checkpointer.restore_newest_readable(target, cfg.checkpoint_on_damaged, warn=self._warn)
+    newest = self.checkpointer.restore_newest_readable(target, cfg.checkpoint_on_damaged, warn=self._warn,
+                                                       other_layouts=self._other_layouts())
     if newest is not None:
       step, state, data_state, _ = newest
       if data_state is not None:
@@ -329,18 +369,61 @@ class Trainer:
            (f" (init_from {self.init_from.path} is not loaded: resuming wins)" if self.init_from else ""))
       return state, iterator, step
     if self.init_from is not None:
-      return self._state_from_init_checkpoint(target), iterator, 0
+      return self._state_from_init_checkpoint(), iterator, 0
     state = jax.jit(lambda: _unbox(self._init_fn()), out_shardings=self.state_shardings)()
     return state, iterator, 0
 
-  def _state_from_init_checkpoint(self, target):
-    """Step 0 with init_from's params, read shard by shard onto the mesh, and a fresh optimizer state."""
+  @property
+  def _stacked(self) -> bool:
+    """Whether this run keeps its scanned stacks stacked in the train state (`scan_layers`)."""
+    return layer_stacking.uses_stacked_layout(self.sc.model)
+
+  def _layout(self, stacked: bool):
+    """(abstract boxed state, its shardings) with the model's scannable stacks stacked, or per-layer.
+
+    The run's own layout is `self._abstract` (stacked with `scan_layers`); this gives either, for what is read or
+    written in the other: checkpoints of the other layout, `init_from` and the export (per-layer on disk).
+    """
+    model = self.sc.model
+    abstract = jax.eval_shape(lambda s: layer_stacking.restack(s, s.params, model, stacked), self._abstract)
+    return abstract, sharding.logical_to_shardings(abstract, self.mesh, self.rules)
+
+  def _other_layouts(self):
+    """The param layout this run does not use, which its checkpoints may still be in (converted on restore)."""
+    model, stacked = self.sc.model, self._stacked
+    abstract, shardings = self._layout(not stacked)
+    if jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(self._abstract):
+      return ()
+    run_shardings = self.state_shardings
+
+    def convert(state):
+      return jax.device_put(restack_live(state, state.params, model, stacked, free=True), run_shardings)
+    names = " and ".join(f"{'/'.join(path + (layer_stacking.stacked_name(prefix),))}"
+                         for path, prefix in layer_stacking.stackable(model))
+    name = (f"per-layer params ({names}_0 ...; written without scan_layers)" if stacked else
+            f"stacked params ({names} with a leading layer axis; written with scan_layers)")
+    return (ckpt_lib.OtherLayout(name, sharding.abstract_with_shardings(abstract, shardings), convert),)
+
+  def _per_layer_params(self):
+    """Abstract params with shardings in the per-layer layout, the one of `save_params` dirs (`init_from`)."""
+    if not self._stacked:
+      return sharding.abstract_with_shardings(self._abstract.params, self.state_shardings.params)
+    abstract, shardings = self._layout(False)
+    return sharding.abstract_with_shardings(abstract.params, shardings.params)
+
+  def _state_from_init_checkpoint(self):
+    """Step 0 with init_from's params, read shard by shard onto the mesh, and a fresh optimizer state.
+
+    `init_from` is per-layer on disk: it is read in that layout, then converted to the run's."""
     path = self.init_from.path
+    per_layer = self._per_layer_params()
     try:
-      params, _ = ckpt_lib.load_params(path, target.params)
+      params, _ = ckpt_lib.load_params(path, per_layer)
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"init_from {path}: its params do not load into the model its {ckpt_lib.CONFIG_FILE} "
                        f"describes ({ckpt_lib.short_reason(e)})") from None
+    params = jax.device_put(restack_live(params, params, self.sc.model, self._stacked, free=True),
+                            self.state_shardings.params)
     fresh = jax.jit(lambda p: steps.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p)),
                     in_shardings=(self.state_shardings.params,), out_shardings=self.state_shardings,
                     donate_argnums=0)
@@ -484,9 +567,12 @@ class Trainer:
     if self.sc.patching is not None:
       meta["patching"] = self.sc.patching.to_dict()
     export = self.workdir / "export"
+    if layer_stacking.is_stacked(params, self.sc.model):  # the export is per-layer, as every reader expects
+      params = restack_live(params, params, self.sc.model, stacked=False, free=False)
     ckpt_lib.save_params(export, params, meta, overwrite=True)
     if self.entropy_params is not None:  # the export scores and generates on its own (blt_jax.loading)
-      ckpt_lib.save_params(export / "entropy_model", self.entropy_params,
+      ckpt_lib.save_params(export / "entropy_model",
+                           layer_stacking.unstack_params(self.entropy_params, self.sc.entropy_model),
                            {"format": "blt_jax", "model_type": "entropy_model", "model": self.sc.entropy_model.to_dict()},
                            overwrite=True)
 

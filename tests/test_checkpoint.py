@@ -243,3 +243,39 @@ def test_all_damaged_gives_none_and_changed_model_is_not_damage(tmp_path, mesh):
     assert ckpt.all_steps() == ()
   assert [w.split(" is damaged")[0] for w in warnings] == [
       f"checkpoint step 20 at {step_dir}", f"checkpoint step 10 at {tmp_path / 'checkpoints' / '10'}"]
+
+
+def test_checkpoint_in_the_other_param_layout_is_converted_on_restore(tmp_path, mesh):
+  """A per-layer state restores into a stacked (scan_layers) target through `OtherLayout`, and the reverse; one that
+  fits neither says which layouts it was tried as."""
+  from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
+  from blt_jax.config import EntropyModelConfig  # pylint: disable=g-import-not-at-top
+  model = EntropyModelConfig(dim=8, n_layers=3, n_heads=2, scan_layers=True)
+  rng = np.random.default_rng(0)
+  spec = NamedSharding(mesh, P("fsdp"))
+  per_layer = {f"layers_{i}": {"w": jax.device_put(rng.normal(size=(8, 2)).astype(np.float32), spec)}
+               for i in range(3)}
+  per_layer["norm"] = {"scale": jax.device_put(np.ones(8, np.float32), NamedSharding(mesh, P()))}
+  flat = {"params": per_layer, "opt": {"mu": per_layer}, "step": jax.device_put(np.int32(3), NamedSharding(mesh, P()))}
+
+  def restack(tree, stacked):
+    return layer_stacking.restack(tree, tree["params"], model, stacked)
+  stacked = jax.jit(lambda t: restack(t, True))(flat)
+  assert stacked["params"]["layers"]["w"].shape == stacked["opt"]["mu"]["layers"]["w"].shape == (3, 8, 2)
+  as_stacked = checkpoint.OtherLayout("stacked params", _abstract(stacked), jax.jit(lambda t: restack(t, False)))
+  as_per_layer = checkpoint.OtherLayout("per-layer params", _abstract(flat), jax.jit(lambda t: restack(t, True)))
+  with checkpoint.Checkpointer(tmp_path / "flat") as ckpt:
+    ckpt.save(3, flat, None, {}, force=True)
+    ckpt.wait_until_finished()
+    restored, _, _ = ckpt.restore(3, _abstract(stacked), [as_per_layer])
+  _assert_same(restored, stacked)
+  assert jax.tree.structure(restored) == jax.tree.structure(stacked)
+  with checkpoint.Checkpointer(tmp_path / "stacked") as ckpt:
+    ckpt.save(3, stacked, None, {}, force=True)
+    ckpt.wait_until_finished()
+    restored, _, _ = ckpt.restore(3, _abstract(flat), [as_stacked])
+    _assert_same(restored, flat)
+    other = _abstract(flat)  # another model: fits neither layout
+    other["params"]["norm"]["scale"] = jax.ShapeDtypeStruct((4,), jnp.float32)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"expected \(4,\), nor as per-layer params"):
+      ckpt.restore(3, other, [as_per_layer])

@@ -231,3 +231,62 @@ def test_donated_state_is_updated_in_place_without_a_copy():
   assert not bool(metrics["finite"])
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scan_layers: the global stack's params and optimizer state live stacked in the train state.
+
+
+def test_scan_layers_state_is_stacked_and_trains_like_the_per_layer_one():
+  """A 3-layer entropy model (the step code is the BLT's; its program compiles fast): with scan_layers the state
+  holds `[3, ...]` params and Adam moments, and three steps give the per-layer run's losses, gradient norms and
+  params (the reduction order differs: float32 ulps)."""
+  from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
+  opt_cfg = train_config.base_config().optimizer
+  opt_cfg.update(lr=1e-2, warmup=0, scheduler="constant", clip=1.0, weight_decay=0.1)
+  tx = optimizer_lib.make_optimizer(opt_cfg, 10)
+  schedule = optimizer_lib.lr_schedule(opt_cfg, 10)
+  batches = _batches(3)
+  runs = {}
+  for scan in (False, True):
+    sc = steps.StepConfig(EntropyModelConfig(dim=32, n_layers=3, n_heads=2, multiple_of=32, sliding_window=16,
+                                             max_seqlen=N, scan_layers=scan))
+    state = jax.jit(lambda: nn.meta.unbox(steps.make_init_fn(sc, tx, jax.random.PRNGKey(0))()))()
+    step = jax.jit(steps.make_train_step(sc, tx, schedule), donate_argnums=0)
+    losses = []
+    for batch in batches:
+      state, metrics = step(state, batch)
+      losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    runs[scan] = state, losses
+  (flat, flat_losses), (stacked, stacked_losses) = runs[False], runs[True]
+  assert sorted(stacked.params) == ["layers", "norm", "output", "tok_embeddings"]
+  assert stacked.params["layers"]["feed_forward"]["w1"]["kernel"].shape == (3, 32, 96)
+  mu = stacked.opt_state[1][0].mu  # clip, then adamw's scale_by_adam: its moments mirror the stacked params
+  assert mu["layers"]["feed_forward"]["w1"]["kernel"].shape == (3, 32, 96)
+  np.testing.assert_allclose(stacked_losses, flat_losses, rtol=1e-5)
+  assert stacked_losses[-1][0] < stacked_losses[0][0] - 0.5  # the steps train
+  unstacked = layer_stacking.unstack_params(stacked.params, sc.model)
+  assert jax.tree.structure(unstacked) == jax.tree.structure(flat.params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(unstacked), jax.tree.leaves(flat.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_scan_layers_train_step_does_not_grow_with_depth():
+  """The traced train step (stacked state) is the same program at 2 and 6 global layers: nothing is stacked, sliced
+  or updated per layer (with the per-layer state it grows: the issue-13 compile-time growth)."""
+  opt_cfg = train_config.base_config().optimizer
+  tx = optimizer_lib.make_optimizer(opt_cfg, 10)
+  batch = _batches(1)[0]
+
+  def ops(depth, stacked):
+    sc = _tiny("float32")
+    sc = dataclasses.replace(sc, model=dataclasses.replace(sc.model, n_layers_global=depth, scan_layers=True))
+    state = jax.eval_shape(lambda: nn.meta.unbox(steps.make_init_fn(sc, tx, jax.random.PRNGKey(0))()))
+    if not stacked:
+      from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
+      state = jax.eval_shape(lambda s: layer_stacking.restack(s, s.params, sc.model, False), state)
+    text = jax.jit(steps.make_train_step(sc, tx, lambda s: 1e-3)).lower(state, batch, None).as_text()
+    return sum(" = " in line for line in text.splitlines())
+
+  assert ops(2, True) == ops(6, True)
+  assert ops(6, False) > ops(2, False) + 100

@@ -858,3 +858,65 @@ def test_init_from_errors(micro, tmp_path, config_json, match):
   with pytest.raises((FileNotFoundError, ValueError), match=f"^init_from .*{match}"):
     train.Trainer(micro({"init_from": str(tmp_path / "bad")}), str(tmp_path / "run"))
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12. scan_layers: the global stack stacked in the train state (blt_jax.layer_stacking).
+
+
+def test_scan_layers_run_resumes_exactly_reads_either_layout_and_exports_per_layer(micro, tmp_path):
+  """Two global layers with scan_layers: checkpoints hold the stacked state and a resumed run equals the straight
+  one bit for bit; a per-layer checkpoint resumes into a scan run and the reverse (converted on restore); the export
+  is per-layer, and `loading.load` scores and generates with it as with the unscanned model."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from blt_jax import generate, layer_stacking, loading, score  # pylint: disable=g-import-not-at-top
+  loop = {"model.n_layers_global": 2, "checkpoint_every": 2}
+  scan = {**loop, "scan_layers": True}
+  straight, trainer = run(micro({**scan, "num_steps": 4}), tmp_path / "straight")
+  ref, ref_params = train_rows(straight), as_numpy(trainer.state.params)
+  assert sorted(ref_params["global_transformer"]) == ["layers"]
+  assert ref_params["global_transformer"]["layers"]["attention"]["wq"]["kernel"].shape == (2, 64, 64)
+
+  first, _ = run(micro({**scan, "num_steps": 2}), tmp_path / "resumed")
+  shutil.copytree(tmp_path / "resumed", tmp_path / "scan_then_loop")
+  second, resumed = run(micro({**scan, "num_steps": 4}), tmp_path / "resumed")
+  assert (second["start_step"], second["final_step"]) == (2, 4)
+  for step, row in {**train_rows(first), **train_rows(second)}.items():
+    assert (row["loss"], row["grad_norm"]) == (ref[step]["loss"], ref[step]["grad_norm"]), step
+  for a, b in zip(jax.tree_util.tree_leaves(as_numpy(resumed.state)), jax.tree_util.tree_leaves(
+      as_numpy(trainer.state))):
+    np.testing.assert_array_equal(a, b)
+
+  # The other layout's checkpoints: per-layer -> scan run, scan -> per-layer run (float32 ulps: scan vs loop).
+  run(micro({**loop, "num_steps": 2}), tmp_path / "loop_then_scan")
+  from_loop, scanned = run(micro({**scan, "num_steps": 4}), tmp_path / "loop_then_scan")
+  from_scan, looped = run(micro({**loop, "num_steps": 4}), tmp_path / "scan_then_loop")
+  assert from_loop["start_step"] == from_scan["start_step"] == 2
+  for rows in (train_rows(from_loop), train_rows(from_scan)):
+    for step in (3, 4):
+      np.testing.assert_allclose(rows[step]["loss"], ref[step]["loss"], rtol=MESH_RTOL)
+  assert_trees_close(as_numpy(scanned.state.params), ref_params, rtol=1e-4, atol=1e-6)
+  per_layer_ref = layer_stacking.unstack_params(ref_params, trainer.sc.model)
+  assert_trees_close(as_numpy(looped.state.params), per_layer_ref, rtol=1e-4, atol=1e-6)
+
+  # init_from reads a run's (per-layer) export into a scan run's stacked state.
+  tuned = train.Trainer(micro({**scan, "init_from": str(tmp_path / "straight")}), str(tmp_path / "tuned"))
+  try:
+    state, _, _ = tuned._initial_state()  # pylint: disable=protected-access
+  finally:
+    tuned.close()
+  assert_trees_close(as_numpy(state.params), ref_params, rtol=0)
+
+  # The export: per-layer, the final params exactly; scoring and cached generation as the unscanned model's.
+  loaded = loading.load(tmp_path / "straight")
+  assert loaded.config.scan_layers and "layers_1" in loaded.params["global_transformer"]
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(loaded.params), jax.tree_util.tree_leaves(
+      per_layer_ref)):
+    np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+  unscanned = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, scan_layers=False))
+  text = ["def f(x):\n    return x + 1\n", "import os\n"]
+  nll = [[d.nll_nats for d in score.Scorer(m, row_bytes=64, batch_bytes=64 * 8).score_texts(text)]
+         for m in (loaded, unscanned)]
+  np.testing.assert_allclose(nll[0], nll[1], rtol=1e-5)
+  outs = [[r.continuation for r in generate.generate(m, ["def "], 6)] for m in (loaded, unscanned)]
+  assert outs[0] == outs[1]
