@@ -433,11 +433,59 @@ def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repea
     t_ours, t_theirs = ours(), theirs()
     rows.append(dict(name=name, blt_jax_s=t_ours, transformers_s=t_theirs, speedup=t_theirs / t_ours,
                      blt_jax_bytes_per_s=B * N / t_ours, transformers_bytes_per_s=B * N / t_theirs))
+  rows += _compare_stages(model, hf_model, tokens, lengths, ids_t, lengths_t, repeats)
   a = torch.randn(2048, 2048)
   rows.append(dict(name="f32 matmul 2048^3 (GFLOP/s)", blt_jax_gflops=matmul_rate() / 1e9,
                    transformers_gflops=2 * 2048 ** 3 / torch_time(lambda: a @ a) / 1e9))
   result["rows"] = rows
   return result
+
+
+def _compare_stages(model, hf_model, tokens, lengths, ids_t, lengths_t, repeats):
+  """Where each forward spends its time: the global transformer and the local decoder, each timed alone on the
+  inputs the whole forward gives it (blt_jax: jitted stage functions; transformers: hooks around its submodules
+  during whole forwards), and the rest (embeddings, local encoder, patch ids) as the whole forward minus both."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from blt_jax.latent import GlobalTransformer  # pylint: disable=import-outside-toplevel
+  from blt_jax.local_models import LocalDecoder  # pylint: disable=import-outside-toplevel
+  from blt_jax.model import BLT  # pylint: disable=import-outside-toplevel
+
+  c, p = model.config, model.params
+  N = tokens.shape[1]
+  _, inter = BLT(c).apply({"params": p}, tokens, lengths, mutable=["intermediates"])
+  inter = inter["intermediates"]
+  global_in = inter["local_encoder_patch_h"][0].reshape(tokens.shape[0], lengths.shape[1], -1)
+  patch_doc = masks.patch_document_ids(masks.document_ids(tokens), lengths)
+  run_global = jax.jit(lambda gp, x, d: GlobalTransformer(c).apply({"params": gp}, x, d))
+  run_decoder = jax.jit(lambda dp, h, g, t, l: LocalDecoder(c).apply(
+      {"params": dp}, h, g, t, patching.decoder_patch_ids(l, N)))
+  forward = jax.jit(lambda p, t, l: BLT(c).apply({"params": p}, t, l))
+  ours = dict(whole=timeit(forward, p, tokens, lengths, repeats=repeats),
+              global_=timeit(run_global, p["global_transformer"], global_in, patch_doc, repeats=repeats),
+              decoder=timeit(run_decoder, p["local_decoder"], inter["local_encoder_h"][0], inter["global_h"][0],
+                             tokens, lengths, repeats=repeats))
+
+  spent = {"global_": [], "decoder": []}
+  starts = {}
+  hooks = []
+  for key, module in (("global_", hf_model.model.global_transformer), ("decoder", hf_model.model.local_decoder)):
+    hooks.append(module.register_forward_pre_hook(lambda *_, k=key: starts.__setitem__(k, time.perf_counter())))
+    hooks.append(module.register_forward_hook(
+        lambda *_, k=key: spent[k].append(time.perf_counter() - starts[k])))
+  with torch.no_grad():
+    whole = _median_seconds(lambda: hf_model(input_ids=ids_t, patch_lengths=lengths_t, use_cache=False), repeats)
+  for h in hooks:
+    h.remove()
+  theirs = dict(whole=whole, global_=float(np.median(spent["global_"][1:])),
+                decoder=float(np.median(spent["decoder"][1:])))
+  for side in (ours, theirs):
+    side["rest"] = side["whole"] - side["global_"] - side["decoder"]
+  names = dict(global_="stage: global transformer (4 x 512 over the patch slots)",
+               decoder="stage: local decoder (2 x 256, cross-attention, output)",
+               rest="stage: rest of the forward (embeddings, local encoder, patch ids)")
+  return [dict(name=names[k], blt_jax_s=ours[k], transformers_s=theirs[k], speedup=theirs[k] / ours[k],
+               blt_jax_bytes_per_s=N * tokens.shape[0] / ours[k],
+               transformers_bytes_per_s=N * tokens.shape[0] / theirs[k]) for k in ("global_", "decoder", "rest")]
 
 
 def _lengths_with_next_token(hf_lengths_BP):
