@@ -182,10 +182,8 @@ def test_forward_and_grad_compile_once():
   assert len(traces) == 1
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
-def test_remat_gives_the_same_gradients(policy):
+def test_remat_gives_the_same_gradients():
   blt_cfg, _ = _tiny_configs()
-  remat_cfg = dataclasses.replace(blt_cfg, remat=True, remat_policy=policy)
   params = init_blt(jax.random.PRNGKey(0), blt_cfg)
   rng = np.random.default_rng(3)
   tokens = jnp.asarray(rng.integers(4, 260, size=(2, 24)), jnp.int32)
@@ -193,9 +191,12 @@ def test_remat_gives_the_same_gradients(policy):
 
   def grads(cfg):
     loss = lambda p: jnp.mean(jax.nn.logsumexp(BLT(cfg).apply({"params": p}, tokens, lengths), -1))
-    return jax.jit(jax.grad(loss))(params)
-  for a, b in zip(jax.tree_util.tree_leaves(grads(blt_cfg)), jax.tree_util.tree_leaves(grads(remat_cfg))):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    return jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(params))
+  reference = grads(blt_cfg)
+  for policy in ("full", "dots", "dots_no_batch"):
+    remat = grads(dataclasses.replace(blt_cfg, remat=True, remat_policy=policy))
+    for a, b in zip(reference, remat):
+      np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"remat_policy={policy}")
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -251,15 +252,17 @@ def test_packed_documents_equal_documents_alone(patch_kwargs, with_eos):
   pipeline = jax.jit(pipeline)
 
   packed = sum(docs, []) + [0] * 5  # right padding, as the scorer's fixed-length rows have
-  logp_packed, patches_packed = pipeline(jnp.asarray([packed], jnp.int32))
+  # One batch: the packed row, then each document alone in a row of the same length (right padding after it, as in
+  # the scorer's rows; rows are independent, test_batch_rows_are_independent), so one compile serves all four.
+  rows = [packed] + [doc + [0] * (len(packed) - len(doc)) for doc in docs]
+  logp, patches = pipeline(jnp.asarray(rows, jnp.int32))
   offset = 0
-  for doc in docs:
-    logp_alone, patches_alone = pipeline(jnp.asarray([doc], jnp.int32))
+  for r, doc in enumerate(docs, start=1):
     L = len(doc)
-    np.testing.assert_allclose(logp_packed[0, offset:offset + L - 1], logp_alone[0, :L - 1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logp[0, offset:offset + L - 1], logp[r, :L - 1], rtol=1e-5, atol=1e-5)
     # The same patch boundaries inside the document (the next-token slot after it aside).
-    ids_packed = np.asarray(patches_packed.patch_ids_BT[0, offset:offset + L])
-    np.testing.assert_array_equal(ids_packed - ids_packed[0], np.asarray(patches_alone.patch_ids_BT[0, :L]))
+    ids_packed = np.asarray(patches.patch_ids_BT[0, offset:offset + L])
+    np.testing.assert_array_equal(ids_packed - ids_packed[0], np.asarray(patches.patch_ids_BT[r, :L]))
     offset += L
 
 
