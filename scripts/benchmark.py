@@ -9,7 +9,7 @@ Sections:
   train       BLT train-step throughput (bytes/s, patches/s) and MFU with the one FLOP model of blt_jax.flops
   scoring     the scoring CLI on ~1 MB of stdlib sources: packed rows vs one document per row (--sections scoring)
   generation  cached generation vs full recompute per byte, and per-byte cost against prompt length
-  compile     train-step compile time for 4 vs 25 global layers, blocks as a loop vs `scan_layers`
+  compile     train-step compile time, 4 vs 25 global layers: loop, scan over a per-layer state, scan (stacked)
   --compare transformers   side by side with transformers' BltForCausalLM (the issue-13 config; torch on CPU)
 Prints a markdown table; paste it into BENCHMARKS.md with the device line.
 """
@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from blt_jax import attention, flops, masks, patching, steps  # noqa: E402
+from blt_jax import attention, flops, layer_stacking, masks, patching, steps  # noqa: E402
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig  # noqa: E402
 
 PRESETS = {
@@ -313,32 +313,44 @@ def matmul_rate(n=2048, dtype=jnp.float32, repeats=5):
 
 
 def _compile_seconds(jitted, *args):
-  t = time.perf_counter()
+  """(wall seconds, this process's CPU seconds, compiled) of lowering and compiling `jitted` for `args`.
+
+  CPU seconds do not count time the process waited for the cores (other jobs on a shared machine)."""
+  t, cpu = time.perf_counter(), time.process_time()
   compiled = jitted.lower(*args).compile()
-  return time.perf_counter() - t, compiled
+  return time.perf_counter() - t, time.process_time() - cpu, compiled
 
 
 def bench_compile(preset, depths=(4, 25), rounds=2):
-  """Train-step compile time against global depth, blocks as a Python loop vs `scan_layers`."""
+  """Train-step compile time against global depth: blocks as a Python loop, as a `scan_layers` scan over params
+  kept per-layer in the state (stacked inside every step: the layout before stacked train states), and as the
+  trainer runs `scan_layers` (params and optimizer state stacked, `blt_jax.layer_stacking`)."""
   blt_cfg = preset["blt"]
   B, N = 2, 256
   tx = optax.adamw(1e-4)
   pc = PatchingConfig(mode="static", patch_size=4)
   batch = {k: jnp.asarray(v)[None] for k, v in _text_batch(B, N).items()}
+  modes = (("loop", False, False), ("scan, per-layer state", True, False), ("scan", True, True))
   rows = {}
   for _ in range(rounds):  # interleaved rounds, the fastest kept: compile times on a shared machine are noisy
-    for depth, scan in [(d, s) for d in depths for s in (False, True)]:
-      cfg = dataclasses.replace(blt_cfg, n_layers_global=depth, scan_layers=scan)
-      sc = steps.StepConfig(cfg, pc, N // 2, None)
-      params = jax.eval_shape(lambda: nn.meta.unbox(steps.init_blt(jax.random.PRNGKey(0), cfg)))
-      state = steps.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                               opt_state=jax.eval_shape(tx.init, params))
-      seconds, _ = _compile_seconds(jax.jit(steps.make_train_step(sc, tx, lambda s: 1e-4)), state, batch, None)
-      grad_only = jax.jit(jax.grad(lambda p, b: steps.loss_terms(sc, p, jax.tree.map(lambda x: x[0], b))[0]))
-      grad_seconds, _ = _compile_seconds(grad_only, params, batch)
-      best = rows.setdefault((depth, scan), dict(global_layers=depth, scan_layers=scan, compile_s=seconds,
-                                                   grad_compile_s=grad_seconds))
-      best.update(compile_s=min(best["compile_s"], seconds), grad_compile_s=min(best["grad_compile_s"], grad_seconds))
+    for depth in depths:
+      for blocks, scan, stacked in modes:
+        cfg = dataclasses.replace(blt_cfg, n_layers_global=depth, scan_layers=scan)
+        sc = steps.StepConfig(cfg, pc, N // 2, None)
+        params = jax.eval_shape(lambda: nn.meta.unbox(steps.init_blt(jax.random.PRNGKey(0), cfg)))
+        if stacked:  # the train state's layout (steps.make_init_fn)
+          params = jax.eval_shape(lambda p: layer_stacking.stack_params(p, cfg), params)
+        state = steps.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                                 opt_state=jax.eval_shape(tx.init, params))
+        seconds, cpu, compiled = _compile_seconds(jax.jit(steps.make_train_step(sc, tx, lambda s: 1e-4)), state,
+                                                  batch, None)
+        grad_only = jax.jit(jax.grad(lambda p, b: steps.loss_terms(sc, p, jax.tree.map(lambda x: x[0], b))[0]))
+        grad_seconds, _, _ = _compile_seconds(grad_only, params, batch)
+        hlo_ops = sum(" = " in line for line in compiled.as_text().splitlines())
+        best = rows.setdefault((depth, blocks), dict(global_layers=depth, blocks=blocks, compile_s=seconds,
+                                                     compile_cpu_s=cpu, grad_compile_s=grad_seconds, hlo_ops=hlo_ops))
+        best.update(compile_s=min(best["compile_s"], seconds), compile_cpu_s=min(best["compile_cpu_s"], cpu),
+                    grad_compile_s=min(best["grad_compile_s"], grad_seconds))
   return list(rows.values())
 
 
@@ -561,10 +573,18 @@ def main():
   if "compile" in args.sections:
     results["compile"] = bench_compile(preset)
     print("\ntrain-step compile time against global depth (batch 2 x 256 bytes, static patches)")
-    print("| global layers | blocks | train step compile (s) | loss gradient alone compile (s) |\n|---|---|---|---|")
+    print("| global layers | blocks | train step compile (s) | its CPU s | loss gradient alone compile (s) "
+          "| compiled step HLO ops |\n|---|---|---|---|---|---|")
     for r in results["compile"]:
-      print(f"| {r['global_layers']} | {'scan' if r['scan_layers'] else 'loop'} | {r['compile_s']:.1f} | "
-            f"{r['grad_compile_s']:.1f} |")
+      print(f"| {r['global_layers']} | {r['blocks']} | {r['compile_s']:.1f} | {r['compile_cpu_s']:.1f} | "
+            f"{r['grad_compile_s']:.1f} | {r['hlo_ops']} |")
+    for blocks in sorted({r["blocks"] for r in results["compile"]}):
+      by_depth = {r["global_layers"]: r for r in results["compile"] if r["blocks"] == blocks}
+      if len(by_depth) == 2:
+        lo, hi = sorted(by_depth)
+        ratio = {k: by_depth[hi][k] / by_depth[lo][k] for k in ("compile_s", "compile_cpu_s", "grad_compile_s")}
+        print(f"{blocks}: train step {hi} vs {lo} layers {ratio['compile_s']:.2f}x (CPU "
+              f"{ratio['compile_cpu_s']:.2f}x), gradient {ratio['grad_compile_s']:.2f}x")
   if args.compare == "transformers":
     r = results["compare_transformers"] = bench_compare_transformers(args.workdir)
     print(f"\nblt_jax vs transformers BltForCausalLM (torch {r['torch_threads']} threads), {r['batch']} x "
