@@ -15,8 +15,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def _run_smoke(out) -> None:
   """The CLI in a process of its own on one CPU device (the suite's eight emulated devices would make every
-  program an eight-way SPMD one: slower to compile, and nothing here is about sharding)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  program an eight-way SPMD one: slower to compile, and nothing here is about sharding). A persistent compilation
+  cache next to OUT: the BLT variants share one model config, so their init, evaluation and scoring programs are
+  the same programs, compiled once."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+             JAX_COMPILATION_CACHE_DIR=f"{out}-jax-cache", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   done = subprocess.run([sys.executable, str(ROOT / "scripts" / "flop_matched_study.py"), "--smoke", "--out", str(out)],
                         env=env, capture_output=True, text=True, timeout=1800, check=False)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

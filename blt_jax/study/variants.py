@@ -108,6 +108,7 @@ def blt_config(v: Variant, scale: Scale, data: dict, *, num_steps: int, seed: in
     m = c.model
     m.dim_local_encoder = m.dim_local_decoder = 32
     m.dim_global = 64
+    m.n_layers_global = m.n_layers_local_decoder = 1  # the same code paths as 2 layers, compiled faster
     m.n_heads_local_encoder = m.n_heads_local_decoder = m.n_heads_global = m.cross_attn_nheads = 2
     m.encoder_hash_byte_group_size = (3, 4)
     m.encoder_hash_byte_group_vocab = 512
