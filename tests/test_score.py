@@ -29,30 +29,50 @@ RTOL = 1e-6
 def tiny(tmp_path_factory):
   """A random tiny BLT with entropy patching (threshold at the median entropy, so patches vary)."""
   model = helpers.tiny_entropy_blt(max_seqlen=64)
-  return dict(model, path=helpers.save_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", **model))
+  return dict(model, path=helpers.save_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", **model),
+              direct=_direct_forward(model))
 
 
-def _direct_nll(t, tokens):
-  """The slow obvious path: one document alone, N + 1 patch slots, BLT.apply, per-target NLL."""
+def _direct_forward(t):
+  """The slow obvious path, jitted once per module (one compile per distinct length): one document per row,
+  N + 1 patch slots, BLT.apply; returns (logits `[B, N, V]`, per-target NLL `[B, N - 1]`)."""
   @jax.jit
   def fn(tokens_BN):
     ent = compute_entropies(t["ent_params"], tokens_BN, t["ent_cfg"])
     lengths = patching.patch(tokens_BN, ent, max_patches=tokens_BN.shape[1] + 1,
                              **t["patch_cfg"].patch_kwargs()).patch_lengths_BP
-    logp = jax.nn.log_softmax(BLT(t["blt_cfg"]).apply({"params": t["blt_params"]}, tokens_BN, lengths), -1)
-    return -jnp.take_along_axis(logp[0, :-1], tokens_BN[0, 1:, None], -1)[:, 0]
-  return np.asarray(fn(jnp.asarray([tokens], jnp.int32)), np.float64)
+    logits = BLT(t["blt_cfg"]).apply({"params": t["blt_params"]}, tokens_BN, lengths)
+    logp = jax.nn.log_softmax(logits, -1)
+    return logits, -jnp.take_along_axis(logp[:, :-1], tokens_BN[:, 1:, None], -1)[..., 0]
+  return fn
+
+
+def _direct_nll(t, tokens):
+  """Per-target NLL of one document alone."""
+  return np.asarray(t["direct"](jnp.asarray([tokens], jnp.int32))[1][0], np.float64)
 
 
 def _direct_logits(t, tokens_BN):
   """The direct forward's logits `[B, N, V]` (one document per row, N + 1 patch slots)."""
-  @jax.jit
-  def fn(tokens_BN):
-    ent = compute_entropies(t["ent_params"], tokens_BN, t["ent_cfg"])
-    lengths = patching.patch(tokens_BN, ent, max_patches=tokens_BN.shape[1] + 1,
-                             **t["patch_cfg"].patch_kwargs()).patch_lengths_BP
-    return BLT(t["blt_cfg"]).apply({"params": t["blt_params"]}, tokens_BN, lengths)
-  return fn(tokens_BN)
+  return t["direct"](tokens_BN)[0]
+
+
+# Byte lengths of the short test documents: few distinct lengths (each is one compile of the direct forward); 32
+# and 48 are also the last windows' lengths of the long documents below (as tokens: 33 and 49, with BOS).
+LENGTHS = (6, 20, 32, 48)
+
+
+def _docs_of_lengths(lengths, seed=0):
+  """Documents of exactly these byte lengths (UTF-8 may be cut mid-character: they are bytes)."""
+  rng = np.random.default_rng(seed)
+  words = ["the", "cat", "sat", "on", "a", "mat", "und", "über", "naïve", "x", "42", "\n"]
+  out = []
+  for n in lengths:
+    text = b""
+    while len(text) < n:
+      text += (" ".join(rng.choice(words, size=rng.integers(1, 6))) + " ").encode()
+    out.append(text[:n])
+  return out
 
 
 def _docs(n, seed=0, max_len=60):
@@ -63,7 +83,8 @@ def _docs(n, seed=0, max_len=60):
 
 
 def test_scores_equal_direct_forward_whatever_the_packing(tiny):
-  docs = _docs(14)
+  # 14 documents of 6 to 48 bytes: rows of 63 tokens hold up to three of them.
+  docs = _docs_of_lengths([LENGTHS[i] for i in (3, 1, 0, 2, 1, 3, 0, 0, 2, 1, 3, 2, 0, 1)])
   direct = [_direct_nll(tiny, tokenizer.encode(d, add_eos=False)).sum() for d in docs]
   runs = [score.Scorer(tiny["path"], batch_bytes=128).score_texts(docs),   # 2 rows per batch
           score.Scorer(tiny["path"], batch_bytes=4096).score_texts(docs),  # everything in one batch
@@ -82,7 +103,7 @@ def test_scores_equal_direct_forward_whatever_the_packing(tiny):
 
 def test_score_arrays_and_eos_convention(tiny):
   scorer = score.Scorer(tiny["path"], with_eos=True)
-  text = "naïve café".encode()
+  text = "über naïve café!".encode()  # with BOS and EOS as long as a 20-byte document: no new direct compile
   by_text = scorer.score_texts([text])[0]
   by_ids = scorer.score_arrays([tokenizer.encode(text, add_eos=True)])[0]
   assert by_text.n_bytes == by_ids.n_bytes == len(text) + 1  # the EOS is a scored target
@@ -114,7 +135,7 @@ def test_long_document_is_scored_completely_in_windows(tiny):
 def test_per_byte_argmax_is_the_greedy_byte_of_the_direct_forward(tiny):
   """`per_byte_argmax=True`: each scored byte's greedy id (ids 0/1/3 never), as the direct forward's argmax; a
   default scorer stores none and gives the same NLL."""
-  docs = _docs(5, seed=4) + [b" ".join(_docs(30, seed=6))[:200]]  # the last one is scored in windows
+  docs = _docs_of_lengths(LENGTHS + (20,), seed=4) + [b" ".join(_docs(30, seed=6))[:200]]  # the last in windows
   scorer = score.Scorer(tiny["path"], per_byte=True, per_byte_argmax=True, min_context=20)
   scores = scorer.score_texts(docs)
   for d, s in zip(docs, scores):
@@ -167,10 +188,19 @@ def test_ten_thousand_documents_compile_a_bounded_number_of_programs(tiny):
 # Command line.
 
 
-def _cli(args, cwd, timeout=300, **kwargs):
+def _cli_env(cwd, compile_cache=True):
+  """The CLI's environment; the processes of one test share a persistent compilation cache in `cwd` (the same
+  programs, compiled once: the same executables, only not compiled again)."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-  return subprocess.run([sys.executable, "-m", "blt_jax.score", *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout, **kwargs)
+  if compile_cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(cwd) / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def _cli(args, cwd, timeout=300, **kwargs):
+  return subprocess.run([sys.executable, "-m", "blt_jax.score", *args], cwd=cwd, env=_cli_env(cwd),
+                        capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def _lines(path):
@@ -248,9 +278,9 @@ def test_cli_killed_and_resumed_equals_an_uninterrupted_run(tiny, tmp_path):
     for d in docs:
       f.write(json.dumps({"text": d.decode()}) + "\n")
   args = ["--checkpoint", tiny["path"], "--input", "in.jsonl", "--batch-bytes", "64"]
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
   proc = subprocess.Popen([sys.executable, "-m", "blt_jax.score", *args, "--output", "killed.jsonl"], cwd=tmp_path,
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          env=_cli_env(tmp_path, compile_cache=False),  # killed: none of its cache writes torn
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   out = tmp_path / "killed.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 20):
