@@ -1,5 +1,6 @@
 """Cached generation equals the full recompute, byte for byte and logit for logit; sampling; limits; the CLI."""
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -56,9 +57,15 @@ MODELS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _built(name):
+  """Each model built once per session (tests never modify one: they derive others with dataclasses.replace)."""
+  return MODELS[name]()
+
+
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def model(request):
-  return MODELS[request.param]()
+  return _built(request.param)
 
 
 def test_cached_greedy_equals_full_recompute(model):
@@ -74,7 +81,7 @@ def test_cached_greedy_equals_full_recompute(model):
 
 
 def test_sampling_is_reproducible_and_independent_of_the_batch():
-  m = MODELS["space"]()
+  m = _built("space")
   sampling = generate.Sampling(temperature=0.9, top_k=40, top_p=0.95)
   alone = generate.generate(m, ["Once upon"], 32, sampling=sampling, seed=7)[0].continuation
   batch = generate.generate(m, ["x", "Once upon", "another prompt"], 32, sampling=sampling, seed=7)
@@ -93,22 +100,23 @@ def test_choose_masks_non_byte_ids_and_respects_top_k():
 
 
 def test_stop_strings_and_eos_end_rows():
-  m = MODELS["space"]()
-  full = generate.generate(m, ["ab"], 40)[0].continuation
+  m = _built("space")
+  # The sampling test's greedy shapes (one prompt of 9 bytes, 32 bytes): its compiled programs serve here too.
+  full = generate.generate(m, ["Once upon"], 32)[0].continuation
   stop = full[10:13]
-  cut = generate.generate(m, ["ab"], 40, stop=[stop], chunk=8)[0]
+  cut = generate.generate(m, ["Once upon"], 32, stop=[stop], chunk=8)[0]
   assert cut.stopped == "stop" and cut.continuation == full[:full.find(stop)]
   # All logits equal: the first id that may be chosen is EOS (0, 1, 3 are masked), so the row ends at once.
   bias = dict(m.params)
   out = dict(bias["local_decoder"]["output"])
   out["kernel"] = jnp.zeros_like(out["kernel"])
   eos_model = dataclasses.replace(m, params=dict(bias, local_decoder=dict(bias["local_decoder"], output=out)))
-  r = generate.generate(eos_model, ["ab"], 10)[0]
+  r = generate.generate(eos_model, ["Once upon"], 32)[0]  # the same shapes, other params: nothing new to compile
   assert r.stopped == "eos" and r.continuation == b""
 
 
 def test_limits_are_clear_errors():
-  m = MODELS["entropy-max_patch_length"]()
+  m = _built("entropy-max_patch_length")
   with pytest.raises(ValueError, match="max_encoder_seq_length=128"):
     generate.generate(m, ["x" * 100], 40)
   # More patches than the global model's max_seqlen: byte patching, 24 slots.
@@ -119,12 +127,12 @@ def test_limits_are_clear_errors():
   ref = generate.generate_uncached(small, ["abc"], len(r.continuation))[0]
   assert ref.continuation == r.continuation  # exact up to the limit
   # An open patch longer than the encoder's look-back: space patching, no spaces in the output of a long run.
-  r = generate.generate(MODELS["space"](), ["a" * 30], 8, max_patch_bytes=8)[0]
+  r = generate.generate(_built("space"), ["a" * 30], 8, max_patch_bytes=8)[0]
   assert r.stopped == generate.ERRORS[1]
 
 
 def test_cli_streams_the_continuation_only(tmp_path):
-  m = MODELS["space"]()
+  m = _built("space")
   checkpoint.save_params(tmp_path / "ckpt", m.params, {"format": "blt_jax", "model_type": "blt",
                                                       "model": m.config.to_dict(), "patching": m.patching.to_dict()})
   expected = generate.generate(m, ["Hello", "Bye"], 20)
