@@ -332,16 +332,8 @@ def main(argv=None) -> int:
   flags.DEFINE_float("mean_patch_length", 4.5, "Bytes per patch for flops.py's model FLOPs (paper accounting).")
   flags.DEFINE_string("json", None, "Also write the report as json to this file.")
   flags.DEFINE_string("hlo", None, "Also write the compiled program's HLO text to this file.")
-  unknown = train.unknown_override_error(argv)
-  if unknown:
-    raise SystemExit(f"error: {unknown}")
-  try:
-    flags.FLAGS(argv)
-    cfg, topology = flags.FLAGS.config, flags.FLAGS.topology
-    if cfg is not None:
-      cfg.keys()  # a config file that failed to load only raises when first used
-  except Exception as e:  # pylint: disable=broad-except
-    raise SystemExit(f"error: {train.flag_error(e)}") from None
+  train.parse_flags(argv)
+  cfg, topology = flags.FLAGS.config, flags.FLAGS.topology
   if cfg is None or topology is None:
     raise SystemExit("usage: scripts/aot_compile.py --config configs/<name>.py --topology v5p:4x4x8 "
                      "[--entropy_config configs/entropy_100m.py] [--config.a.b=value]")

@@ -645,6 +645,22 @@ def flag_error(e: Exception) -> str:
   return f"bad command line: {type(e).__name__}: {e}"
 
 
+def parse_flags(argv: List[str]) -> None:
+  """Parses `argv` into the absl flags the caller defined (a `--config` file among them); an unknown
+  `--config.KEY`, a value that does not parse or an unreadable config file exits with one `error:` line."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  unknown = unknown_override_error(argv)  # ml_collections would only say AttributeError: 'key'
+  if unknown:
+    raise SystemExit(f"error: {unknown}")
+  try:
+    flags.FLAGS(argv)
+    if flags.FLAGS.config is not None:
+      flags.FLAGS.config.keys()  # a config file that failed to load only raises when first used
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f"error: {flag_error(e)}") from None
+
+
 def main(argv=None) -> None:
   import sys  # pylint: disable=g-import-not-at-top
 
@@ -654,17 +670,8 @@ def main(argv=None) -> None:
   argv = sys.argv if argv is None else argv
   config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and the final export go here.")
-  unknown = unknown_override_error(argv)  # ml_collections would only say AttributeError: 'key'
-  if unknown:
-    raise SystemExit(f"error: {unknown}")
-  try:
-    flags.FLAGS(argv)
-    cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if cfg is not None:
-      cfg.keys()  # a config file that failed to load only raises when first used
-  except Exception as e:  # pylint: disable=broad-except
-    # Bad values and unreadable config files surface here: one line, no traceback.
-    raise SystemExit(f"error: {flag_error(e)}") from None
+  parse_flags(argv)
+  cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if cfg is None or workdir is None:
     raise SystemExit("usage: python -m blt_jax.train --config configs/<name>.py --workdir DIR [--config.a.b=value]")
   logging.basicConfig(level=logging.WARNING)
