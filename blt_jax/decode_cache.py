@@ -66,8 +66,14 @@ def attend(q_BSHD, cache: Cache, q_pos_BS, window: Optional[int], context_len: O
   return attention.masked_attention(q_BSHD, k, v, mask)
 
 
-def block(stack: StackConfig, params, x_BSD, pos_BS, cache: Cache, context_len: Optional[int] = None):
-  """One pre-norm block (`layers.TransformerBlock`) on new positions; returns (out, updated cache)."""
+def block(stack: StackConfig, params, x_BSD, pos_BS, cache: Cache, context_len: Optional[int] = None,
+          fresh: bool = False):
+  """One pre-norm block (`layers.TransformerBlock`) on new positions; returns (out, updated cache).
+
+  `fresh` (prefill): the positions are 0..S-1 in every row and the cache held nothing before, so the new queries
+  attend only the new keys: the model's own self-attention kernel runs on them (`attention.self_attention`, blocked
+  for long prompts) instead of a dense masked softmax over the whole cache. The cache is written the same way.
+  """
   c = stack
   B, S, _ = x_BSD.shape
   H, K, D = c.n_heads, c.kv_heads, c.hd
@@ -80,19 +86,23 @@ def block(stack: StackConfig, params, x_BSD, pos_BS, cache: Cache, context_len: 
   cos, sin = layers.stack_rope_at(c, rope_pos_BS)
   q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
   cache = {"k": _write(cache["k"], pos_BS, k), "v": _write(cache["v"], pos_BS, v)}
-  out = attend(q, cache, pos_BS, c.sliding_window, context_len)
+  if fresh:
+    segments_BS = None if context_len is None else pos_BS // context_len
+    out = attention.self_attention(q, k, v, segments_BS, c.sliding_window, impl=c.attention_impl)
+  else:
+    out = attend(q, cache, pos_BS, c.sliding_window, context_len)
   h = x_BSD + _linear(p["wo"], out.reshape(B, S, H * D), c.dim, c.dtype)
   hn = apply_module(layers.RMSNorm(c.norm_eps, c.dtype), params["ffn_norm"], h)
   return h + apply_module(layers.FeedForward(c, 1.0), params["feed_forward"], hn), cache
 
 
 def stack_forward(stack: StackConfig, params, x_BSD, pos_BS, caches: List[Cache], context_len: Optional[int] = None,
-                  outputs: bool = False):
-  """All blocks of a stack (`params["layers_i"]`); returns (h, caches[, per-layer outputs])."""
+                  outputs: bool = False, fresh: bool = False):
+  """All blocks of a stack (`params["layers_i"]`); returns (h, caches[, per-layer outputs]). `fresh`: as `block`'s."""
   new_caches, per_layer = [], []
   h = x_BSD
   for i in range(stack.n_layers):
-    h, cache = block(stack, params[f"layers_{i}"], h, pos_BS, caches[i], context_len)
+    h, cache = block(stack, params[f"layers_{i}"], h, pos_BS, caches[i], context_len, fresh)
     new_caches.append(cache)
     per_layer.append(h)
   return (h, new_caches, per_layer) if outputs else (h, new_caches)

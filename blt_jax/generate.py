@@ -59,11 +59,12 @@ class Sampling:
 # The stages on new positions, sharing the model's modules (decode_cache applies them with caches).
 
 
-def _entropies(m: loading.LoadedModel, tokens_BS, pos_BS, caches):
+def _entropies(m: loading.LoadedModel, tokens_BS, pos_BS, caches, fresh: bool = False):
   c = m.entropy_config
   p = m.entropy_params
   x = decode_cache.apply_module(layers.Embed(c.vocab_size, c.dim, 1.0), p["tok_embeddings"], tokens_BS)
-  h, caches = decode_cache.stack_forward(c.stack(), p, x.astype(jnp.dtype(c.dtype)), pos_BS, caches, c.max_seqlen)
+  h, caches = decode_cache.stack_forward(c.stack(), p, x.astype(jnp.dtype(c.dtype)), pos_BS, caches, c.max_seqlen,
+                                         fresh=fresh)
   h = decode_cache.apply_module(layers.RMSNorm(c.norm_eps, c.dtype), p["norm"], h)
   logits = decode_cache.apply_module(layers.Linear(c.vocab_size, ("embed", "vocab"), 1.0, c.dtype), p["output"], h)
   return entropy_from_logits(logits.astype(jnp.float32)), caches
@@ -106,16 +107,16 @@ def _encode_patches(cfg: BLTConfig, params, h_layers, patch_ids_BL, num_patches:
   return patch_BQD.reshape(B, num_patches, k * dE)
 
 
-def _latent(cfg: BLTConfig, params, x_BPX, slot_BP, caches):
+def _latent(cfg: BLTConfig, params, x_BPX, slot_BP, caches, fresh: bool = False):
   p = params["global_transformer"]
   h = x_BPX.astype(jnp.dtype(cfg.dtype))
   if cfg.global_input_dim != cfg.dim_global:
     proj = layers.Linear(cfg.dim_global, ("heads", "embed"), 1.0, cfg.dtype)
     h = decode_cache.apply_module(proj, p["token_embedding_projection"], h)
-  return decode_cache.stack_forward(cfg.global_stack(), p, h, slot_BP, caches)
+  return decode_cache.stack_forward(cfg.global_stack(), p, h, slot_BP, caches, fresh=fresh)
 
 
-def _decode(cfg: BLTConfig, params, h_BSD, pos_BS, global_BPG, dpid_BS, caches):
+def _decode(cfg: BLTConfig, params, h_BSD, pos_BS, global_BPG, dpid_BS, caches, fresh: bool = False):
   """The local decoder (`LocalDecoder`) on new positions, reading patch states `global_BPG` at `dpid_BS`."""
   p = params["local_decoder"]
   B, S, dD = h_BSD.shape
@@ -132,7 +133,7 @@ def _decode(cfg: BLTConfig, params, h_BSD, pos_BS, global_BPG, dpid_BS, caches):
     if i == 0 or cfg.cross_attn_all_layers_decoder:
       xattn = layers.CrossAttention(dD, cfg.decoder_cross_attn_nheads, 1.0, cfg.norm_eps, cfg.dtype)
       h = h + decode_cache.apply_module(xattn, p[f"cross_attn_layers_{i}"], h, patch_BQD, attend)
-    h, cache = decode_cache.block(stack, p[f"layers_{i}"], h, pos_BS, caches[i])
+    h, cache = decode_cache.block(stack, p[f"layers_{i}"], h, pos_BS, caches[i], fresh=fresh)
     new_caches.append(cache)
   h = decode_cache.apply_module(layers.RMSNorm(cfg.norm_eps, cfg.dtype), p["norm"], h)
   logits = decode_cache.apply_module(layers.Linear(cfg.vocab_size, ("embed", "vocab"), 1.0, cfg.dtype), p["output"], h)
@@ -157,7 +158,7 @@ def prefill(m: loading.LoadedModel, shapes: Shapes, tokens_BL, length_B):
   tokens_BS = jnp.zeros((B, S), jnp.int32).at[:, :L].set(tokens_BL)
   if m.entropy_config is not None:
     ent_BL, state["ent_caches"] = _entropies(m, tokens_BL, pos_BL,
-                                             decode_cache.empty_caches(m.entropy_config.stack(), B, S))
+                                             decode_cache.empty_caches(m.entropy_config.stack(), B, S), fresh=True)
   else:
     ent_BL, state["ent_caches"] = jnp.zeros((B, L), jnp.float32), []
   kwargs = m.patching.patch_kwargs()
@@ -174,15 +175,15 @@ def prefill(m: loading.LoadedModel, shapes: Shapes, tokens_BL, length_B):
   enc_stack = cfg.encoder_stack()
   h, enc_caches, h_layers = decode_cache.stack_forward(
       enc_stack, params["local_encoder"], x.astype(jnp.dtype(cfg.dtype)), pos_BL,
-      decode_cache.empty_caches(enc_stack, B, S), outputs=True)
+      decode_cache.empty_caches(enc_stack, B, S), outputs=True, fresh=True)
   P_pre = min(L + 1, shapes.patch_capacity)
   patches_BPX = _encode_patches(cfg, params, h_layers, pid_BT[:, :L], P_pre)
   slot_BP = jnp.broadcast_to(jnp.arange(P_pre)[None, :], (B, P_pre))
   global_BPG, glob_caches = _latent(cfg, params, patches_BPX, slot_BP,
-                                    decode_cache.empty_caches(cfg.global_stack(), B, shapes.patch_capacity))
+                                    decode_cache.empty_caches(cfg.global_stack(), B, shapes.patch_capacity), fresh=True)
   dpid_BL = pid_BT[:, 1:] - 1
   logits_BLV, dec_caches = _decode(cfg, params, h, pos_BL, global_BPG, dpid_BL,
-                                   decode_cache.empty_caches(cfg.decoder_stack(), B, S))
+                                   decode_cache.empty_caches(cfg.decoder_stack(), B, S), fresh=True)
   glob_h = jnp.zeros((B, shapes.patch_capacity, cfg.dim_global), global_BPG.dtype).at[:, :P_pre].set(global_BPG)
   state.update(
       tokens_BS=tokens_BS, length_B=length_B,

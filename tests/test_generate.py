@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blt_jax import checkpoint, generate, loading, tokenizer
+from blt_jax import attention, checkpoint, decode_cache, generate, loading, tokenizer
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
 from blt_jax.entropy_model import compute_entropies, init_entropy_model
 from blt_jax.model import init_blt
@@ -78,6 +78,30 @@ def test_cached_greedy_equals_full_recompute(model):
     np.testing.assert_allclose(g.logits, r.logits[:, :g.logits.shape[1]], atol=1e-4)
   alone = generate.generate(model, PROMPTS[1:2], 60)[0]  # batch 1
   assert alone.continuation == ref[1].continuation
+
+
+@pytest.mark.parametrize("window,context_len,kv_heads", [(None, None, 4), (64, 200, 2)])
+def test_prefill_attention_on_new_keys_equals_attention_over_the_cache(window, context_len, kv_heads):
+  """A prefill (`fresh`) runs the model's self-attention kernel on the prompt's own keys; over 300 positions that is
+  the blocked kernel, with windows and context resets (positions // context_len) crossing its blocks. Its outputs
+  and the caches it writes equal the dense masked attention over the whole (empty-before) cache."""
+  S, B, capacity = 300, 2, 320
+  assert attention.choose_impl("auto", S, context_len is not None) == "blocked"
+  stack = EntropyModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, sliding_window=window,
+                             max_seqlen=context_len or 8192).stack()
+  params = _unbox(init_entropy_model(jax.random.PRNGKey(3), EntropyModelConfig(
+      dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads)))
+  x_BSD = jax.random.normal(jax.random.PRNGKey(4), (B, S, 64), jnp.float32)
+  pos_BS = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S))
+  caches = decode_cache.empty_caches(stack, B, capacity)
+  run = jax.jit(lambda fresh: decode_cache.stack_forward(stack, params, x_BSD, pos_BS, caches, context_len,
+                                                         fresh=fresh), static_argnums=0)
+  (h_fresh, caches_fresh), (h_dense, caches_dense) = run(True), run(False)
+  np.testing.assert_allclose(h_fresh, h_dense, atol=2e-5, rtol=1e-5)
+  np.testing.assert_array_equal(caches_fresh[0]["k"], caches_dense[0]["k"])  # layer 0's keys: same inputs
+  for got, want in zip(caches_fresh, caches_dense):  # later layers' keys: inputs within float rounding
+    np.testing.assert_allclose(got["k"], want["k"], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(got["v"], want["v"], atol=2e-5, rtol=1e-5)
 
 
 def test_sampling_is_reproducible_and_independent_of_the_batch():
