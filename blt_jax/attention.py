@@ -5,8 +5,9 @@ whatever the q/k/v dtype (probs x values are dots, which XLA accumulates in floa
 done in float32 explicitly), and the output is rounded once to v's dtype. Rows with no allowed key give 0 (spec 5.6,
 20). Three access patterns, each costing what its mask allows rather than a dense S x T matrix:
 
-* `self_attention`: causal with an optional window and document split. Sequences longer than twice the window are
-  processed in query blocks of `window` rows against the previous and current key blocks (cost S * 2W).
+* `self_attention`: causal with an optional window and document split. From two blocks of 128 on, an online
+  softmax over key blocks that skips the blocks the causal/window mask rules out (cost ~S * min(S, W), memory
+  linear in S); on TPU the Pallas splash kernel, on GPU cuDNN where its masks suffice; below that one dense mask.
 * `encoder_cross_attention`: patch slots attend the bytes of their own patch. Computed per byte as a segment
   softmax over patch ids (cost N * k * w), never as a [P*k, N] matrix.
 * `decoder_cross_attention`: each byte attends the k slots of one patch (w patches with a window): a gather.
