@@ -432,18 +432,24 @@ def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repea
   result = dict(config=COMPARE_HF, batch=B, seq_len=N, threshold=threshold,
                 bytes_per_patch=B * (N + 1) / float((lengths_BP > 0).sum()), same_patch_lengths=same_lengths,
                 max_logit_diff=float(np.max(np.abs(ours_logits - theirs_logits))), torch_threads=torch.get_num_threads())
+  def no_grad(fn):
+    def call():
+      with torch.no_grad():
+        return fn()
+    return call
+
   pairs = [
-      ("entropy model (patcher)", lambda: timeit(ent_fn, model.entropy_params, tokens, repeats=repeats),
-       lambda: torch_time(lambda: hf_patcher(threshold))),
-      ("BLT forward given patch lengths", lambda: timeit(fwd, model.params, tokens, lengths, repeats=repeats),
-       lambda: torch_time(lambda: hf_model(input_ids=ids_t, patch_lengths=lengths_t, use_cache=False))),
-      ("whole scoring path (patcher + forward + NLL)", lambda: _median_seconds(score_ours, repeats),
-       lambda: torch_time(hf_nll)),
+      ("entropy model (patcher)", lambda: jax.block_until_ready(ent_fn(model.entropy_params, tokens)),
+       no_grad(lambda: hf_patcher(threshold))),
+      ("BLT forward given patch lengths", lambda: jax.block_until_ready(fwd(model.params, tokens, lengths)),
+       no_grad(lambda: hf_model(input_ids=ids_t, patch_lengths=lengths_t, use_cache=False))),
+      ("whole scoring path (patcher + forward + NLL)", score_ours, no_grad(hf_nll)),
   ]
   rows = []
   for name, ours, theirs in pairs:
-    t_ours, t_theirs = ours(), theirs()
+    t_ours, t_theirs, ratios = _interleaved(ours, theirs, repeats)
     rows.append(dict(name=name, blt_jax_s=t_ours, transformers_s=t_theirs, speedup=t_theirs / t_ours,
+                     pair_ratio_min=min(ratios), pair_ratio_max=max(ratios),
                      blt_jax_bytes_per_s=B * N / t_ours, transformers_bytes_per_s=B * N / t_theirs))
   rows += _compare_stages(model, hf_model, tokens, lengths, ids_t, lengths_t, repeats)
   a = torch.randn(2048, 2048)
@@ -507,6 +513,21 @@ def _lengths_with_next_token(hf_lengths_BP):
   for row in out:
     row[np.flatnonzero(row)[-1]] += 1
   return out
+
+
+def _interleaved(ours, theirs, repeats):
+  """(median seconds of `ours()`, of `theirs()`, each pair's ratio theirs/ours): one warm-up call each, then
+  `repeats` alternating calls, so a slow spell of the shared machine falls on both sides alike rather than on
+  whichever was being timed then."""
+  ours()
+  theirs()
+  times = ([], [])
+  for _ in range(repeats):
+    for fn, out in zip((ours, theirs), times):
+      t = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - t)
+  return float(np.median(times[0])), float(np.median(times[1])), [b / a for a, b in zip(*times)]
 
 
 def _median_seconds(fn, repeats):
@@ -590,13 +611,15 @@ def main():
     print(f"\nblt_jax vs transformers BltForCausalLM (torch {r['torch_threads']} threads), {r['batch']} x "
           f"{r['seq_len']} random bytes, {r['bytes_per_patch']:.2f} bytes/patch, same patch lengths: "
           f"{r['same_patch_lengths']}, max |logit diff| {r['max_logit_diff']:.1e}")
-    print("| path | blt_jax (ms) | transformers (ms) | blt_jax bytes/s | transformers bytes/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| path | blt_jax (ms) | transformers (ms) | blt_jax bytes/s | transformers bytes/s | ratio | pairs' "
+          "ratios |")
+    print("|---|---|---|---|---|---|---|")
     for x in r["rows"][:-1]:
+      spread = f"{x['pair_ratio_min']:.2f}-{x['pair_ratio_max']:.2f}x" if "pair_ratio_min" in x else ""
       print(f"| {x['name']} | {x['blt_jax_s'] * 1e3:.0f} | {x['transformers_s'] * 1e3:.0f} | "
-            f"{x['blt_jax_bytes_per_s']:.0f} | {x['transformers_bytes_per_s']:.0f} | {x['speedup']:.2f}x |")
+            f"{x['blt_jax_bytes_per_s']:.0f} | {x['transformers_bytes_per_s']:.0f} | {x['speedup']:.2f}x | {spread} |")
     x = r["rows"][-1]
-    print(f"| {x['name']} | {x['blt_jax_gflops']:.0f} | {x['transformers_gflops']:.0f} | | | |")
+    print(f"| {x['name']} | {x['blt_jax_gflops']:.0f} | {x['transformers_gflops']:.0f} | | | | |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
