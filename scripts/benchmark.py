@@ -2,6 +2,7 @@
 
   python scripts/benchmark.py --preset cpu      # small shapes, a couple of minutes on 2 cores
   python scripts/benchmark.py --preset gpu      # 1B-class shapes on one H100/H200
+  python scripts/benchmark.py --preset gpu1b --sections loop   # the full-depth 1B train loop, donated vs not
 
 Sections:
   attention   fast paths vs dense masked attention (encoder/decoder cross-attention, windowed self-attention)
@@ -10,6 +11,8 @@ Sections:
   scoring     the scoring CLI on ~1 MB of stdlib sources: packed rows vs one document per row (--sections scoring)
   generation  cached generation vs full recompute per byte, and per-byte cost against prompt length
   compile     train-step compile time, 4 vs 25 global layers: loop, scan over a per-layer state, scan (stacked)
+  loop        train loop with the state donated vs not, per batch size until one does not fit (--preset gpu1b: the
+              issue-13 GPU target, the full-depth 1B in bf16)
   --compare transformers   side by side with transformers' BltForCausalLM (the issue-13 config; torch on CPU)
 Prints a markdown table; paste it into BENCHMARKS.md with the device line.
 """
@@ -31,6 +34,11 @@ import optax  # noqa: E402
 from blt_jax import attention, flops, layer_stacking, masks, patching, steps  # noqa: E402
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig  # noqa: E402
 
+# The 1B-shaped train step of issue 13's GPU target: the released 1B's widths and depths (25 global layers, 9
+# decoder layers), bf16, the global stack scanned (compile time flat in depth), 50002-row hash tables (the 500002-row
+# ones change no FLOPs). `--sections loop --preset gpu1b` on an H100/H200.
+GPU_1B = BLTConfig(encoder_hash_byte_group_vocab=50002, dtype="bfloat16", scan_layers=True)
+
 PRESETS = {
     "cpu": dict(
         attn=dict(B=1, N=2048, P=512, k=2, H=4, D=32, W=128),
@@ -50,7 +58,13 @@ PRESETS = {
                       dtype="bfloat16", remat=False),
         entropy=EntropyModelConfig(dtype="bfloat16"),
         batch=4, seq_len=8192, max_patches=2730, steps=10),
+    "gpu1b": dict(
+        attn=dict(B=2, N=8192, P=2048, k=2, H=16, D=64, W=512),
+        blt=GPU_1B, entropy=EntropyModelConfig(dtype="bfloat16"),
+        # `loop`: batches tried in order until one does not fit (two compiles each: donated and not).
+        batch=4, seq_len=8192, max_patches=2730, steps=10, loop_batches=(4, 8, 16), loop_remat=(False,)),
 }
+PRESETS["cpu"].update(loop_batches=(2, 4), loop_remat=(False,))
 
 
 def timeit(fn, *args, repeats=5):
@@ -184,6 +198,62 @@ def bench_train(preset):
               mfu_precomputed=flops.mfu(fpb, B * N / t_pre, peak),
               mfu_in_graph=flops.mfu(fpb + ent_fpb, B * N / t_graph, peak),
               loss=float(m["loss"]))
+
+
+def _out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def bench_loop(preset):
+  """The trainer's loop shape: steps dispatched back to back (blocked on once at the end), with the train state
+  donated (updated in place, as `blt_jax.train` runs it) and without; per batch size in `loop_batches` until one
+  does not fit, with and without remat. Static 4-byte patches (the BLT alone, no entropy model), so the FLOPs are
+  the model's; MFU against the trainer's peak (`flops.peak_flops`: the vendor's, or on CPU a measured matmul rate)."""
+  base_cfg = preset["blt"]
+  N, n_steps = preset["seq_len"], preset["steps"]
+  tx = optax.adamw(1e-4)
+  peak, peak_source = flops.peak_flops(jax.devices()[:1])  # the trainer's MFU peak (CPU: a measured matmul rate)
+  results = []
+  for remat in preset["loop_remat"]:
+    cfg = dataclasses.replace(base_cfg, remat=remat)
+    sc = steps.StepConfig(cfg, PatchingConfig(mode="static", patch_size=4), preset["max_patches"], None)
+    abstract = jax.eval_shape(lambda: layer_stacking.to_run_layout(
+        nn.meta.unbox(steps.init_blt(jax.random.PRNGKey(0), cfg)), cfg))
+    fpb = flops.blt_train_flops_per_byte(cfg, N, 4.0)
+    train_step = steps.make_train_step(sc, tx, lambda s: 1e-4)
+    for B in preset["loop_batches"]:
+      batch = {k: jnp.asarray(v)[None] for k, v in _text_batch(B, N).items()}
+      row = dict(remat=remat, batch=B, seq_len=N)
+      try:
+        for donate in (True, False):
+          params = _random_params(abstract)
+          state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params))
+          step = jax.jit(train_step, donate_argnums=(0,) if donate else ())
+          t0 = time.perf_counter()
+          compiled = step.lower(state, batch, None).compile()
+          compile_s = time.perf_counter() - t0
+          memory = compiled.memory_analysis()
+          state, m = compiled(state, batch, None)  # warm-up
+          jax.block_until_ready((state, m))
+          t0 = time.perf_counter()
+          for _ in range(n_steps):
+            state, m = compiled(state, batch, None)
+          jax.block_until_ready((state, m))
+          step_s = (time.perf_counter() - t0) / n_steps
+          key = "donated" if donate else "not_donated"
+          row[key] = dict(step_s=step_s, bytes_per_s=B * N / step_s, mfu=flops.mfu(fpb, B * N / step_s, peak),
+                          compile_s=compile_s, loss=float(m["loss"]),
+                          temp_bytes=int(getattr(memory, "temp_size_in_bytes", 0) or 0))
+          del state, m, compiled
+      except Exception as e:  # pylint: disable=broad-except
+        if not _out_of_memory(e):
+          raise
+        results.append(dict(row, fits=False, error=str(e).splitlines()[0][:200]))  # keeps a donated run that fit
+        break
+      row["donated_over_not"] = row["donated"]["step_s"] / row["not_donated"]["step_s"]
+      row["peak"] = peak_source
+      results.append(row)
+  return results
 
 
 def _stdlib_corpus(path, target_bytes):
@@ -572,6 +642,20 @@ def main():
           f"{r['mfu_precomputed'] * 100:.1f}% |")
     print(f"precomputed / in-graph speedup: {r['precomputed_speedup']:.2f}x; "
           f"patches/s (precomputed): {r['patches_per_s_precomputed']:.0f}")
+  if "loop" in args.sections:
+    results["loop"] = bench_loop(preset)
+    print(f"\ntrain loop, steps dispatched back to back, state donated vs not ({jax.devices()[0].device_kind}; "
+          f"MFU against {results['loop'][0].get('peak', 'no peak')})")
+    print("| remat | batch | donated step (ms) | not donated (ms) | donated / not | bytes/s (donated) | MFU (donated) "
+          "| compile (s) |\n|---|---|---|---|---|---|---|---|")
+    for r in results["loop"]:
+      if "error" in r:
+        done = f"{r['donated']['step_s'] * 1e3:.1f}" if "donated" in r else ""
+        print(f"| {r['remat']} | {r['batch']} | {done} | does not fit: {r['error']} | | | | |")
+        continue
+      d, n = r["donated"], r["not_donated"]
+      print(f"| {r['remat']} | {r['batch']} | {d['step_s'] * 1e3:.1f} | {n['step_s'] * 1e3:.1f} | "
+            f"{r['donated_over_not']:.2f}x | {d['bytes_per_s']:.0f} | {d['mfu'] * 100:.1f}% | {d['compile_s']:.0f} |")
   if "scoring" in args.sections:
     results["scoring"] = bench_scoring(preset, args.workdir, args.corpus_bytes)
     print(f"\nscoring CLI (python -m blt_jax.score, whole process incl. start-up and compiles), "
