@@ -241,9 +241,15 @@ def bench_loop(preset):
           jax.block_until_ready((state, m))
           step_s = (time.perf_counter() - t0) / n_steps
           key = "donated" if donate else "not_donated"
+          size = lambda name: int(getattr(memory, name, 0) or 0)
+          stats = jax.devices()[0].memory_stats() or {}  # None on CPU; the allocator's high-water mark on GPU/TPU
           row[key] = dict(step_s=step_s, bytes_per_s=B * N / step_s, mfu=flops.mfu(fpb, B * N / step_s, peak),
-                          compile_s=compile_s, loss=float(m["loss"]),
-                          temp_bytes=int(getattr(memory, "temp_size_in_bytes", 0) or 0))
+                          compile_s=compile_s, loss=float(m["loss"]), temp_bytes=size("temp_size_in_bytes"),
+                          # The compiled step's own peak: inputs + outputs + temporaries, less outputs aliased
+                          # onto donated inputs.
+                          program_bytes=size("argument_size_in_bytes") + size("output_size_in_bytes")
+                          + size("temp_size_in_bytes") - size("alias_size_in_bytes"),
+                          device_peak_bytes=stats.get("peak_bytes_in_use"))
           del state, m, compiled
       except Exception as e:  # pylint: disable=broad-except
         if not _out_of_memory(e):
@@ -647,15 +653,16 @@ def main():
     print(f"\ntrain loop, steps dispatched back to back, state donated vs not ({jax.devices()[0].device_kind}; "
           f"MFU against {results['loop'][0].get('peak', 'no peak')})")
     print("| remat | batch | donated step (ms) | not donated (ms) | donated / not | bytes/s (donated) | MFU (donated) "
-          "| compile (s) |\n|---|---|---|---|---|---|---|---|")
+          "| compile (s) | step memory, donated / not (GiB) |\n|---|---|---|---|---|---|---|---|---|")
     for r in results["loop"]:
       if "error" in r:
         done = f"{r['donated']['step_s'] * 1e3:.1f}" if "donated" in r else ""
-        print(f"| {r['remat']} | {r['batch']} | {done} | does not fit: {r['error']} | | | | |")
+        print(f"| {r['remat']} | {r['batch']} | {done} | does not fit: {r['error']} | | | | | |")
         continue
       d, n = r["donated"], r["not_donated"]
       print(f"| {r['remat']} | {r['batch']} | {d['step_s'] * 1e3:.1f} | {n['step_s'] * 1e3:.1f} | "
-            f"{r['donated_over_not']:.2f}x | {d['bytes_per_s']:.0f} | {d['mfu'] * 100:.1f}% | {d['compile_s']:.0f} |")
+            f"{r['donated_over_not']:.2f}x | {d['bytes_per_s']:.0f} | {d['mfu'] * 100:.1f}% | {d['compile_s']:.0f} | "
+            f"{d['program_bytes'] / 2**30:.2f} / {n['program_bytes'] / 2**30:.2f} |")
   if "scoring" in args.sections:
     results["scoring"] = bench_scoring(preset, args.workdir, args.corpus_bytes)
     print(f"\nscoring CLI (python -m blt_jax.score, whole process incl. start-up and compiles), "
