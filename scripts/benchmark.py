@@ -527,7 +527,7 @@ def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repea
     rows.append(dict(name=name, blt_jax_s=t_ours, transformers_s=t_theirs, speedup=t_theirs / t_ours,
                      pair_ratio_min=min(ratios), pair_ratio_max=max(ratios),
                      blt_jax_bytes_per_s=B * N / t_ours, transformers_bytes_per_s=B * N / t_theirs))
-  rows += _compare_stages(model, hf_model, tokens, lengths, ids_t, lengths_t, repeats)
+  rows += _compare_stages(model, hf_model, fwd, tokens, lengths, ids_t, lengths_t, repeats)
   a = torch.randn(2048, 2048)
   rows.append(dict(name="f32 matmul 2048^3 (GFLOP/s)", blt_jax_gflops=matmul_rate() / 1e9,
                    transformers_gflops=2 * 2048 ** 3 / torch_time(lambda: a @ a) / 1e9))
@@ -535,10 +535,11 @@ def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repea
   return result
 
 
-def _compare_stages(model, hf_model, tokens, lengths, ids_t, lengths_t, repeats):
+def _compare_stages(model, hf_model, forward, tokens, lengths, ids_t, lengths_t, repeats):
   """Where each forward spends its time: the global transformer and the local decoder, each timed alone on the
   inputs the whole forward gives it (blt_jax: jitted stage functions; transformers: hooks around its submodules
-  during whole forwards), and the rest (embeddings, local encoder, patch ids) as the whole forward minus both."""
+  during whole forwards), and the rest (embeddings, local encoder, patch ids) as the whole forward (`forward`, the
+  jitted BLT forward of the comparison) minus both."""
   import torch  # pylint: disable=import-outside-toplevel
   from blt_jax.latent import GlobalTransformer  # pylint: disable=import-outside-toplevel
   from blt_jax.local_models import LocalDecoder  # pylint: disable=import-outside-toplevel
@@ -553,7 +554,6 @@ def _compare_stages(model, hf_model, tokens, lengths, ids_t, lengths_t, repeats)
   run_global = jax.jit(lambda gp, x, d: GlobalTransformer(c).apply({"params": gp}, x, d))
   run_decoder = jax.jit(lambda dp, h, g, t, l: LocalDecoder(c).apply(
       {"params": dp}, h, g, t, patching.decoder_patch_ids(l, N)))
-  forward = jax.jit(lambda p, t, l: BLT(c).apply({"params": p}, t, l))
   ours = dict(whole=timeit(forward, p, tokens, lengths, repeats=repeats),
               global_=timeit(run_global, p["global_transformer"], global_in, patch_doc, repeats=repeats),
               decoder=timeit(run_decoder, p["local_decoder"], inter["local_encoder_h"][0], inter["global_h"][0],
