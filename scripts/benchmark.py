@@ -68,19 +68,13 @@ PRESETS["cpu"].update(loop_batches=(2, 4), loop_remat=(False,))
 
 
 def timeit(fn, *args, repeats=5):
-  """Median seconds of `fn(*args)` after one compile+warmup call; inf when it does not fit in memory."""
+  """Median seconds of `fn(*args)` (blocked on) after one compile+warmup call; inf when it does not fit in memory."""
   try:
-    jax.block_until_ready(fn(*args))
+    return _median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
   except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
+    if not _out_of_memory(e):
       raise
     return float("inf")
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def bench_attention(p):
@@ -612,6 +606,7 @@ def _interleaved(ours, theirs, repeats):
 
 
 def _median_seconds(fn, repeats):
+  """Median seconds of `fn()` over `repeats` calls after one warm-up call (the single timing loop here)."""
   fn()
   times = []
   for _ in range(repeats):
