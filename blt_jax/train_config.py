@@ -9,9 +9,11 @@ import dataclasses
 import difflib
 import importlib.util
 import os
-from typing import Any, List, Optional, Tuple
+import typing
+from typing import Any, List, Mapping, Optional, Tuple
 
 import ml_collections
+from ml_collections import config_dict
 
 from blt_jax import data as data_lib
 from blt_jax import optimizer as optimizer_lib
@@ -19,13 +21,31 @@ from blt_jax import sharding
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
 
 
-def _overridable(d: dict) -> ml_collections.ConfigDict:
-  """ConfigDict of `d` with lists as tuples: command-line flags can override tuple fields but not list fields."""
-  return ml_collections.ConfigDict({k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+def _overridable(d: dict, none_types: Mapping[str, type]) -> ml_collections.ConfigDict:
+  """ConfigDict of `d` that command-line flags can override: lists become tuples (flags cannot parse a list field)
+  and a None value becomes a typed placeholder from `none_types` (flags cannot parse a field of type NoneType)."""
+  out = ml_collections.ConfigDict()
+  for k, v in d.items():
+    if v is None:
+      v = config_dict.placeholder(none_types[k])
+    out[k] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def _optional_type(hint: Any) -> type:
+  """`int` for Optional[int], `tuple` for Optional[Tuple[int, ...]]: the type a flag parses the field's value as."""
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  return typing.get_origin(args[0]) or args[0]
 
 
 def _dataclass_config(instance) -> ml_collections.ConfigDict:
-  return _overridable(dataclasses.asdict(instance))
+  d, hints = dataclasses.asdict(instance), typing.get_type_hints(type(instance))
+  return _overridable(d, {k: _optional_type(hints[k]) for k, v in d.items() if v is None})
+
+
+# The types of the fields that default to None outside the model dataclasses.
+_DATA_NONE_TYPES = {"shuffle_seed": int, "max_eval_batches": int}
+_MESH_NONE_TYPES = {"coordinator_address": str, "num_processes": int, "process_id": int, "logical_axis_rules": tuple}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.patching = _dataclass_config(PatchingConfig())  # PatchingConfig fields (ignored for model_type=entropy_model)
   c.patching.max_patches = 0  # patches per row (P_max); 0 = seq_len + 1, which can never overflow
   c.patching.on_overflow = "count"  # "count": merge the tail into the last patch and log; "error": stop the run
-  c.data = _overridable(data_lib.default_data_config().to_dict())  # documents, split, loader threads
+  c.data = _overridable(data_lib.default_data_config().to_dict(), _DATA_NONE_TYPES)  # documents, split, loaders
   c.seq_len = 4096  # bytes per training row
   c.global_batch_size = 8  # rows per optimizer step across all hosts (per micro-step with grad accumulation)
   c.grad_accum_steps = 1  # micro-batches summed per optimizer step
@@ -51,7 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.remat_policy = "full"  # with remat, what is kept: full (recompute all), dots, dots_no_batch (config.REMAT_POLICIES)
   c.scan_layers = False  # deep stacks (global, entropy model) as one lax.scan: compile time flat in depth
   c.attention_impl = "auto"  # self-attention kernel: auto (splash on TPU, cuDNN on GPU where it can), dense, blocked
-  c.mesh = sharding.default_mesh_config()  # data/fsdp/tensor sizes (one may be -1), logical rules, multi-host
+  # data/fsdp/tensor sizes (one may be -1), logical rules (on the command line a tuple of pairs:
+  # '(("batch", "data"), ("embed", None))'), multi-host
+  c.mesh = _overridable(sharding.default_mesh_config().to_dict(), _MESH_NONE_TYPES)
   c.seed = 0  # params init and data order
   c.log_every = 10  # steps between metric lines / TensorBoard points
   c.eval_every = 100  # steps between validation passes (0 = only at the end)
@@ -162,7 +184,10 @@ def apply_checkpoint_config(cfg: ml_collections.ConfigDict, meta: dict,
     value = tuple(value) if isinstance(value, list) else value
     old = node[key]
     if (tuple(old) if isinstance(old, list) else old) != value:
-      node[key] = value
+      try:
+        node[key] = value
+      except TypeError as e:  # a typed field (placeholder) given a value of another type
+        raise ValueError(f"init_from: the checkpoint's {prefix}{key}={value!r} does not fit its field ({e})") from None
       changes.append((prefix + key, old, value))
 
   model_type = meta.get("model_type")

@@ -1,5 +1,7 @@
 """Model configs: released shapes build abstractly with the spec's parameter counts; bad values are named."""
 import pathlib
+import sys
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -135,3 +137,49 @@ def test_checkpoint_config_replaces_model_patching_and_entropy_model():
     train_config.apply_checkpoint_config(load_config("tiny"), {"model_type": "blt", "model": {"bogus": 1}})
   with pytest.raises(ValueError, match="model_type='gpt'"):
     train_config.apply_checkpoint_config(load_config("tiny"), {"model_type": "gpt", "model": {}})
+
+
+def _parse_config_flags(*overrides):
+  """configs/tiny.py with `--config.KEY=VALUE` overrides, parsed as `python -m blt_jax.train` parses them."""
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  flag_values = absl_flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
+  argv = ["train", f"--config={CONFIGS / 'tiny.py'}", *overrides]
+  with mock.patch.object(sys, "argv", argv):  # config_flags reads the overrides from sys.argv
+    flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize("key,text,value", [
+    ("mesh.coordinator_address", "10.0.0.1:1234", "10.0.0.1:1234"),  # str
+    ("mesh.num_processes", "4", 4),  # int
+    ("mesh.process_id", "3", 3),
+    ("data.shuffle_seed", "7", 7),
+    ("data.max_eval_batches", "2", 2),
+    ("patching.threshold_add", "0.5", 0.5),  # float (a model dataclass field)
+    ("model.ngram_vocab_sizes", "(10, 20)", (10, 20)),  # tuple
+    ("mesh.logical_axis_rules", "(('batch', ('data', 'fsdp')), ('embed', None))",
+     (("batch", ("data", "fsdp")), ("embed", None))),
+])
+def test_fields_that_default_to_none_can_be_set_on_the_command_line(key, text, value):
+  section, field = key.split(".")
+  assert load_config("tiny")[section][field] is None
+  got = _parse_config_flags(f"--config.{key}={text}")[section][field]
+  assert got == value and type(got) is type(value)
+
+
+def test_bad_values_for_fields_that_default_to_none_are_one_line_errors():
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from blt_jax import train  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(absl_flags.IllegalFlagValueError) as e:
+    _parse_config_flags("--config.mesh.num_processes=four")
+  assert train.flag_error(e.value) == ("bad value 'four' for config key 'mesh.num_processes': invalid literal for "
+                                       "int() with base 10: 'four'")
+  # Unset, they still read as None, and rules given on the command line are the ones the mesh uses.
+  cfg = _parse_config_flags("--config.mesh.logical_axis_rules=(('embed', 'fsdp'),)")
+  assert cfg.data.shuffle_seed is None and cfg.mesh.coordinator_address is None
+  from blt_jax import sharding  # pylint: disable=g-import-not-at-top
+  assert sharding.logical_axis_rules_from_config(cfg.mesh) == (("embed", "fsdp"),)
