@@ -66,9 +66,9 @@ def entropy_model_config(cfg: ml_collections.ConfigDict, entropy_config: Optiona
     ecfg = train_config.load_config_file(entropy_config)
     if ecfg.model_type != "entropy_model":
       raise AotError(f"--entropy_config {entropy_config}: model_type={ecfg.model_type!r}, not 'entropy_model'")
-    return train_config.model_config(ecfg)
+    return train_config.patching_entropy_model_config(cfg, ecfg.entropy_model.to_dict())
   try:
-    return train.load_entropy_model_config(cfg.entropy_checkpoint)
+    return train.load_entropy_model_config(cfg.entropy_checkpoint, run=cfg)
   except FileNotFoundError as e:
     raise AotError(f"{e}. The step runs the entropy model in-graph: name its shape with --entropy_config "
                    f"(e.g. configs/entropy_100m.py, the released one's), or compile with precomputed entropies "

@@ -75,16 +75,26 @@ def _entropy_model_dir(path: str):
                           f"model_type 'entropy_model' in {', '.join(map(str, candidates))})")
 
 
-def load_entropy_model_config(path: str) -> EntropyModelConfig:
-  """The EntropyModelConfig of `load_entropy_model(path)`, without reading its params."""
-  return EntropyModelConfig.from_dict(_entropy_model_dir(path)[1]["model"])
+def _entropy_config(meta: dict, run: Optional[ml_collections.ConfigDict]) -> EntropyModelConfig:
+  if run is None:
+    return EntropyModelConfig.from_dict(meta["model"])
+  return train_config.patching_entropy_model_config(run, meta["model"])
 
 
-def load_entropy_model(path: str):
-  """(EntropyModelConfig, params) from a converted model dir, a `save_params` dir, or a training workdir."""
+def load_entropy_model_config(path: str, run: Optional[ml_collections.ConfigDict] = None) -> EntropyModelConfig:
+  """The EntropyModelConfig of `load_entropy_model(path, run)`, without reading its params."""
+  return _entropy_config(_entropy_model_dir(path)[1], run)
+
+
+def load_entropy_model(path: str, run: Optional[ml_collections.ConfigDict] = None):
+  """(EntropyModelConfig, params) from a converted model dir, a `save_params` dir, or a training workdir.
+
+  With `run` (a BLT run's config, which patches with it), the run settings (dtype, scan, kernel, remat) are that
+  run's, not the ones the entropy model was trained with (`train_config.patching_entropy_model_config`).
+  """
   directory, meta = _entropy_model_dir(path)
   params, _ = ckpt_lib.load_params(directory)
-  return EntropyModelConfig.from_dict(meta["model"]), params
+  return _entropy_config(meta, run), params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +331,7 @@ class Trainer:
     self.mesh = sharding.make_mesh(cfg.mesh)
     entropy_cfg = self.entropy_params = None
     if uses_entropy_model(cfg):  # else batches carry stored entropies, or patching needs no model
-      entropy_cfg, params = load_entropy_model(cfg.entropy_checkpoint)
+      entropy_cfg, params = load_entropy_model(cfg.entropy_checkpoint, run=cfg)
       params = layer_stacking.to_run_layout(params, entropy_cfg)  # stacked once here, not in every step
       self.entropy_params = jax.device_put(params, sharding.replicated(self.mesh))
     built = build_train_step(cfg, self.mesh, entropy_cfg)

@@ -167,6 +167,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 _RUN_SETTINGS = ("dtype", "remat", "scan_layers", "attention_impl", "remat_policy")
 
 
+def patching_entropy_model_config(cfg: ml_collections.ConfigDict, model: Mapping[str, Any]) -> EntropyModelConfig:
+  """The in-graph entropy model of BLT run `cfg`: the architecture in `model` (an entropy model's config.json
+  "model", or its config section), the run settings of `cfg`, as `init_from` does.
+
+  Entropies are float32 whatever the model was trained in (patch boundaries compare them with a threshold), nothing
+  is rematerialised (no gradient flows into it), and the kernel and scan follow this run's platform choices.
+  """
+  architecture = {k: v for k, v in model.items() if k not in _RUN_SETTINGS}
+  return EntropyModelConfig.from_dict({**architecture, "dtype": "float32", "remat": False,
+                                       "scan_layers": cfg.get("scan_layers", False),
+                                       "attention_impl": cfg.get("attention_impl", "auto")})
+
+
 def apply_checkpoint_config(cfg: ml_collections.ConfigDict, meta: dict,
                             entropy_checkpoint: Optional[str] = None) -> List[Tuple[str, Any, Any]]:
   """Makes `cfg` describe the model in a checkpoint's config.json (`init_from`); returns (field, old, new) changes.

@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from blt_jax import entropy_store, paths  # noqa: E402
+from blt_jax import entropy_store, layer_stacking, paths  # noqa: E402
 from blt_jax.train import load_entropy_model  # noqa: E402
 from blt_jax.train_config import load_config_file  # noqa: E402
 
@@ -28,7 +28,9 @@ def main():
   parser.add_argument("--entropy_checkpoint", default=None, help="defaults to the config's entropy_checkpoint")
   args = parser.parse_args()
   cfg = load_config_file(args.config)
-  ent_cfg, params = load_entropy_model(args.entropy_checkpoint or cfg.entropy_checkpoint)
+  # The run's settings (float32 entropies), as its in-graph entropy model would use: the same patches either way.
+  ent_cfg, params = load_entropy_model(args.entropy_checkpoint or cfg.entropy_checkpoint, run=cfg)
+  params = layer_stacking.to_run_layout(params, ent_cfg)
   out = paths.resolve(args.out)
   t0 = time.perf_counter()
   report = lambda done, total: print(f"\r{done}/{total} documents", end="", flush=True)

@@ -8,6 +8,7 @@ compilation cache: runs with the same mesh and shapes (most use (data, fsdp, ten
 included) compile their programs once.
 """
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -450,6 +451,31 @@ def test_entropy_model_then_entropy_patched_blt(micro, corpus, tmp_path):
     trainer.close()
   for m in rows.values():
     assert np.isfinite(m["loss"]) and 1.0 <= m["mean_patch_length"] <= 8.0
+
+
+def test_in_graph_entropy_model_takes_the_runs_settings_not_its_checkpoints(micro, tmp_path):
+  from blt_jax.config import EntropyModelConfig  # pylint: disable=g-import-not-at-top
+  from blt_jax.entropy_model import init_entropy_model  # pylint: disable=g-import-not-at-top
+
+  arch = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, multiple_of=32, max_seqlen=128, sliding_window=32)
+  params = nn.meta.unbox(init_entropy_model(jax.random.PRNGKey(0), arch))
+  # Trained in bf16, scanned, rematerialised, with a kernel this platform may not have: none of it is architecture.
+  trained = {**arch.to_dict(), "dtype": "bfloat16", "scan_layers": True, "remat": True, "attention_impl": "splash"}
+  ckpt_lib.save_params(tmp_path / "entropy", params, {"format": "blt_jax", "model_type": "entropy_model",
+                                                      "model": trained})
+  cfg = micro({"patching.mode": "entropy", "entropy_checkpoint": str(tmp_path / "entropy"),
+               "attention_impl": "dense", "compute_dtype": "bfloat16"})
+  trainer = train.Trainer(cfg, str(tmp_path / "run"))
+  try:
+    used = trainer.sc.entropy_model
+    assert (used.dtype, used.scan_layers, used.remat, used.attention_impl) == ("float32", False, False, "dense")
+    assert dataclasses.replace(used, attention_impl="auto") == arch  # the checkpoint's architecture, unchanged
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 64), 0, 256)
+    got = compute_entropies(trainer.entropy_params, tokens, used)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, compute_entropies(params, tokens, arch), rtol=1e-5, atol=1e-5)
+  finally:
+    trainer.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
