@@ -347,6 +347,9 @@ class Trainer:
     self.history: list = []  # (step, metrics dict) of every logged step, for tests and notes
     self.state = None  # the final train state once `run()` returns
     self._eval_iterator = None
+    self.evaluates = data_lib.has_validation(cfg.data)
+    if not self.evaluates:
+      _say("no validation data (data.validation_fraction=0 and no data.validation_sources): evaluation is off")
     self.flops_per_byte = self._flops_per_byte(4.5)
     self._compile_s: Optional[float] = None
     self.peak_flops, peak_source = flops_lib.peak_flops(jax.devices())
@@ -445,7 +448,10 @@ class Trainer:
       log.warning(message)
 
   def evaluate(self, params) -> Dict[str, float]:
+    """Validation metrics of `params` (none when the config holds out no validation data)."""
     cfg = self.cfg
+    if not self.evaluates:
+      return {}
     if self._eval_iterator is None:  # re-iterable; building it counts every validation token, so only once
       self._eval_iterator = data_lib.make_eval_iterator(cfg.data, cfg.seq_len, cfg.global_batch_size,
                                                         process_index=self.data_index, process_count=self.data_count)
@@ -476,7 +482,7 @@ class Trainer:
     cfg = self.cfg
     state, iterator, step = self._initial_state()
     start_step = step
-    if step == 0:
+    if step == 0 and self.evaluates:
       initial = self.evaluate(state.params)
       self.writer.write_scalars(0, initial)
       self.history.append((0, initial))
@@ -499,7 +505,7 @@ class Trainer:
         self._check(jax.device_get(metrics), step, state)
       if is_log:
         self._log_train(step, jax.device_get(metrics), window)
-      if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
+      if self.evaluates and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps):
         val = self.evaluate(state.params)
         self.writer.write_scalars(step, val)
         self.history.append((step, val))

@@ -478,6 +478,18 @@ def test_in_graph_entropy_model_takes_the_runs_settings_not_its_checkpoints(micr
     trainer.close()
 
 
+def test_no_validation_data_means_no_evaluation(micro, tmp_path, capsys):
+  cfg = micro({"data.validation_sources": (), "data.validation_fraction": 0.0, "num_steps": 1, "eval_every": 1})
+  trainer = train.Trainer(cfg, str(tmp_path / "run"))
+  try:
+    summary = trainer.run()
+  finally:
+    trainer.close()
+  assert summary["final_step"] == 1 and not any("val_loss" in m for _, m in summary["history"])
+  out = capsys.readouterr().out
+  assert out.count("evaluation is off") == 1, out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 6. Command line.
 

@@ -9,6 +9,7 @@ from blt_jax.data.pipeline import build_train_dataset
 from blt_jax.data.pipeline import build_train_source
 from blt_jax.data.pipeline import default_data_config
 from blt_jax.data.pipeline import document_dataset
+from blt_jax.data.pipeline import has_validation
 from blt_jax.data.pipeline import EvalIterator
 from blt_jax.data.pipeline import make_eval_iterator
 from blt_jax.data.pipeline import make_train_iterator

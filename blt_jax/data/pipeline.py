@@ -46,6 +46,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.validation_sources = []
   # Fraction of documents held out for validation when `validation_sources`
   # is empty (decided per document by a stable hash of its path/line key).
+  # 0 with no `validation_sources`: no validation data, no evaluation.
   cfg.validation_fraction = 0.02
   # Stdlib corpus only: also read the test suites (test/, tests/, idle_test/).
   cfg.stdlib_include_tests = False
@@ -141,6 +142,13 @@ def _validation_fraction(data_cfg: ml_collections.ConfigDict) -> float:
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
   return fraction
+
+
+def has_validation(data_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the config holds out validation data (else evaluation is off)."""
+  return bool(_as_list(_get(data_cfg, "validation_sources"))) or bool(
+      _validation_fraction(data_cfg)
+  )
 
 
 def build_document_sources(
