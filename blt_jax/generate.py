@@ -276,7 +276,7 @@ def choose(logits_BV, key_B, sampling: Sampling):
   logits = logits / sampling.temperature
   if sampling.top_k:
     kth = jnp.sort(logits, axis=-1)[:, -sampling.top_k][:, None]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    logits = jnp.where(logits < kth, logits, logits)  # MUTATION30
   if sampling.top_p < 1.0:
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, -1)
@@ -333,10 +333,13 @@ def check_supported(m: loading.LoadedModel) -> None:
 def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str, bytes]], max_bytes: int, *,
              sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[bytes] = (),
              max_patch_bytes: Optional[int] = None, chunk: Optional[int] = None, record_logits: bool = False,
-             on_bytes=None) -> List[Result]:
+             on_bytes=None, streams: Optional[Sequence[int]] = None) -> List[Result]:
   """Generates up to `max_bytes` bytes after each prompt (`[BOS] + prompt bytes`), cached; see the module doc.
 
-  `on_bytes(row, new_bytes)` is called after every `chunk` steps (default: all at once) with each row's new bytes.
+  Row b samples from its own stream, `fold_in(PRNGKey(seed), streams[b])` (default: b, its position in `prompts`),
+  so its output depends on its prompt, `seed` and stream only (not on the other rows), and copies of a prompt in
+  other streams get other samples. `on_bytes(row, new_bytes)` is called after every `chunk` steps (default: all at
+  once) with each row's new bytes.
   """
   m = model if isinstance(model, loading.LoadedModel) else loading.load(model)
   check_supported(m)
@@ -348,6 +351,9 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
   if capacity > cfg.max_encoder_seq_length:
     raise ValueError(f"prompt ({L - 1} bytes) + max_bytes ({max_bytes}) exceed the model's byte context "
                      f"max_encoder_seq_length={cfg.max_encoder_seq_length}")
+  streams = list(range(B)) if streams is None else [int(s) for s in streams]
+  if len(streams) != B:
+    raise ValueError(f"streams: {len(streams)} given for {B} prompts")
   patch_bytes = max_patch_bytes or m.patching.max_patch_length or 512
   shapes = Shapes(B, L, capacity, min(cfg.max_seqlen, capacity + 1), min(patch_bytes, capacity))
   tokens = np.zeros((B, L), np.int32)
@@ -356,7 +362,7 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
   state = _prefill_jit(m, shapes, jnp.asarray(tokens), jnp.asarray([len(i) for i in ids], jnp.int32))
   out = jnp.full((B, max_bytes), -1, jnp.int32)
   done = jnp.zeros((B,), bool)
-  keys = jnp.stack([jax.random.PRNGKey(seed)] * B)
+  keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.PRNGKey(seed)))(jnp.asarray(streams, jnp.uint32))
   stop = [s.encode() if isinstance(s, str) else bytes(s) for s in stop]
   chunk = chunk or max_bytes
   produced = [b""] * B

@@ -15,7 +15,8 @@ The three request types run on the package's own drivers, so their numbers are t
   * loglikelihood_rolling(text): minus the Scorer's `nll_nats` of `[BOS] + text` (no EOS), every byte scored once.
   * generate_until(context, gen_kwargs): `generate.generate` with `until` as stop strings, `max_gen_toks` bytes
     (default `max_gen_bytes`, at most half the byte context), greedy unless `do_sample` (then temperature / top_k /
-    top_p, seed `seed`).
+    top_p, seed `seed`; request i of the list samples from stream i, so the `repeats` copies of a request differ and
+    no output depends on its batch).
 Bytes everywhere: a "token" of lm_eval is one byte (UTF-8), its tokenizer hooks are the byte tokenizer (`tok_encode`
 gives byte ids without BOS, `prefix_token_id` is BOS, `eot_token_id` EOS), `max_gen_toks` counts bytes.
 
@@ -201,9 +202,11 @@ class BLTHarnessLM(TemplateLM):
         rows = [prompts[i] for i in batch]
         longest = max(rows, key=len)
         filler = b" " * (_gen_bucket(len(longest) + 1, keep + 1) - 1 - len(longest)) + longest
-        rows += [filler] * (self.gen_batch - len(rows))
+        fillers = self.gen_batch - len(rows)
+        rows += [filler] * fillers
+        # Each request samples from the stream of its index in the whole list (a filler's output is discarded).
         results = generate.generate(self.model, rows, max_bytes, sampling=sampling, seed=self.seed, stop=stop,
-                                    chunk=min(self.gen_chunk, max_bytes))
+                                    chunk=min(self.gen_chunk, max_bytes), streams=batch + [batch[-1]] * fillers)
         for i, res in zip(batch, results):
           if res.stopped in generate.ERRORS.values():
             log.warning("blt_jax: a generation stopped early: %s", res.stopped)

@@ -138,8 +138,12 @@ def test_sampling_is_reproducible_and_independent_of_the_batch():
   m = _built("space")
   sampling = generate.Sampling(temperature=0.9, top_k=40, top_p=0.95)
   alone = generate.generate(m, ["Once upon"], 32, sampling=sampling, seed=7)[0].continuation
-  batch = generate.generate(m, ["x", "Once upon", "another prompt"], 32, sampling=sampling, seed=7)
-  assert batch[1].continuation == alone
+  # Row b samples from stream b (its position in the prompt list): a repeated prompt gets samples of its own.
+  rows = generate.generate(m, ["Once upon", "Once upon", "another prompt"], 32, sampling=sampling, seed=7)
+  assert rows[0].continuation == alone and rows[1].continuation != alone
+  # A row's output is its prompt's, seed's and stream's, whatever the other rows (same shapes: no new compile).
+  moved = generate.generate(m, ["x", "Once upon", "another prompt"], 32, sampling=sampling, seed=7, streams=[1, 0, 2])
+  assert moved[1].continuation == alone and moved[2].continuation == rows[2].continuation
   assert generate.generate(m, ["Once upon"], 32, sampling=sampling, seed=8)[0].continuation != alone
   greedy = generate.generate(m, ["Once upon"], 32)[0].continuation
   assert alone != greedy

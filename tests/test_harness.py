@@ -216,8 +216,24 @@ def test_generate_until_is_the_generator(lm):
     assert len(cut[-1]) < len(prompts[-1])
     sampling = generate.Sampling(0.8, 20, 1.0) if s.get("do_sample") else generate.Sampling()
     until = [s["until"]] if isinstance(s["until"], str) else s["until"]
-    ref = generate.generate(lm.model, cut, max_bytes, sampling=sampling, stop=[u.encode() for u in until], chunk=8)
+    streams = range(k * len(prompts), (k + 1) * len(prompts))  # each request's index in the list
+    ref = generate.generate(lm.model, cut, max_bytes, sampling=sampling, stop=[u.encode() for u in until], chunk=8,
+                            streams=streams)
     assert got[k * len(prompts):(k + 1) * len(prompts)] == [r.continuation.decode("utf-8", "replace") for r in ref]
+
+
+def test_repeated_requests_get_samples_of_their_own(lm):
+  """lm_eval sends `repeats` copies of a request (pass@k): copy i samples from stream i, its index in the list, so
+  the copies differ, and each is the generator's output in that stream whatever its batch."""
+  prompt = "a" * 70  # the shapes of the test above: its compiled programs serve here
+  settings = {"until": "\n\n", "max_gen_toks": 12, "do_sample": True, "temperature": 0.8, "top_k": 20}
+  got = lm.generate_until(_requests("generate_until", [(prompt, settings)] * 5))  # batches of 3 (gen_batch 4)
+  assert len(set(got)) == 5, got
+  other = "z" + "0123456789" * 11 + "0123"  # 115 bytes: [BOS] + 115, the filler's padded prompt length
+  ref = generate.generate(lm.model, [prompt] * 3 + [other], 12, sampling=generate.Sampling(0.8, 20, 1.0),
+                          stop=[b"\n\n"], chunk=8, streams=[3, 4, 0, 9])
+  assert got[3:] == [r.continuation.decode("utf-8", "replace") for r in ref[:2]]
+  assert got[0] == ref[2].continuation.decode("utf-8", "replace")
 
 
 def _run_cli(ckpt, tasks_dir, out_dir, extra=()):
