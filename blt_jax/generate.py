@@ -276,7 +276,7 @@ def choose(logits_BV, key_B, sampling: Sampling):
   logits = logits / sampling.temperature
   if sampling.top_k:
     kth = jnp.sort(logits, axis=-1)[:, -sampling.top_k][:, None]
-    logits = jnp.where(logits < kth, logits, logits)  # MUTATION30
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
   if sampling.top_p < 1.0:
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, -1)
