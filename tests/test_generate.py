@@ -157,6 +157,50 @@ def test_choose_masks_non_byte_ids_and_respects_top_k():
   assert set(np.asarray(picked).tolist()) <= {70, 71}
 
 
+def _draw_frequencies(logits_V, sampling, draws=20000):
+  """Empirical frequencies [V] of `draws` rows of `generate.choose` on the same logits, one key each (fixed)."""
+  keys = jax.random.split(jax.random.PRNGKey(11), draws)
+  ids = np.asarray(jax.jit(generate.choose, static_argnums=2)(jnp.broadcast_to(logits_V, (draws,) + logits_V.shape),
+                                                            keys, sampling))
+  return np.bincount(ids, minlength=logits_V.shape[0]) / draws
+
+
+def test_sampling_follows_temperature_top_k_and_top_p():
+  """Over 20000 draws with a fixed key the sampler matches its distribution: softmax(logits / T) over byte ids;
+  top-k keeps exactly the k largest; top-p keeps exactly the nucleus (the smallest set of the largest
+  probabilities with mass >= p), each renormalized. Frequencies within 5 standard errors (+ 1e-3) of the
+  probabilities. Mutations seen to fail: top-k filter removed; top-p inverted (keeping the tail)."""
+  V = 260
+  top = jnp.asarray([4.0, 3.5, 3.0, 2.6, 2.2, 1.5, 1.0, 0.0])  # the mass sits on these ids, byte ids 4..11
+  ids = jnp.arange(4, 12)
+  logits = jnp.full((V,), -4.0).at[ids].set(top).at[1].set(9.0)  # id 1 (BOS) is never chosen, however likely
+  n = 20000
+
+  def check(freq, probs):
+    probs = np.asarray(probs, np.float64)
+    tol = 5 * np.sqrt(probs * (1 - probs) / n) + 1e-3
+    bad = np.nonzero(np.abs(freq - probs) > tol)[0]
+    assert bad.size == 0, [(int(i), float(freq[i]), float(probs[i])) for i in bad]
+
+  byte_logits = logits.at[jnp.asarray(generate.NOT_BYTES)].set(-jnp.inf)
+  for temperature in (0.5, 2.0):
+    check(_draw_frequencies(logits, generate.Sampling(temperature=temperature)),
+          jax.nn.softmax(byte_logits / temperature))
+  # Top-k: exactly the 3 largest byte logits, renormalized.
+  freq = _draw_frequencies(logits, generate.Sampling(temperature=1.0, top_k=3))
+  assert set(np.nonzero(freq)[0].tolist()) == {4, 5, 6}
+  check(freq, jax.nn.softmax(jnp.full((V,), -jnp.inf).at[ids[:3]].set(top[:3])))
+  # Top-p: the nucleus of p = 0.8 at T = 1 is the ids whose preceding (sorted) mass is below 0.8.
+  probs = np.asarray(jax.nn.softmax(byte_logits), np.float64)
+  order = np.argsort(-probs)
+  before = np.cumsum(probs[order]) - probs[order]
+  nucleus = order[before < 0.8]
+  assert 2 <= len(nucleus) <= 5, nucleus  # a real cut: neither one id nor all of them
+  freq = _draw_frequencies(logits, generate.Sampling(temperature=1.0, top_p=0.8))
+  assert set(np.nonzero(freq)[0].tolist()) == set(nucleus.tolist())
+  check(freq, np.where(np.isin(np.arange(V), nucleus), probs, 0.0) / probs[nucleus].sum())
+
+
 def test_stop_strings_and_eos_end_rows():
   m = _built("space")
   # The sampling test's greedy shapes (one prompt of 9 bytes, 32 bytes): its compiled programs serve here too.
