@@ -131,5 +131,5 @@ class ConcatSource:
 def write_corpus_store(path: paths.PathLike, data_cfg, params, config: EntropyModelConfig,
                        progress=None) -> Dict[str, Any]:
   """Scores the train and validation documents a data config names (see `data.build_document_sources`)."""
-  train, val = pipeline.build_document_sources(data_cfg)
+  train, val = pipeline.build_document_sources(data_cfg, for_store=True)
   return write_entropy_store(path, ConcatSource(train, val), params, config, progress=progress)

@@ -11,6 +11,7 @@ from etils import epath
 from test_paths import fake_gcs  # noqa: F401 (a fixture)
 
 from blt_jax import data
+from blt_jax import entropy_store
 from blt_jax import tokenizer
 from blt_jax.data import packing
 
@@ -192,6 +193,50 @@ def test_invalid_utf8_survives(tmp_path):
 
 
 # ------------------------------------------------------------------ errors --
+
+
+def _two_languages(tmp_path):
+  """en/part-0000.jsonl and de/part-0000.jsonl: the same name under two roots."""
+  for lang in ("en", "de"):
+    (tmp_path / lang).mkdir()
+    (tmp_path / lang / "part-0000.jsonl").write_text(
+        "".join(json.dumps({"text": f"{lang} {i}"}) + "\n" for i in range(3)))
+  return str(tmp_path / "en" / "*.jsonl"), str(tmp_path / "de" / "*.jsonl")
+
+
+def test_error_keys_collide_across_patterns(tmp_path):
+  en, de = _two_languages(tmp_path)
+  # Each file's key is relative to its own pattern's root: both are
+  # part-0000.jsonl, which would give one document's stored entropies (and
+  # split) to the other.
+  store = str(tmp_path / "store")
+  for make in (  # Within sources; across sources and validation_sources
+      # when they share an entropy store (read or written).
+      lambda: data.make_train_iterator(_cfg(sources=[en, de]), SEQ_LEN, 2, 0),
+      lambda: data.make_train_iterator(
+          _cfg(sources=[en], validation_sources=[de], entropy_store=store),
+          SEQ_LEN, 2, 0),
+      lambda: entropy_store.write_corpus_store(
+          store, _cfg(sources=[en], validation_sources=[de]), None, None)):
+    with pytest.raises(ValueError) as e:
+      make()
+    message = str(e.value)
+    assert "\n" not in message
+    assert "key 'part-0000.jsonl'" in message
+    assert all(str(tmp_path / lang / "part-0000.jsonl") in message
+               for lang in ("en", "de"))
+  # Keys that do not collide are unchanged; one pattern over the common
+  # parent keeps the directories in the keys.
+  assert data.file_corpus(en).key(0) == "part-0000.jsonl:1"
+  both = data.file_corpus(str(tmp_path / "*" / "*.jsonl"))
+  assert [both.key(i) for i in (0, 3)] == ["de/part-0000.jsonl:1",
+                                           "en/part-0000.jsonl:1"]
+  # Without a store, training and validation keys never meet; the same file
+  # as both is one document, not a collision.
+  for val in (de, en):
+    data.make_eval_iterator(_cfg(sources=[en], validation_sources=[val]),
+                            SEQ_LEN, 2, 0, 1)
+
 
 
 def test_error_no_match_names_pattern(tmp_path):

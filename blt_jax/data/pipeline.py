@@ -120,7 +120,21 @@ def _annotate(source: Any, data_cfg: ml_collections.ConfigDict) -> Any:
   store = _get(data_cfg, "entropy_store")
   if not store:
     return source
+  _check_keys_across(data_cfg)
   return entropy_source.EntropyAnnotatedSource(source, store)
+
+
+def _check_keys_across(data_cfg: ml_collections.ConfigDict) -> None:
+  """Fails on a training and a validation file with one key.
+
+  Only where they share an entropy store, which finds documents by key: apart
+  (the split is by key within `sources` only), `train/part-0.jsonl` and
+  `val/part-0.jsonl` are fine. Keys within each are always unique
+  (`sources.list_files`).
+  """
+  val_patterns = _as_list(_get(data_cfg, "validation_sources"))
+  if val_patterns:
+    sources_lib.list_files(_as_list(_get(data_cfg, "sources")) + val_patterns)
 
 
 def _corpus(
@@ -152,12 +166,18 @@ def has_validation(data_cfg: ml_collections.ConfigDict) -> bool:
 
 
 def build_document_sources(
-    data_cfg: ml_collections.ConfigDict,
+    data_cfg: ml_collections.ConfigDict, for_store: bool = False
 ) -> tuple[sources_lib.DocumentSource, sources_lib.DocumentSource]:
-  """The (train, validation) document sources (raw bytes) a data config describes."""
+  """The (train, validation) document sources (raw bytes) a data config describes.
+
+  `for_store`: both go into one entropy store, so a training and a validation
+  file with the same key are an error (see `_check_keys_across`).
+  """
   docs = _corpus(data_cfg)
   val_patterns = _as_list(_get(data_cfg, "validation_sources"))
   if val_patterns:
+    if for_store:
+      _check_keys_across(data_cfg)
     val = sources_lib.file_corpus(
         val_patterns, _get(data_cfg, "text_field"), name="validation_sources"
     )

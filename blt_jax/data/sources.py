@@ -543,15 +543,44 @@ def stdlib_corpus(
   return _corpus(files, "", "stdlib", shard)
 
 
+def _check_unique_key(
+    owners: dict[str, tuple[str, str]], key: str, path: epath.Path, pattern: str
+) -> None:
+  """Records `key` for `path`; a key already naming another file is an error.
+
+  Keys decide the split and find a document's stored entropies, so two files
+  with one key would silently share them.
+  """
+  if key not in owners:
+    owners[key] = (str(path), pattern)
+    return
+  other, other_pattern = owners[key]
+  parts = [a.split("/") for a in (other, str(path))]
+  common = []
+  for a, b in zip(*parts):
+    if a != b:
+      break
+    common.append(a)
+  hint = "/".join(common + ["**", "*" + path.suffix])
+  raise ValueError(
+      f"data sources: document key {key!r} names two files, {other} (from"
+      f" {other_pattern!r}) and {path} (from {pattern!r}); keys are paths"
+      " relative to each pattern's fixed leading directory, so give such"
+      f" files one pattern from their common directory (e.g. {hint!r})"
+  )
+
+
 def list_files(patterns: str | Sequence[str]) -> list[_File]:
   """Expands paths and glob patterns (local or URLs) to the files they name.
 
   Keys are paths relative to the pattern's fixed leading directory, so the
-  split does not depend on where the data is mounted.
+  split does not depend on where the data is mounted. Two files with one key
+  (`en/*.jsonl` and `de/*.jsonl` both holding `part-0000.jsonl`) are an
+  error; a file named by several patterns is listed once.
   """
   if isinstance(patterns, (str, os.PathLike)):
     patterns = [patterns]
-  found, seen = [], set()
+  found, seen, owners = [], set(), {}
   for pattern in patterns:
     text = os.fspath(pattern)
     if paths.has_magic(text):
@@ -579,7 +608,9 @@ def list_files(patterns: str | Sequence[str]) -> list[_File]:
       if str(path) in seen:  # Overlapping patterns: no duplicate documents.
         continue
       seen.add(str(path))
-      found.append((path, path.relative_to(root).as_posix(), ext))
+      key = path.relative_to(root).as_posix()
+      _check_unique_key(owners, key, path, text)
+      found.append((path, key, ext))
   sizes = _stat_sizes([path for path, _, _ in found])
   return [
       _File(path, key, SUPPORTED_EXTENSIONS[ext], size)
