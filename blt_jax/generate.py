@@ -322,6 +322,11 @@ class Result:
   logits: Optional[np.ndarray] = None  # [steps, V] when record_logits
 
 
+def _stop_prefix_len(text: bytes, stop: Sequence[bytes]) -> int:
+  """The length of the longest suffix of `text` that is a proper prefix of a stop string."""
+  return max((k for s in stop for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+
+
 def check_supported(m: loading.LoadedModel) -> None:
   cfg = m.config
   if cfg.ngram_vocab_sizes:
@@ -366,6 +371,7 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
   stop = [s.encode() if isinstance(s, str) else bytes(s) for s in stop]
   chunk = chunk or max_bytes
   produced = [b""] * B
+  sent = [0] * B  # bytes of `produced` given to on_bytes
   stopped = ["max_bytes"] * B
   logits = []
   i = 0
@@ -391,13 +397,19 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
         if at >= 0:
           text, stopped[b] = text[:at], "stop"
           done_host[b] = True
-      if on_bytes is not None and len(text) > len(produced[b]):
-        on_bytes(b, text[len(produced[b]):])
       produced[b] = text
+      # A running row's tail that may begin a stop string waits: the next chunk may complete (and cut) it.
+      ready = len(text) - (_stop_prefix_len(text, stop) if stopped[b] == "max_bytes" else 0)
+      if on_bytes is not None and ready > sent[b]:
+        on_bytes(b, text[sent[b]:ready])
+        sent[b] = ready
     done = jnp.asarray(done_host)
     if record_logits:
       logits.append(np.asarray(rec[:, i:new_i]))
     i = new_i
+  for b in range(B):  # rows that ran to max_bytes: their held-back tail is final
+    if on_bytes is not None and len(produced[b]) > sent[b]:
+      on_bytes(b, produced[b][sent[b]:])
   recorded = np.concatenate(logits, axis=1) if record_logits else None
   return [Result(data[b], produced[b], stopped[b], None if recorded is None else recorded[b]) for b in range(B)]
 

@@ -217,6 +217,22 @@ def test_stop_strings_and_eos_end_rows():
   assert r.stopped == "eos" and r.continuation == b""
 
 
+def test_streamed_bytes_never_hold_part_of_a_stop_string():
+  """`on_bytes` (the CLI's stdout) gets only bytes no stop string can cut: a stop string that completes in the next
+  chunk took back nothing already written."""
+  m = _built("space")
+  full = generate.generate(m, ["Once upon"], 32)[0].continuation  # the stop-string test's shapes and programs
+  k = next(k for k in range(7, 30, 8) if full.find(full[k:k + 2]) == k)  # starts in one chunk of 8, ends in the next
+  pieces = []
+  collect = lambda row, data: pieces.append(data)
+  cut = generate.generate(m, ["Once upon"], 32, stop=[full[k:k + 2]], chunk=8, on_bytes=collect)[0]
+  assert cut.stopped == "stop" and cut.continuation == full[:k]
+  assert b"".join(pieces) == full[:k], pieces
+  pieces.clear()  # no stop string completes: every byte comes out, the held-back ones at the end
+  generate.generate(m, ["Once upon"], 32, stop=[full[-1:] + b"\xff"], chunk=8, on_bytes=collect)
+  assert b"".join(pieces) == full
+
+
 def test_limits_are_clear_errors():
   m = _built("entropy-max_patch_length")
   with pytest.raises(ValueError, match="max_encoder_seq_length=128"):
