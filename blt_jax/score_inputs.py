@@ -79,13 +79,15 @@ def _from_json_record(record, source: str, line: int, text_field: str, index: in
   if text_field not in record:
     return InputError(index, source, line, f"missing field {text_field!r} (fields: {sorted(record)[:8]})")
   text = record[text_field]
-  if not isinstance(text, str):
+  if not isinstance(text, (str, bytes)):  # bytes: a parquet binary column
     return InputError(index, source, line, f"field {text_field!r} is {type(text).__name__}, not a string")
   if not text:
     return InputError(index, source, line, f"empty text in field {text_field!r}")
   doc_id = record.get("id")
   doc_id = f"{source}:{line}" if doc_id is None else str(doc_id)
-  return Document(index, doc_id, text.encode("utf-8", errors="surrogatepass"))
+  # Bytes are scored as they are; JSON's lone surrogates ("\udcff") become bytes, as in training (data/sources.py).
+  data = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
+  return Document(index, doc_id, data)
 
 
 def _jsonl(lines: Iterator[bytes], source: str, text_field: str, start: int) -> Iterator[Record]:
@@ -121,16 +123,14 @@ def _parquet(path: str, text_field: str, start: int) -> Iterator[Record]:
   texts = table.column(text_field).to_pylist()
   ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * len(texts)
   for i, (text, doc_id) in enumerate(zip(texts, ids)):
-    row = i + 1
-    if isinstance(text, bytes):
-      text = text.decode("utf-8", errors="surrogateescape")
-    yield _from_json_record({text_field: text, "id": doc_id}, path, row, text_field, start + i)
+    yield _from_json_record({text_field: text, "id": doc_id}, path, i + 1, text_field, start + i)
 
 
 def read(inputs: Sequence[str], text_field: str = "text", whole_file: bool = False) -> Iterator[Record]:
   """Documents and input errors of every input, in order, with consecutive indices.
 
-  `.txt`: one document per line (`whole_file`: one per file); invalid UTF-8 is scored as the bytes it is.
+  `.txt`: one document per line (`whole_file`: one per file). `.txt` and parquet binary columns give their bytes as
+  they are (invalid UTF-8 included); jsonl and parquet string columns give their text's UTF-8.
   """
   index = 0
   for path in expand(inputs):
