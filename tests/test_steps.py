@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from blt_jax import loss as loss_lib
 from blt_jax import optimizer as optimizer_lib
-from blt_jax import sharding, steps, tokenizer, train_config
+from blt_jax import entropy_store, sharding, steps, tokenizer, train_config
 from blt_jax.config import EntropyModelConfig, PatchingConfig
 from blt_jax.entropy_model import compute_entropies_jit, init_entropy_model
 from blt_jax.model import BLT, init_blt
@@ -83,6 +83,37 @@ def test_patches_compare_entropies_in_float32_with_a_bf16_model():
   assert np.any(np.asarray(ent) != np.asarray(ent.astype(jnp.bfloat16).astype(jnp.float32)))  # not bf16 values
   ent32 = compute_entropies_jit(ent_params, tokens, dataclasses.replace(ent_cfg, dtype="float32"))
   np.testing.assert_allclose(ent, ent32, atol=0.05)
+
+
+def test_stored_entropies_give_the_in_graph_patches_and_losses():
+  """Entropy patching from entropies scored once per document and stored (`entropy_store`) trains as the step's
+  in-graph entropy model does: on the same params and rows, the same patch count and loss (train steps and the
+  eval step share `make_patches` and `loss_terms`). The threshold sits in the widest gap near the median entropy,
+  so the patching depends on the entropies: all-zero ones give other patches. Mutation seen to fail: batch
+  "entropies" replaced with zeros in steps.make_patches."""
+  ent_cfg = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, sliding_window=32, max_seqlen=N)
+  ent_params = nn.meta.unbox(init_entropy_model(jax.random.PRNGKey(1), ent_cfg))
+  text = tokenizer.encode(TEXT, add_bos=False, add_eos=False)
+  docs = [np.concatenate([[tokenizer.BOS_ID], text[37 * b:37 * b + N]]).astype(np.int32) for b in range(B)]
+  batch = dict(tokens=np.stack([d[:N] for d in docs]), targets=np.stack([d[1:] for d in docs]),
+               loss_mask=np.ones((B, N), np.float32))
+  stored = np.stack(entropy_store.compute_document_entropies([d[:N] for d in docs], ent_params, ent_cfg,
+                                                             tokens_per_batch=B * N))
+  sorted_e = np.sort(stored.ravel())
+  mid = slice(len(sorted_e) // 3, 2 * len(sorted_e) // 3)
+  i = mid.start + int(np.argmax(np.diff(sorted_e)[mid]))
+  threshold = float(sorted_e[i] + sorted_e[i + 1]) / 2
+  sc = dataclasses.replace(_tiny("float32"), patching=PatchingConfig(mode="entropy", threshold=threshold),
+                           entropy_model=ent_cfg)
+  params = jax.jit(lambda: nn.meta.unbox(init_blt(jax.random.PRNGKey(0), sc.model)))()  # jitted: 2x faster
+  in_graph = jax.jit(steps.make_eval_step(sc))(params, batch, ent_params)
+  from_store = jax.jit(steps.make_eval_step(dataclasses.replace(sc, entropy_model=None)))
+  got = from_store(params, dict(batch, entropies=stored), None)
+  assert float(got["num_patches"]) == float(in_graph["num_patches"])
+  np.testing.assert_allclose(got["loss_sum"], in_graph["loss_sum"], rtol=1e-6)
+  zeros = from_store(params, dict(batch, entropies=np.zeros_like(stored)), None)  # the same program
+  assert float(zeros["num_patches"]) < 0.7 * float(got["num_patches"]), (zeros["num_patches"], got["num_patches"])
+  assert abs(float(zeros["loss_sum"]) / float(got["loss_sum"]) - 1) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------------
