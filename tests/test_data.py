@@ -641,6 +641,7 @@ class _CountingFile:
 
 
 def test_startup_reads_and_parses_only_its_share(tmp_path, monkeypatch):
+  from blt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from blt_jax.data import sources  # pylint: disable=g-import-not-at-top
   texts = [f"document {i:05d}" for i in range(2000)]  # Equal lines.
   corpus = tmp_path / "corpus.jsonl"
@@ -662,6 +663,15 @@ def test_startup_reads_and_parses_only_its_share(tmp_path, monkeypatch):
     return original_parse(line, field)
 
   monkeypatch.setattr(sources, "_jsonl_text", parse)
+  share_tokens = pipeline._share_tokens
+
+  def all_gather(*args):  # The other processes' counts, read by them.
+    saved = dict(counter)
+    tokens = share_tokens(*args)
+    counter.update(saved)
+    return tokens
+
+  monkeypatch.setattr(pipeline, "_share_tokens", all_gather)
   for n in (1, 4):
     for i in range(n):
       counter.update(bytes=0, parsed=0)
@@ -671,10 +681,12 @@ def test_startup_reads_and_parses_only_its_share(tmp_path, monkeypatch):
       assert counter["parsed"] == len(share) <= len(texts) // n + 1
       assert counter["bytes"] <= size // n + 2 * 4096, (n, i, counter)
       # The hash split needs keys: line numbers count the newlines before
-      # the share (read, not parsed).
+      # the share (read, not parsed). Held-out lines unbalance the shares'
+      # tokens, so a process also reads the neighbour share its token range
+      # reaches into (at most its own and its two neighbours').
       counter.update(bytes=0, parsed=0)
       share = data.build_train_source(_cfg(sources=[str(corpus)]), i, n)
-      assert counter["parsed"] <= len(texts) // n + 1
+      assert counter["parsed"] <= 3 * (len(texts) // n + 1)
   # Documents are read only when the iterator reaches them.
   it = data.make_train_iterator(
       _cfg(sources=[str(corpus)], validation_sources=[str(val)], prefetch=0,
@@ -699,12 +711,50 @@ def test_share_iterators_resume_and_reject_other_shares(tmp_path):
     data.make_train_iterator(cfg, SEQ_LEN, 4, 0, 0, 2).set_state(state)
 
 
-def test_error_process_without_documents(tmp_path):
-  (tmp_path / "only.txt").write_bytes(b"one document")
-  cfg = _cfg(sources=[str(tmp_path / "only.txt")], validation_fraction=0.0)
-  with pytest.raises(ValueError, match="process 1 of 2 has no training"
-                     " documents"):
-    data.make_train_iterator(cfg, SEQ_LEN, 2, 0, 1, 2)
+def _tokens(src):
+  return sum(src.num_tokens(i) for i in range(len(src)))
+
+
+def test_shares_hold_equal_tokens_not_equal_bytes(tmp_path):
+  # jsonl escapes CJK text (6 file bytes per character, 3 UTF-8 bytes): equal
+  # byte shares gave one process ~1.7x the other's tokens, so its documents
+  # repeated less often and the en:zh mix depended on the process count.
+  rng = np.random.default_rng(0)
+  for lang, chars in (("en", "abcdefgh "), ("zh", "字节潜变换器模型")):
+    with open(tmp_path / f"{lang}.jsonl", "w") as f:
+      for _ in range(150):
+        text = "".join(rng.choice(list(chars), int(rng.integers(20, 60))))
+        f.write(json.dumps({"text": text}) + "\n")
+  cfg = _cfg(sources=[str(tmp_path / "*.jsonl")], validation_fraction=0.1)
+  train, _ = data.build_sources(cfg)
+  total = _tokens(train)
+  longest = max(train.num_tokens(i) for i in range(len(train)))
+  for n in (2, 3):
+    shares = [data.build_train_source(cfg, i, n) for i in range(n)]
+    for share in shares:  # T/n tokens each, give or take one document.
+      assert abs(_tokens(share) - total / n) <= longest, (n, _tokens(share))
+    keys = [s.key(j) for s in shares for j in range(len(s))]
+    assert keys == [train.key(j) for j in range(len(train))]  # A partition.
+  # Simulated processes: each host's train iterator reads its token share.
+  it = data.make_train_iterator(cfg, SEQ_LEN, 4, 0, 1, 2)
+  assert next(it)["tokens"].shape == (2, SEQ_LEN)
+
+
+def test_process_inside_one_huge_document_reads_it(tmp_path):
+  # Process 1's bytes (and tokens) fall inside big.txt: it used to stop the
+  # job at start; it now reads that document (the one its tokens lie in).
+  (tmp_path / "big.txt").write_bytes(b"B" * 5000)
+  (tmp_path / "small.txt").write_bytes(b"small")
+  cfg = _cfg(sources=[str(tmp_path / "*.txt")], validation_fraction=0.0)
+  shares = [data.build_train_source(cfg, i, 3) for i in range(3)]
+  assert [[s.key(j) for j in range(len(s))] for s in shares] == [
+      ["big.txt"], ["big.txt"], ["small.txt"]]
+  for host in range(3):
+    batch = next(data.make_train_iterator(cfg, SEQ_LEN, 3, 0, host, 3))
+    assert batch["tokens"].shape == (1, SEQ_LEN)
+  # One document, two processes: both read it.
+  one = _cfg(sources=[str(tmp_path / "small.txt")], validation_fraction=0.0)
+  assert len(data.build_train_source(one, 1, 2)) == 1
 
 
 # ------------------------------------------------------------ cloud storage --

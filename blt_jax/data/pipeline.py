@@ -1,9 +1,10 @@
 """Config-driven train/eval loaders built from grain datasets.
 
-Train: this host's byte share of the documents (only that share is read) ->
-seeded shuffle -> repeat forever -> encode `[BOS] bytes [EOS]` -> pack into
-windows -> batch -> thread prefetch. The resulting grain iterator is
-checkpointable (`get_state`/`set_state`).
+Train: this host's token share of the training documents (`build_train_source`:
+contiguous shares of equal tokens, give or take one document, so every host
+reads its documents equally often) -> seeded shuffle -> repeat forever ->
+encode `[BOS] bytes [EOS]` -> pack into windows -> batch -> thread prefetch.
+The resulting grain iterator is checkpointable (`get_state`/`set_state`).
 
 Eval: all validation documents -> per-host stride -> encode -> pack (final
 window padded) -> batch; a fixed number of fixed-shape batches, identical on
@@ -192,27 +193,100 @@ def build_document_sources(
   return train, val
 
 
+def _byte_share(
+    data_cfg: ml_collections.ConfigDict, index: int, count: int
+) -> sources_lib.DocumentSource:
+  """The training documents that start in share `index` of `count` of the
+  corpus's bytes (see `sources`): only those bytes are read."""
+  docs = _corpus(data_cfg, (index, count))
+  if not _as_list(_get(data_cfg, "validation_sources")):
+    docs, _ = docs.split(_validation_fraction(data_cfg))
+  return docs
+
+
+def _share_tokens(
+    data_cfg: ml_collections.ConfigDict, own: int, index: int, count: int
+) -> list[int]:
+  """Training tokens in every byte share, given this process's (`own`).
+
+  One all-gather over the processes (those with one data index hold the same
+  share); processes simulated in one (tests, tools) count every share here.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    # int32 halves: jax without x64 would truncate a count over 2**31.
+    mine = np.array([index, own >> 31, own & (2**31 - 1)], np.int32)
+    rows = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
+    tokens = {int(k): (int(h) << 31) | int(l) for k, h, l in rows}
+    if sorted(tokens) == list(range(count)):
+      return [tokens[k] for k in range(count)]
+  return [
+      own if k == index else int(_byte_share(data_cfg, k, count)
+                                 .token_counts().sum())
+      for k in range(count)
+  ]
+
+
+def _token_share(
+    data_cfg: ml_collections.ConfigDict,
+    own: sources_lib.DocumentSource,
+    index: int,
+    count: int,
+) -> sources_lib.DocumentSource:
+  """The training documents whose first token is in tokens [i*T/n, (i+1)*T/n).
+
+  T counts the training tokens of the whole corpus in its sorted order; the
+  byte shares this range overlaps are read (its own and, typically, a
+  neighbour's). A range inside one document (longer than T/n) gets that one.
+  """
+  tokens = _share_tokens(data_cfg, int(own.token_counts().sum()), index, count)
+  share_starts = np.cumsum([0] + tokens)
+  lo, hi = sources_lib.shard_bounds(int(share_starts[-1]), (index, count))
+  pieces, covering = [], None
+  for k in range(count):
+    first, end = share_starts[k], share_starts[k + 1]
+    if first == end or end <= lo or first >= hi:
+      continue
+    docs = own if k == index else _byte_share(data_cfg, k, count)
+    counts = docs.token_counts()
+    starts = first + np.cumsum(counts) - counts
+    pieces.append(docs.select(np.flatnonzero((starts >= lo) & (starts < hi)),
+                              docs.name))
+    if first <= lo < end:  # The document holding token lo.
+      covering = docs.select(
+          [int(np.searchsorted(starts, lo, side="right")) - 1], docs.name)
+  name = f"{own.name}[tokens {index} of {count}]"
+  share = sources_lib.concat(pieces, name)
+  if not len(share) and covering is not None:
+    share = sources_lib.concat([covering], name)
+  return share
+
+
 def build_train_source(
     data_cfg: ml_collections.ConfigDict,
     process_index: int = 0,
     process_count: int = 1,
 ) -> sources_lib.DocumentSource:
-  """This process's training documents: its share less the validation split.
+  """This process's training documents: its token share of the training split.
 
-  Reads only that share (see `sources`), so start-up work per process falls
-  as processes are added; the shares of all processes partition the training
-  documents of `build_sources`, and with one process they are those
-  documents, in the same order.
+  With several processes, the training documents in the corpus's sorted
+  order are cut into contiguous shares of equal tokens (`_token_share`):
+  each process reads its 1/n of the bytes to count its tokens, the processes
+  exchange those n counts, and each reads the byte shares its token range
+  overlaps. The shares partition the training documents of `build_sources`
+  (in order), except that a process whose range lies inside one document
+  gets that document too; with one process they are those documents.
   """
-  shard = (process_index, process_count)
-  docs = _corpus(data_cfg, shard)
-  if not _as_list(_get(data_cfg, "validation_sources")):
-    docs, _ = docs.split(_validation_fraction(data_cfg))
+  docs = _byte_share(data_cfg, process_index, process_count)
+  if process_count > 1:
+    docs = _token_share(data_cfg, docs, process_index, process_count)
   if not len(docs):
     raise ValueError(
-        f"process {process_index} of {process_count} has no training"
-        f" documents in its share ({docs.name}) of the corpus; give more"
-        " (or smaller) files, or use fewer processes"
+        f"no training documents in the corpus ({docs.name}) for process"
+        f" {process_index} of {process_count}"
     )
   return _annotate(docs, data_cfg)
 
@@ -228,8 +302,9 @@ def document_dataset(
 ) -> grain.MapDataset:
   """Encoded documents for one host: `{"ids": int32[n], <extra>: ...}`.
 
-  Sharding comes after shuffle/repeat, so within every global epoch the hosts
-  read disjoint documents whose union is the whole corpus.
+  Sharding (by position) comes after shuffle/repeat, so each epoch's shuffled
+  documents are dealt to the hosts in turn: disjoint, together the corpus
+  (hosts whose documents differ in length reach its end at different steps).
   """
   ds = grain.MapDataset.source(source)
   if shuffle:
@@ -260,7 +335,7 @@ def build_train_dataset(
   """Infinite batches of `batch_size` packed windows for one host.
 
   `source` is the whole training set, which the hosts stride through after
-  the shuffle, or with `source_is_share` this host's own share of it
+  the shuffle, or with `source_is_share` this host's own token share of it
   (`build_train_source`), shuffled and repeated on its own.
   """
   if not len(source):
@@ -287,7 +362,7 @@ def build_train_dataset(
       "process_count": process_count,
   }
   if process_count > 1:  # (one process reads the same either way)
-    metadata["sharding"] = "byte_shares" if source_is_share else "strided"
+    metadata["sharding"] = "token_shares" if source_is_share else "strided"
   ds = packing.PackedWindowsIterDataset(ds, seq_len, metadata=metadata)
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
   if prefetch > 0:

@@ -89,6 +89,7 @@ class _Part(Protocol):
   def get(self, i: int) -> bytes: ...
   def key(self, i: int) -> str: ...
   def num_bytes(self, i: int) -> int: ...
+  def sizes(self) -> np.ndarray: ...  # num_bytes of every document, int64
 
 
 class _WholeFiles:
@@ -108,6 +109,9 @@ class _WholeFiles:
 
   def num_bytes(self, i: int) -> int:
     return self._files[i].size
+
+  def sizes(self) -> np.ndarray:
+    return np.array([f.size for f in self._files], np.int64)
 
 
 class _BadLine(ValueError):
@@ -264,6 +268,9 @@ class _JsonlLines:
   def num_bytes(self, i: int) -> int:
     return int(self._sizes[i])
 
+  def sizes(self) -> np.ndarray:
+    return self._sizes
+
 
 def _row_range(
     size: int, num_rows: int, start: int, stop: float
@@ -411,6 +418,9 @@ class _ArrowColumn:
   def num_bytes(self, i: int) -> int:
     return int(self._sizes[i])
 
+  def sizes(self) -> np.ndarray:
+    return self._sizes
+
 
 class DocumentSource:
   """Random-access documents (raw bytes) over several files.
@@ -465,6 +475,11 @@ class DocumentSource:
     """Length of document `i` once encoded as `[BOS] bytes [EOS]`."""
     return self.num_bytes(i) + _NUM_SPECIALS_PER_DOC
 
+  def token_counts(self) -> np.ndarray:
+    """`num_tokens` of every document (int64), without reading any."""
+    sizes = [p.sizes() for p in self._parts] + [np.zeros(0, np.int64)]
+    return np.concatenate(sizes)[self._indices] + _NUM_SPECIALS_PER_DOC
+
   def select(self, positions: np.ndarray, name: str) -> DocumentSource:
     """Returns the documents at `positions` (indices into this source)."""
     return DocumentSource(self._parts, self._indices[positions], name)
@@ -484,6 +499,16 @@ class DocumentSource:
 
   def __repr__(self) -> str:
     return f"DocumentSource({self.name!r}, {len(self)} documents)"
+
+
+def concat(sources: Sequence[DocumentSource], name: str) -> DocumentSource:
+  """The documents of `sources`, one after the other, as one source."""
+  parts, indices, offset = [], [np.zeros(0, np.int64)], 0
+  for source in sources:
+    parts += source._parts  # pylint: disable=protected-access
+    indices.append(source._indices + offset)  # pylint: disable=protected-access
+    offset += int(source._starts[-1])  # pylint: disable=protected-access
+  return DocumentSource(parts, np.concatenate(indices), name)
 
 
 def in_validation(key: str, validation_fraction: float) -> bool:
