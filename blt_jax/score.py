@@ -117,6 +117,17 @@ def _slot_bucket(needed: int, num_positions: int) -> int:
   return min(p, num_positions)
 
 
+def _check_arguments(row_len: int, min_context: int, batch_bytes: int, max_bytes: int) -> None:
+  """Fails on arguments that could only fail later (at the first document longer than a row)."""
+  # A later window reads [BOS], min_context >= 1 bytes of context and at least one byte it scores.
+  if not 3 <= row_len <= max_bytes:
+    raise ValueError(f"row_bytes={row_len} must be in [3, max_encoder_seq_length={max_bytes}]")
+  if not 1 <= min_context <= row_len - 2:
+    raise ValueError(f"min_context={min_context} must be in [1, row_bytes - 2 = {row_len - 2}]")
+  if batch_bytes < 1:
+    raise ValueError(f"batch_bytes={batch_bytes} must be positive")
+
+
 class Scorer:
   """Scores documents with a BLT checkpoint. Usable in user code:
 
@@ -125,9 +136,10 @@ class Scorer:
     scores = scorer.score_arrays([ids_0, ids_1])         # `[BOS] bytes` model ids, the same numbers
 
   `row_bytes`: tokens per packed row (default: the largest that can never need more patch slots than the global
-  model's `max_seqlen`, capped by `max_encoder_seq_length`); `min_context`: left context of long-document windows
-  (default row_bytes // 2); `batch_bytes`: tokens per batch (rows per batch = batch_bytes // row length, a multiple
-  of the local device count). Rows are sharded over every local device. `pack=False` gives every document (window)
+  model's `max_seqlen`, capped by `max_encoder_seq_length`; at least 3); `min_context`: left context of
+  long-document windows (in [1, row_bytes - 2], default row_bytes // 2); `batch_bytes`: tokens per batch (rows per
+  batch = batch_bytes // row length, a multiple of the local device count); all three checked here, before any
+  document. Rows are sharded over every local device. `pack=False` gives every document (window)
   a row of its own (for comparison: the numbers are the same, the speed is not). `per_byte_argmax=True` also stores
   `DocScore.greedy_per_byte`: at each scored byte, the argmax of its predictive distribution over the ids greedy
   generation may pick (`generate.NOT_BYTES` excluded), i.e. whether greedy decoding would have produced the byte.
@@ -140,11 +152,9 @@ class Scorer:
     self.model = checkpoint if isinstance(checkpoint, loading.LoadedModel) else loading.load(checkpoint)
     cfg = self.model.config
     safe = min(cfg.max_encoder_seq_length, cfg.max_seqlen - 1)
-    self.row_len = int(row_bytes or safe)
-    if not 2 <= self.row_len <= cfg.max_encoder_seq_length:
-      raise ValueError(f"row_bytes={self.row_len} must be in [2, max_encoder_seq_length="
-                       f"{cfg.max_encoder_seq_length}]")
+    self.row_len = int(safe if row_bytes is None else row_bytes)
     self.min_context = int(min_context if min_context is not None else self.row_len // 2)
+    _check_arguments(self.row_len, self.min_context, batch_bytes, cfg.max_encoder_seq_length)
     self.with_eos, self.per_byte, self.pack = with_eos, per_byte, pack
     self.per_byte_argmax = per_byte_argmax
     devices = list(devices or jax.local_devices())

@@ -273,6 +273,22 @@ def test_cli_reports_bad_records_and_keeps_the_rest(tiny, tmp_path):
   assert exists.returncode == 2 and "--resume" in exists.stderr
 
 
+def test_bad_arguments_fail_before_the_first_document(tiny, tmp_path, capsys):
+  """Row and window arguments are checked when the scorer is built, not when the first long document arrives: one
+  line, nothing written."""
+  for kwargs, message in ((dict(row_bytes=2), "row_bytes=2 must be"),  # no min_context could pass
+                          (dict(row_bytes=40, min_context=100), "min_context=100 must be .* = 38"),
+                          (dict(min_context=0), "min_context=0"), (dict(batch_bytes=0), "batch_bytes=0")):
+    with pytest.raises(ValueError, match=message):
+      score.Scorer(tiny["path"], **kwargs)
+  (tmp_path / "in.txt").write_bytes(b"short\n" + b"long " * 20 + b"\n")  # the second longer than a row of 40
+  args = ["--checkpoint", tiny["path"], "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "o.jsonl")]
+  assert score.main(args + ["--row-bytes", "40", "--min-context", "100"]) == 2
+  err = capsys.readouterr().err
+  assert "min_context=100" in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_cli_killed_and_resumed_equals_an_uninterrupted_run(tiny, tmp_path):
   docs = _docs(400, seed=11)
   with open(tmp_path / "in.jsonl", "w") as f:
