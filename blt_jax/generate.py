@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blt_jax import attention, decode_cache, layers, loading, patching, tokenizer
+from blt_jax import attention, decode_cache, layers, loading, patching, placement, tokenizer
 from blt_jax.config import BLTConfig
 from blt_jax.entropy_model import compute_entropies, entropy_from_logits
 from blt_jax.local_models import pool_patches
@@ -338,15 +338,17 @@ def check_supported(m: loading.LoadedModel) -> None:
 def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str, bytes]], max_bytes: int, *,
              sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[bytes] = (),
              max_patch_bytes: Optional[int] = None, chunk: Optional[int] = None, record_logits: bool = False,
-             on_bytes=None, streams: Optional[Sequence[int]] = None) -> List[Result]:
+             on_bytes=None, streams: Optional[Sequence[int]] = None, dtype: Optional[str] = None,
+             mesh=None) -> List[Result]:
   """Generates up to `max_bytes` bytes after each prompt (`[BOS] + prompt bytes`), cached; see the module doc.
 
   Row b samples from its own stream, `fold_in(PRNGKey(seed), streams[b])` (default: b, its position in `prompts`),
   so its output depends on its prompt, `seed` and stream only (not on the other rows), and copies of a prompt in
   other streams get other samples. `on_bytes(row, new_bytes)` is called after every `chunk` steps (default: all at
-  once) with each row's new bytes.
+  once) with each row's new bytes. `dtype` / `mesh`: how a checkpoint path is loaded, or how a LoadedModel is
+  re-placed (`loading.as_model`).
   """
-  m = model if isinstance(model, loading.LoadedModel) else loading.load(model)
+  m = loading.as_model(model, dtype, mesh)
   check_supported(m)
   cfg = m.config
   data = [p.encode("utf-8") if isinstance(p, str) else bytes(p) for p in prompts]
@@ -507,6 +509,7 @@ def main(argv=None) -> int:
   p.add_argument("--raw", action="store_true", help="write bytes as they are (no UTF-8 hold-back / replacement)")
   p.add_argument("--chunk-bytes", type=int, default=16, help="bytes per jitted loop call between stdout writes")
   p.add_argument("--max-patch-bytes", type=int, default=None, help="the longest patch the cache can close")
+  placement.add_arguments(p)
   args = p.parse_args(argv)
   try:
     if args.prompts:
@@ -522,8 +525,10 @@ def main(argv=None) -> int:
         prompts = [f.read()]
     else:
       prompts = [args.prompt]
-    model = loading.load(args.checkpoint)
+    mesh = placement.mesh_from_args(args)
+    model = loading.load(args.checkpoint, args.dtype, mesh)
     check_supported(model)
+    print(f"generating with {placement.startup_line(args.dtype, mesh)}", file=sys.stderr, flush=True)
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

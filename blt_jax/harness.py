@@ -45,7 +45,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from tqdm import tqdm
 
-from blt_jax import generate, loading, tokenizer
+from blt_jax import generate, loading, placement, tokenizer
 from blt_jax.score import MIN_ROW_BUCKET, Scorer
 
 NAME = "blt_jax"
@@ -58,15 +58,18 @@ class BLTHarnessLM(TemplateLM):
   `checkpoint`: a path `loading.load` accepts, or a LoadedModel. `row_bytes`, `min_context`, `batch_bytes`: the
   Scorer's. `gen_batch`: generation rows per batch; `gen_chunk`: bytes per jitted generation call between stop-string
   checks; `max_gen_bytes`: the default `max_gen_toks` (at most half the byte context); `seed`: the sampling seed.
+  `dtype` ("float32" | "bfloat16") and `mesh` ("fsdp:4+tensor:2", the `--mesh` of `python -m blt_jax.score` written
+  without `=` and `,`, which `--model_args` reserve): how the params are stored and sharded (`blt_jax.placement`).
   """
 
   def __init__(self, checkpoint: Union[str, loading.LoadedModel], *, row_bytes: Optional[int] = None,
                min_context: Optional[int] = None, batch_bytes: int = 16384, gen_batch: int = 16, gen_chunk: int = 32,
                max_gen_bytes: int = 256, seed: int = 0, batch_size: Any = None, max_batch_size: Any = None,
-               device: Any = None):
+               device: Any = None, dtype: Optional[str] = None, mesh: Optional[str] = None):
     super().__init__()
     del batch_size, max_batch_size, device  # lm_eval's torch-oriented knobs; see the module docstring
-    self.model = checkpoint if isinstance(checkpoint, loading.LoadedModel) else loading.load(checkpoint)
+    mesh = placement.make_mesh(placement.parse_mesh(mesh)) if mesh else None
+    self.model = loading.as_model(checkpoint, dtype, mesh)
     self.scorer = Scorer(self.model, row_bytes=row_bytes, min_context=min_context, batch_bytes=batch_bytes,
                          per_byte=True, per_byte_argmax=True)
     if gen_batch < 2:

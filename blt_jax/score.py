@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from blt_jax import loading, patching, score_inputs, tokenizer
+from blt_jax import loading, patching, placement, score_inputs, sharding, tokenizer
 from blt_jax.entropy_model import compute_entropies
 from blt_jax.generate import NOT_BYTES
 from blt_jax.model import BLT
@@ -148,8 +148,8 @@ class Scorer:
   def __init__(self, checkpoint: Union[str, loading.LoadedModel], *, row_bytes: Optional[int] = None,
                min_context: Optional[int] = None, batch_bytes: int = 16384, with_eos: bool = False,
                per_byte: bool = False, pack: bool = True, devices: Optional[Sequence[Any]] = None,
-               per_byte_argmax: bool = False):
-    self.model = checkpoint if isinstance(checkpoint, loading.LoadedModel) else loading.load(checkpoint)
+               per_byte_argmax: bool = False, dtype: Optional[str] = None, mesh: Optional[Mesh] = None):
+    self.model = loading.as_model(checkpoint, dtype, mesh)
     cfg = self.model.config
     safe = min(cfg.max_encoder_seq_length, cfg.max_seqlen - 1)
     self.row_len = int(safe if row_bytes is None else row_bytes)
@@ -157,14 +157,14 @@ class Scorer:
     _check_arguments(self.row_len, self.min_context, batch_bytes, cfg.max_encoder_seq_length)
     self.with_eos, self.per_byte, self.pack = with_eos, per_byte, pack
     self.per_byte_argmax = per_byte_argmax
-    devices = list(devices or jax.local_devices())
-    self.mesh = Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    self._rows_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    self._params = jax.device_put(self.model.params, replicated)
-    self._entropy_params = (jax.device_put(self.model.entropy_params, replicated)
-                            if self.model.entropy_params is not None else None)
-    self._ndev = len(devices)
+    # Rows go over the mesh's batch axes (data x fsdp). A model placed on a mesh keeps its params as they are;
+    # otherwise every device gets a replica.
+    self.mesh = self.model.mesh or placement.make_mesh(None, devices)
+    self._rows_sharding = NamedSharding(self.mesh, PartitionSpec(sharding.BATCH_AXES))
+    self._params_sharding = None if self.model.mesh is not None else NamedSharding(self.mesh, PartitionSpec())
+    self._params = self._placed(self.model.params)
+    self._entropy_params = self._placed(self.model.entropy_params)
+    self._ndev = sharding.num_batch_shards(self.mesh)
     self.batch_bytes = int(batch_bytes)
     self.buckets = _buckets(self.row_len)
     self.compiles: List[Tuple[str, Tuple[int, ...]]] = []  # (program, shape) at every trace
@@ -176,20 +176,29 @@ class Scorer:
     params as an argument, so they are reused."""
     if jax.tree.structure(params) != jax.tree.structure(self.model.params):
       raise ValueError("Scorer.set_params: the params do not have the loaded model's structure")
+    # In the loaded model's dtype and layout.
+    params = placement.place(params, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.model.params))
     self.model = dataclasses.replace(self.model, params=params)
-    self._params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+    self._params = self._placed(params)
+
+  def _placed(self, params):
+    if params is None or self._params_sharding is None:
+      return params
+    return jax.device_put(params, self._params_sharding)
 
   # -------------------------------------------------------------------------------------------------------------
   # Jitted programs.
 
   def _patch_fn(self, N: int):
     if N not in self._patch_fns:
-      model, compiles = self.model, self.compiles
+      model, compiles, mesh = self.model, self.compiles, self.mesh
 
       def fn(entropy_params, tokens_BN, used_B):
         compiles.append(("patcher", tuple(tokens_BN.shape)))
         if model.entropy_config is not None:
-          entropies_BN = compute_entropies(entropy_params, tokens_BN, model.entropy_config)
+          with sharding.mesh_while_tracing(mesh):
+            entropies_BN = compute_entropies(entropy_params, tokens_BN, model.entropy_config)
         else:
           entropies_BN = jnp.zeros(tokens_BN.shape, jnp.float32)
         patches = patching.patch(tokens_BN, entropies_BN, max_patches=N + 1, **model.patching.patch_kwargs())
@@ -207,11 +216,12 @@ class Scorer:
 
   def _nll_fn(self, N: int, P: int):
     if (N, P) not in self._nll_fns:
-      cfg, compiles, argmax = self.model.config, self.compiles, self.per_byte_argmax
+      cfg, compiles, argmax, mesh = self.model.config, self.compiles, self.per_byte_argmax, self.mesh
 
       def fn(params, tokens_BN, lengths_BP):
         compiles.append(("blt", (tokens_BN.shape[0], N, P)))
-        logits_BNV = BLT(cfg).apply({"params": params}, tokens_BN, lengths_BP)
+        with sharding.mesh_while_tracing(mesh):
+          logits_BNV = BLT(cfg).apply({"params": params}, tokens_BN, lengths_BP)
         logp_BNV = jax.nn.log_softmax(logits_BNV[:, :-1].astype(jnp.float32), axis=-1)
         nll_BN = -jnp.take_along_axis(logp_BNV, tokens_BN[:, 1:, None], axis=-1)[..., 0]
         nll_BN = jnp.pad(nll_BN, ((0, 0), (0, 1)))  # position t: -ln p(tokens[t + 1])

@@ -8,6 +8,12 @@ order). A summary (documents, bytes, total bits, aggregate bpb, errors) goes to 
 
 Multi-host: process i of n scores the documents whose index is i mod n and writes `OUT.part-<i>-of-<n>`; the
 merged result is the concatenation of the parts (`cat OUT.part-*-of-<n> > OUT`), each document in exactly one part.
+The processes start as the trainer's do (`jax.distributed` under srun, Open MPI, a TPU pod or
+JAX_COORDINATOR_ADDRESS), so each task of a launcher scores its own share.
+
+`--dtype bfloat16` stores the params and runs the matmuls in bfloat16 (entropies, softmax statistics and the NLL
+stay float32); `--mesh fsdp=8` (or `fsdp=4,tensor=2`, ...) shards the params over this process's devices by the
+training rules instead of giving each device a replica (`blt_jax.placement`).
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--no-pack", action="store_true", help="one document per row (slower; for comparison)")
   p.add_argument("--process-index", type=int, default=None, help="this process's share (default: jax's)")
   p.add_argument("--process-count", type=int, default=None, help="number of shares (default: jax's)")
+  from blt_jax import placement  # pylint: disable=g-import-not-at-top
+  placement.add_arguments(p)
   return p
 
 
@@ -135,13 +143,16 @@ class _Progress:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   # Everything that can fail on the user's arguments fails here, before jax starts or anything is written.
-  from blt_jax import loading, score, score_inputs  # pylint: disable=g-import-not-at-top
+  from blt_jax import loading, placement, score, score_inputs, sharding  # pylint: disable=g-import-not-at-top
   try:
     score_inputs.expand(args.input)
-    model = loading.load(args.checkpoint)
+    mesh_spec = placement.parse_mesh(args.mesh)  # a bad flag fails before jax starts
+    sharding.maybe_initialize_distributed()  # as the trainer starts: under srun / on a pod, each task is one share
+    model = loading.load(args.checkpoint, args.dtype, placement.make_mesh(mesh_spec) if mesh_spec else None)
     scorer = score.Scorer(model, row_bytes=args.row_bytes, min_context=args.min_context,
                           batch_bytes=args.batch_bytes, with_eos=args.with_eos, per_byte=args.per_byte,
                           pack=not args.no_pack)
+    print(f"scoring with {placement.startup_line(args.dtype, scorer.mesh)}", file=sys.stderr, flush=True)
     import jax  # pylint: disable=g-import-not-at-top
     index = jax.process_index() if args.process_index is None else args.process_index
     count = jax.process_count() if args.process_count is None else args.process_count

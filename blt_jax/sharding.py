@@ -14,6 +14,7 @@ crash and large tables stay sharded.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -328,6 +329,17 @@ def axis_rules_context(rules: Optional[Rules] = None):
   Enter it together with `jax.set_mesh(mesh)` (or pass `mesh=` to the constraints) around tracing of the step.
   """
   return nn.logical_axis_rules(default_logical_axis_rules() if rules is None else rules)
+
+
+def mesh_while_tracing(mesh: Optional[Mesh], rules: Optional[Rules] = None):
+  """Context for tracing a model on `mesh`: its logical activation constraints (`layers.batch_sharded`) bind to
+  the mesh's batch axes by `rules`. A no-op context when `mesh` is None."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+  stack.enter_context(axis_rules_context(rules))
+  return stack
 
 
 # ---------------------------------------------------------------------------------------------------------------

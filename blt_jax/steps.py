@@ -6,7 +6,6 @@ text -> ids -> entropies -> patches -> logits -> loss line runs in one compiled 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -96,13 +95,7 @@ def loss_terms(sc: StepConfig, params, batch, entropy_params=None):
 
 def _mesh_while_tracing(batch_sharding, rules):
   """Lets the model's logical activation constraints (`layers.batch_sharded`) bind to the batch sharding's mesh."""
-  mesh = getattr(batch_sharding, "mesh", None)
-  if mesh is None:
-    return contextlib.nullcontext()
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
-  stack.enter_context(sharding.axis_rules_context(rules))
-  return stack
+  return sharding.mesh_while_tracing(getattr(batch_sharding, "mesh", None), rules)
 
 
 def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from blt_jax import convert
+from blt_jax import convert, loading
 from blt_jax.config import (BLTConfig, EntropyModelConfig, blt_config_from_reference, entropy_config_from_reference)
 from blt_jax.convert import __main__ as cli
 from blt_jax.convert import mapping, reference, safetensors_io
@@ -359,3 +359,23 @@ def test_readme_usage_snippet_runs(golden_sd, tmp_path):
   tokens = namespace["tokens"]
   assert namespace["logits"].shape == (1, tokens.shape[1], 260)
   assert np.isfinite(np.asarray(namespace["logits"])).all()
+
+
+def test_bfloat16_conversion_halves_the_checkpoint(golden_sd, tmp_path):
+  """--dtype bfloat16 stores every float param in bfloat16 (about half the bytes); loading gives those values."""
+  blt_sd, ent_sd, meta = golden_sd
+  src = write_pth_dir(tmp_path / "src", blt_sd, _train_args(meta))
+  write_pth_dir(src / "entropy_model", ent_sd, _train_args(meta))
+  convert.convert_dir(src, tmp_path / "f32")
+  convert.convert_dir(src, tmp_path / "bf16", dtype="bfloat16")
+  size = lambda d: sum(p.stat().st_size for p in (d / "params").rglob("*") if p.is_file())
+  ratio = size(tmp_path / "bf16") / size(tmp_path / "f32")
+  assert 0.3 < ratio < 0.6, ratio  # zarr compresses each chunk, so not exactly half
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())["params_dtype"] == "bfloat16"
+  f32 = loading.load(tmp_path / "f32", dtype="bfloat16")
+  bf16 = loading.load(tmp_path / "bf16", dtype="bfloat16")
+  _assert_trees_equal(f32.params, bf16.params)
+  _assert_trees_equal(f32.entropy_params, bf16.entropy_params)
+  assert {x.dtype.name for x in jax.tree.leaves(loading.load(tmp_path / "bf16").params)} == {"float32"}
+  with pytest.raises(convert.ConversionError, match="dtype 'fp16'"):
+    convert.convert_dir(src, tmp_path / "bad", dtype="fp16")

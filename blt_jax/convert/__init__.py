@@ -60,14 +60,19 @@ def convert(src: PathLike, format: str = "reference", choices: Optional[ImportCh
 
 def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
                 entropy_src: Optional[PathLike] = None, overwrite: bool = False,
-                choices: Optional[ImportChoices] = None) -> Dict[str, Any]:
+                choices: Optional[ImportChoices] = None, dtype: str = "float32") -> Dict[str, Any]:
   """Converts `src` (and its entropy model) into the output layout at `out`; returns a summary dict.
+
+  `dtype` "bfloat16" stores the floating-point params in bfloat16 (half the size, for inference only: loading
+  such a checkpoint in float32 gives the bfloat16 values exactly, not the source's).
 
   `entropy_src` names the BLT's entropy model dir when it is not `src/entropy_model/` (e.g. the sibling
   `hf-weights/entropy_model/`; reference layout only). `out` appears only once everything is written (staged,
   then renamed).
   """
   _reader(format)
+  if dtype not in ("float32", "bfloat16"):
+    raise ConversionError(f"dtype {dtype!r}: expected float32 or bfloat16")
   src, out = pathlib.Path(os.path.abspath(src)), paths.resolve(out)
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -78,10 +83,11 @@ def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
   choices_dict = (choices or ImportChoices()).to_dict() if format == "hf" else None
 
   with paths.staged_dir(out, "converting") as staging:
-    _write_params(staging, main.params, _config_json(main, src, format, entropy is not None, choices_dict))
+    _write_params(staging, _cast_in_place(main.params, dtype),
+                  _config_json(main, src, format, entropy is not None, choices_dict, dtype))
     if entropy is not None:
-      _write_params(staging / reference.ENTROPY_SUBDIR, entropy.params,
-                    _config_json(entropy, entropy_dir, format, False, choices_dict))
+      _write_params(staging / reference.ENTROPY_SUBDIR, _cast_in_place(entropy.params, dtype),
+                    _config_json(entropy, entropy_dir, format, False, choices_dict, dtype))
 
   models = [_summary(main, out)]
   if entropy is not None:
@@ -169,10 +175,26 @@ def _load(format: str, src, entropy_src, with_entropy: bool, choices: Optional[I
   return reader.load_models(src, entropy_src, with_entropy)
 
 
+def _cast_in_place(params: Dict[str, Any], dtype: str) -> Dict[str, Any]:
+  """`params` (nested dicts of numpy arrays) with floating leaves in `dtype`, replaced one leaf at a time so the
+  peak is the params plus one cast leaf, not two copies of the model."""
+  if dtype == "float32":
+    return params
+  target = np.dtype(jax.numpy.dtype(dtype))
+  for key, value in params.items():
+    if isinstance(value, dict):
+      _cast_in_place(value, dtype)
+    elif np.issubdtype(np.asarray(value).dtype, np.floating):
+      params[key] = np.asarray(value).astype(target)
+  return params
+
+
 def _config_json(loaded: reference.LoadedModel, src: pathlib.Path, format: str,
-                 has_entropy_model: bool, choices: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+                 has_entropy_model: bool, choices: Optional[Dict[str, str]] = None,
+                 dtype: str = "float32") -> Dict[str, Any]:
   meta = {"format": OUTPUT_FORMAT, "model_type": loaded.model_type, "model": loaded.config.to_dict(),
-          "source": str(src), "source_format": format, "weights_file": str(loaded.weights_file)}
+          "source": str(src), "source_format": format, "weights_file": str(loaded.weights_file),
+          "params_dtype": dtype}
   if choices is not None:
     meta["import_choices"] = choices  # where transformers and the reference differ (README, Hugging Face layout)
   if loaded.patching is not None:

@@ -1,5 +1,5 @@
 """CLI: python -m blt_jax.convert --format reference|hf --src DIR --out CKPT [--entropy-src DIR] [--overwrite]
-[--hf-encoder-pooling transformers|reference] [--hf-patcher transformers|reference]."""
+[--dtype float32|bfloat16] [--hf-encoder-pooling transformers|reference] [--hf-patcher transformers|reference]."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--entropy-src", default=None,
                  help="the BLT's entropy model directory when it is not SRC/entropy_model/")
   p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="store the params in this dtype: bfloat16 halves the checkpoint for users who only infer "
+                      "(default float32, the source's precision)")
   p.add_argument("--hf-encoder-pooling", choices=("transformers", "reference"), default="transformers",
                  help="--format hf with all-layer encoder cross-attention: re-pool the patch queries before every "
                       "layer as transformers does (default), or pool once as the reference does")
@@ -58,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error("--hf-encoder-pooling / --hf-patcher apply to --format hf only")
   try:
     summary = convert.convert_dir(args.src, args.out, format=args.format, entropy_src=args.entropy_src,
-                                  overwrite=args.overwrite, choices=choices)
+                                  overwrite=args.overwrite, choices=choices, dtype=args.dtype)
   except (convert.ConversionError, FileExistsError) as e:
     # A bad source is the user's to fix from the message; a jax traceback would bury it.
     print(f"error: {e}", file=sys.stderr)
