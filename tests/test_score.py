@@ -57,6 +57,25 @@ def _direct_logits(t, tokens_BN):
   return t["direct"](tokens_BN)[0]
 
 
+def _direct_entropies_and_patch_counts(t, docs):
+  """Per document alone: the entropy of the prediction of each byte (the entropy model's forward; position j
+  predicts byte j + 1 of `[BOS] bytes`) and the number of patches starting inside it, [BOS] patch included (the
+  patcher on `[BOS] bytes`, next-token position excluded). One compile: rows right-padded (causal rules)."""
+  rows = [tokenizer.encode(d, add_eos=False) for d in docs]
+  tokens = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, :len(r)] = r
+
+  @jax.jit
+  def fn(tokens_BN):
+    ent_BN = compute_entropies(t["ent_params"], tokens_BN, t["ent_cfg"])
+    patches = patching.patch(tokens_BN, ent_BN, max_patches=tokens_BN.shape[1] + 1, **t["patch_cfg"].patch_kwargs())
+    return ent_BN, patches.patch_ids_BT
+
+  ent, ids = map(np.asarray, fn(jnp.asarray(tokens)))
+  return [ent[b, :len(r) - 1] for b, r in enumerate(rows)], [int(ids[b, len(r) - 1]) + 1 for b, r in enumerate(rows)]
+
+
 # Byte lengths of the short test documents: few distinct lengths (each is one compile of the direct forward); 32
 # and 48 are also the last windows' lengths of the long documents below (as tokens: 33 and 49, with BOS).
 LENGTHS = (6, 20, 32, 48)
@@ -96,10 +115,15 @@ def test_scores_equal_direct_forward_whatever_the_packing(tiny):
       np.testing.assert_allclose(s.nll_nats, ref, rtol=RTOL)
       assert s.bpb == pytest.approx(s.nll_nats / math.log(2) / len(d))
   # Every document alone in its row (pack=False) against inside packed rows.
-  alone = score.Scorer(tiny["path"], batch_bytes=256, pack=False).score_texts(docs)
+  alone = score.Scorer(tiny["path"], batch_bytes=256, pack=False, per_byte=True).score_texts(docs)
   for a, b, c in zip(alone, runs[0], runs[2]):
     np.testing.assert_allclose(a.nll_nats, b.nll_nats, rtol=RTOL)
     assert a.n_patches == b.n_patches == c.n_patches
+  # Per-byte entropies and patch counts against the entropy model's forward and the patcher on each document.
+  entropies, n_patches = _direct_entropies_and_patch_counts(tiny, docs)
+  assert [s.n_patches for s in runs[0]] == n_patches
+  for s, e in zip(alone, entropies):
+    np.testing.assert_allclose(s.entropies, e, rtol=1e-5, atol=1e-6)
 
 
 def test_score_arrays_and_eos_convention(tiny):
@@ -125,6 +149,10 @@ def test_long_document_is_scored_completely_in_windows(tiny):
   expected = np.concatenate([_direct_nll(tiny, w)[start - 1:] for w, start, _ in windows])
   np.testing.assert_allclose(s.nll_per_byte, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(s.nll_nats, expected.sum(), rtol=RTOL)
+  # Each window's per-byte entropies: the entropy model's forward on the window (its scored bytes only).
+  ent = [np.asarray(compute_entropies(tiny["ent_params"], jnp.asarray([w]), tiny["ent_cfg"]))[0] for w, _, _ in windows]
+  np.testing.assert_allclose(s.entropies, np.concatenate([e[start - 1:len(w) - 1] for e, (w, start, _) in
+                                                          zip(ent, windows)]), rtol=1e-5, atol=1e-6)
   # Bytes of the first window have their whole context: equal to the full forward of the document prefix.
   prefix = _direct_nll(tiny, tokens[:scorer.row_len])
   np.testing.assert_allclose(s.nll_per_byte[:scorer.row_len - 1], prefix, rtol=1e-5, atol=1e-6)
