@@ -388,11 +388,12 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
       if stopped[b] != "max_bytes":
         continue
       fresh = bytes(int(v) - tokenizer.OFFSET for v in host[b] if 0 <= v - tokenizer.OFFSET < 256)
-      ended_eos = tokenizer.EOS_ID in host[b].tolist()
-      if errors[b]:
-        stopped[b] = ERRORS[int(errors[b])]
-      elif ended_eos:
+      # The error flag says the next byte cannot be computed: it ended the row only where it withheld a byte (-1),
+      # not after the last byte asked, nor after an EOS (the row's padding steps may raise it).
+      if tokenizer.EOS_ID in host[b].tolist():
         stopped[b] = "eos"
+      elif errors[b] and np.any(host[b] < 0):
+        stopped[b] = ERRORS[int(errors[b])]
       text = produced[b] + fresh
       for s in stop:
         at = text.find(s, max(0, len(produced[b]) - len(s) + 1)) if s else -1

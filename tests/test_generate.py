@@ -233,6 +233,15 @@ def test_streamed_bytes_never_hold_part_of_a_stop_string():
   assert b"".join(pieces) == full
 
 
+def test_a_limit_reached_after_the_last_byte_is_no_error():
+  """The open patch's limit matters only for a byte that would follow: a row that produced every byte asked ends at
+  max_bytes (static patches of 8 after [BOS]'s, max_patch_bytes 5: "ab" + 3 bytes fill one)."""
+  m = dataclasses.replace(_built("space"), patching=PatchingConfig(mode="static", patch_size=8))
+  r = generate.generate(m, ["ab"], 3, max_patch_bytes=5)[0]
+  assert r.stopped == "max_bytes" and len(r.continuation) == 3
+  assert r.continuation == generate.generate_uncached(m, ["ab"], 3)[0].continuation
+
+
 def test_limits_are_clear_errors():
   m = _built("entropy-max_patch_length")
   with pytest.raises(ValueError, match="max_encoder_seq_length=128"):
