@@ -254,7 +254,7 @@ class Scorer:
     if needed > self.model.config.max_seqlen:
       raise ValueError(f"a row of {N} bytes needs {needed} patches, more than the model's max_seqlen="
                        f"{self.model.config.max_seqlen}; use a smaller row_bytes (--row-bytes)")
-    P = _slot_bucket(needed, N + 1)
+    P = _slot_bucket(needed, min(N + 1, self.model.config.max_seqlen))  # rows may be longer than the patch context
     nll, greedy = self._nll_fn(N, P)(self._params, tokens_dev, lengths[:, :P])
     nll, greedy = np.asarray(nll), None if greedy is None else np.asarray(greedy)
     entropies, starts = np.asarray(entropies), np.asarray(starts)

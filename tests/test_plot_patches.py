@@ -2,9 +2,11 @@
 import importlib.util
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 
-from blt_jax import checkpoint
+from blt_jax import checkpoint, tokenizer
+from blt_jax.entropy_model import compute_entropies
 from test_generate import MODELS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,6 +32,19 @@ def test_plot_writes_a_png_with_the_patchers_boundaries(tmp_path, capsys):
   assert starts[0]  # the first byte after [BOS] always starts a patch
   gaps = np.diff(np.flatnonzero(np.append(starts, True)))
   assert gaps.max() <= 3  # max_patch_length
+  # The drawn entropies are the entropy model's full forward on [BOS] + text, each at the byte it predicts.
+  tokens = jnp.asarray([tokenizer.encode(text, add_eos=False)])
+  np.testing.assert_allclose(ent, np.asarray(compute_entropies(m.entropy_params, tokens, m.entropy_config))[0, :-1],
+                             rtol=1e-6)
+  # The boundaries are the rule's, worked out here by hand: a byte after the first starts a patch when the entropy
+  # drawn at it (that of predicting it) exceeds the threshold, or when its patch would grow past max_patch_length.
+  expected, last = [], 0
+  for t, e in enumerate(ent):
+    start = t == 0 or e > m.patching.threshold or t - last == m.patching.max_patch_length
+    last = t if start else last
+    expected.append(start)
+  assert 3 < sum(expected) < len(text) - 3  # neither every byte its own patch nor only max_patch_length splits
+  np.testing.assert_array_equal(starts, expected)
   assert plot.main(["--checkpoint", str(tmp_path / "ckpt"), "--text", text.decode(), "--out",
                     str(tmp_path / "p.png")]) == 0
   assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import helpers
-from blt_jax import patching, score, tokenizer
+from blt_jax import loading, patching, score, tokenizer
 from blt_jax.config import PatchingConfig, blt_config_from_reference, entropy_config_from_reference
 from blt_jax.convert.mapping import params_from_state_dict
 from blt_jax.entropy_model import compute_entropies
@@ -196,6 +196,17 @@ def test_set_params_scores_like_a_fresh_scorer_and_compiles_nothing_new(tiny):
     assert a.nll_nats == pytest.approx(b.nll_nats, rel=1e-6) and a.nll_nats != pytest.approx(c.nll_nats, rel=1e-3)
   with pytest.raises(ValueError, match="structure"):
     scorer.set_params({"not": jnp.zeros(3)})
+
+
+def test_patch_slots_never_exceed_max_seqlen(tiny):
+  """Rows longer than the global model's context (`row_bytes` above `max_seqlen`): the slot bucket is capped at
+  max_seqlen (59 patches of a 57-byte document, byte patching, max_seqlen 60: 60 slots, not the bucket's 64)."""
+  m = loading.load(tiny["path"])
+  m = dataclasses.replace(m, config=dataclasses.replace(m.config, max_seqlen=60), patching=PatchingConfig(mode="byte"))
+  scorer = score.Scorer(m, row_bytes=100, batch_bytes=64, devices=jax.local_devices()[:1])
+  s = scorer.score_texts([b"x" * 57])[0]
+  assert s.n_bytes == 57 and s.n_patches == 58 and np.isfinite(s.nll_nats)
+  assert [shape for program, shape in scorer.compiles if program == "blt"] == [(1, 64, 60)]
 
 
 def test_ten_thousand_documents_compile_a_bounded_number_of_programs(tiny):
