@@ -4,8 +4,9 @@
       --out patches.png
 
 Entropies come from the checkpoint's own entropy model and patches from its own patcher (as in training, scoring
-and generation): entropy H(x_t) is drawn at byte x_t; a patch starts at byte t+1 when H(x_t) exceeds the threshold
-(for the plain global-threshold rule; the plot names the rule in use). Needs matplotlib (`pip install matplotlib`).
+and generation): entropy H(x_t), the entropy model's uncertainty about byte x_t given the bytes before it, is drawn
+at byte x_t; byte x_t starts a patch when H(x_t) exceeds the threshold (for the plain global-threshold rule; the plot
+names the rule in use). Needs matplotlib (`pip install matplotlib`).
 """
 import argparse
 import os
