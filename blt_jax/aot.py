@@ -332,18 +332,37 @@ def main(argv=None) -> int:
   flags.DEFINE_float("mean_patch_length", 4.5, "Bytes per patch for flops.py's model FLOPs (paper accounting).")
   flags.DEFINE_string("json", None, "Also write the report as json to this file.")
   flags.DEFINE_string("hlo", None, "Also write the compiled program's HLO text to this file.")
+  flags.DEFINE_enum("step", "train", ["train", "score", "generate"], "The program to compile: the train step, the "
+                    "scorer's programs or the generator's (prefill and a chunk of cached steps; blt_jax.aot_inference).")
+  flags.DEFINE_string("dtype", "float32", "--step score/generate: the params' dtype (float32 or bfloat16).")
+  flags.DEFINE_string("mesh", None, "--step score/generate: the inference mesh, e.g. fsdp=8 (default: params "
+                      "replicated on every chip).")
+  flags.DEFINE_integer("row_bytes", None, "--step score: bytes per row (default: the scorer's).")
+  flags.DEFINE_integer("batch_bytes", 16384, "--step score: bytes per batch.")
+  flags.DEFINE_integer("gen_batch", 8, "--step generate: prompts per batch.")
+  flags.DEFINE_integer("prompt_bytes", 1024, "--step generate: prompt bytes.")
+  flags.DEFINE_integer("max_bytes", 256, "--step generate: bytes generated per prompt.")
   train.parse_flags(argv)
   cfg, topology = flags.FLAGS.config, flags.FLAGS.topology
   if cfg is None or topology is None:
     raise SystemExit("usage: scripts/aot_compile.py --config configs/<name>.py --topology v5p:4x4x8 "
                      "[--entropy_config configs/entropy_100m.py] [--config.a.b=value]")
+  f = flags.FLAGS
   try:
-    report = compile_step(cfg, topology, flags.FLAGS.entropy_config, flags.FLAGS.mean_patch_length,
-                          progress=lambda line: print(line, flush=True), hlo_path=flags.FLAGS.hlo)
-  except (ValueError, FileNotFoundError) as e:  # AotError is a ValueError
+    if f.step == "train":
+      report = compile_step(cfg, topology, f.entropy_config, f.mean_patch_length,
+                            progress=lambda line: print(line, flush=True), hlo_path=f.hlo)
+      data = report_dict(report)
+    else:
+      from blt_jax import aot_inference  # pylint: disable=g-import-not-at-top
+      report = aot_inference.compile_inference(
+          cfg, topology, f.step, f.entropy_config, f.dtype, f.mesh, row_bytes=f.row_bytes,
+          batch_bytes=f.batch_bytes, batch=f.gen_batch, prompt_bytes=f.prompt_bytes, max_bytes=f.max_bytes)
+      data = dict(dataclasses.asdict(report), peak_bytes=report.peak_bytes, fits=report.fits)
+  except (ValueError, FileNotFoundError) as e:  # AotError and PlacementError are ValueErrors
     raise SystemExit(f"error: {e}") from None
   print("\n".join(report.lines()), flush=True)
-  if flags.FLAGS.json:
-    with open(flags.FLAGS.json, "w") as f:
-      json.dump(report_dict(report), f, indent=1)
+  if f.json:
+    with open(f.json, "w") as out:
+      json.dump(data, out, indent=1)
   return 0 if report.fits else 1

@@ -7,6 +7,12 @@
 Prints the compile time, the HBM one chip needs (arguments, temporaries, total, against the chip's HBM), XLA's
 FLOPs per chip per step against flops.py's, and the collectives of the partitioned program; exits with 1 when the
 step does not fit. See blt_jax/aot.py.
+
+  python scripts/aot_compile.py --step score --config configs/blt_7b.py --topology v5e:2x4 \
+      --entropy_config configs/entropy_100m.py --dtype bfloat16 --mesh fsdp=8
+
+compiles the scorer's programs (`--step generate`: the generator's prefill and cached steps) with the params placed
+as `--dtype` / `--mesh` place them, and says per chip whether they fit. See blt_jax/aot_inference.py.
 """
 import os
 import pathlib
