@@ -327,6 +327,29 @@ def _stop_prefix_len(text: bytes, stop: Sequence[bytes]) -> int:
   return max((k for s in stop for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
 
 
+def _check_arguments(prompts, max_bytes: int, chunk: Optional[int], max_patch_bytes: Optional[int]) -> None:
+  for b, p in enumerate(prompts):
+    if not isinstance(p, (str, bytes, bytearray)):  # bytes(5) would be five NUL bytes
+      raise ValueError(f"prompts[{b}] is {type(p).__name__}, not str or bytes")
+  for name, value in (("max_bytes", max_bytes), ("chunk", chunk), ("max_patch_bytes", max_patch_bytes)):
+    if value is not None and value < 1:  # a chunk below 1 never ends the loop
+      raise ValueError(f"{name}={value} must be at least 1")
+
+
+def _check_flags(args) -> None:
+  """The CLI's numeric flags, each error naming its flag."""
+  for flag, value, ok, rule in (
+      ("--max-bytes", args.max_bytes, args.max_bytes >= 1, "at least 1"),
+      ("--chunk-bytes", args.chunk_bytes, args.chunk_bytes >= 1, "at least 1"),
+      ("--max-patch-bytes", args.max_patch_bytes, args.max_patch_bytes is None or args.max_patch_bytes >= 1,
+       "at least 1"),
+      ("--temperature", args.temperature, args.temperature >= 0, "at least 0 (0: greedy)"),
+      ("--top-k", args.top_k, args.top_k >= 0, "at least 0 (0: all)"),
+      ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
+    if not ok:
+      raise ValueError(f"{flag}={value} must be {rule}")
+
+
 def check_supported(m: loading.LoadedModel) -> None:
   cfg = m.config
   if cfg.ngram_vocab_sizes:
@@ -348,6 +371,7 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
   once) with each row's new bytes. `dtype` / `mesh`: how a checkpoint path is loaded, or how a LoadedModel is
   re-placed (`loading.as_model`).
   """
+  _check_arguments(prompts, max_bytes, chunk, max_patch_bytes)
   m = loading.as_model(model, dtype, mesh)
   check_supported(m)
   cfg = m.config
@@ -513,12 +537,16 @@ def main(argv=None) -> int:
   placement.add_arguments(p)
   args = p.parse_args(argv)
   try:
+    _check_flags(args)
     if args.prompts:
       with open(args.prompts, "rb") as f:
         prompts = []
         for number, line in enumerate(f, 1):
           try:
-            prompts.append(json.loads(line)["prompt"])
+            prompt = json.loads(line)["prompt"]
+            if not isinstance(prompt, str):  # 5 would become five NUL bytes, null a TypeError
+              raise TypeError(type(prompt).__name__)
+            prompts.append(prompt)
           except (ValueError, KeyError, TypeError):
             raise ValueError(f"{args.prompts}:{number}: expected a json object with a string `prompt`") from None
     elif args.prompt_file:

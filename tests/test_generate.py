@@ -258,6 +258,27 @@ def test_limits_are_clear_errors():
   assert r.stopped == generate.ERRORS[1]
 
 
+def test_bad_prompt_records_and_flags_are_one_line_errors(tmp_path, capsys):
+  """The CLI names the record (file:line) or the flag in one line, before loading a model; the API refuses a prompt
+  that is not text or bytes (it made 5 into five NUL bytes) and a chunk that could never end."""
+  (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n{"prompt": 5}\n')
+  (tmp_path / "q.jsonl").write_text('{"prompt": null}\n')
+  for args, where in ((["--prompts", "p.jsonl"], "p.jsonl:2: "), (["--prompts", "q.jsonl"], "q.jsonl:1: "),
+                      (["--prompt", "x", "--chunk-bytes", "-3"], "--chunk-bytes=-3"),
+                      (["--prompt", "x", "--max-bytes", "0"], "--max-bytes=0"),
+                      (["--prompt", "x", "--max-patch-bytes", "0"], "--max-patch-bytes=0"),
+                      (["--prompt", "x", "--top-p", "0"], "--top-p=0.0")):
+    args = [str(tmp_path / a) if a.endswith(".jsonl") else a for a in args]
+    assert generate.main(["--checkpoint", str(tmp_path / "no_checkpoint")] + args) == 2
+    err = capsys.readouterr().err
+    assert where in err and len(err.strip().splitlines()) == 1, err
+  m = _built("space")
+  for prompts, kwargs, message in ((["a", 5], {}, r"prompts\[1\] is int"), (["a", None], {}, "NoneType"),
+                                   (["a"], dict(chunk=-3), "chunk=-3"), (["a"], dict(max_patch_bytes=-1), "=-1")):
+    with pytest.raises(ValueError, match=message):
+      generate.generate(m, prompts, 4, **kwargs)
+
+
 def test_cli_streams_the_continuation_only(tmp_path):
   m = _built("space")
   checkpoint.save_params(tmp_path / "ckpt", m.params, {"format": "blt_jax", "model_type": "blt",
