@@ -11,10 +11,12 @@ every item (and every process) has finished; `latest_step` only lists finalized 
 a tmp dir that is never restored from (and is deleted the next time a `Checkpointer` opens the directory). On
 object stores without atomic rename orbax marks finished steps with `commit_success.txt` instead.
 
-Damage after the fact (a truncated or deleted array file, an unparseable json) is caught when restoring:
-`restore_newest_readable` moves a damaged step aside to `<step>.damaged` (orbax no longer lists it, so it is never
-re-tried or deleted) and falls back to the next older one. A checkpoint of another model or process count is not
-damage: it raises `CheckpointMismatchError` and nothing is moved.
+Damage after the fact (a truncated or deleted array file, a deleted or unparseable metadata/json file) is caught
+when restoring: `restore_newest_readable` moves a damaged step aside to `<step>.damaged` (orbax no longer lists it,
+so it is never re-tried or deleted) and falls back to the next older one. A step counts as damaged only when it
+fails twice, a pause apart, with an error that says files are missing, short or corrupt; any other failure (a
+storage outage) raises `CheckpointReadError` and nothing is moved. A checkpoint of another model or process count is
+not damage either: it raises `CheckpointMismatchError`. Processes share what each found before any of them acts.
 """
 from __future__ import annotations
 
@@ -23,11 +25,14 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -52,6 +57,15 @@ class DamagedCheckpointError(RuntimeError):
   def __init__(self, step: int, path: Any, reason: str):
     self.step, self.path, self.reason = int(step), path, reason
     super().__init__(f"checkpoint step {step} at {path} is damaged: {reason}")
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint step could not be read for a reason that is not damage (e.g. storage unreachable): nothing moved."""
+
+  def __init__(self, step: int, path: Any, reason: str):
+    self.step, self.path, self.reason = int(step), path, reason
+    super().__init__(f"checkpoint step {step} at {path} could not be read: {reason}; not taken for damage, "
+                     f"nothing was moved")
 
 
 def short_reason(e: BaseException) -> str:
@@ -128,6 +142,7 @@ class DataStateSave(ocp.args.CheckpointArgs):
   state: DataState
 
 
+# orbax wants restore args registered for every handler it manages, though `Checkpointer` reads items directly.
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
 @dataclasses.dataclass
 class DataStateRestore(ocp.args.CheckpointArgs):
@@ -151,32 +166,59 @@ def _to_abstract(tree: Any) -> Any:
   return jax.tree_util.tree_map(one, tree)
 
 
-# Error texts (from tensorstore, orbax, json) that mean files of a step are gone or cut short.
-_DAMAGE_MARKERS = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "Error reading", "Error opening", "does not exist",
-                   "No such file", "was not found in the checkpoint")
+# Seconds between the two reads of a step that failed to read: long enough for a storage blip to pass.
+RETRY_PAUSE_S = 2.0
+
+# tensorstore status codes (the start of its error text) that say a file is missing, short or corrupt. Others
+# (UNAVAILABLE, DEADLINE_EXCEEDED, PERMISSION_DENIED, ...) say the storage failed, not the checkpoint.
+_DAMAGE_STATUS = re.compile(r"^(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION): ")
+_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError, IsADirectoryError)
 
 
-def _is_damage(e: BaseException) -> bool:
-  if isinstance(e, CheckpointMismatchError):
-    return False
-  if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError, IsADirectoryError)):
-    return True
-  text = str(e)
-  return isinstance(e, (ValueError, OSError, RuntimeError, KeyError)) and any(m in text for m in _DAMAGE_MARKERS)
+def _causes(e: BaseException):
+  """`e` and the errors behind it (orbax wraps tensorstore's read errors in a bare `Exception`)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _damage_evidence(e: BaseException) -> Optional[BaseException]:
+  """The error behind `e` that says files of a step are missing, short or corrupt; None if none does."""
+  for cause in _causes(e):
+    if isinstance(cause, CheckpointMismatchError):
+      return None
+    if isinstance(cause, _DAMAGE_TYPES) or _DAMAGE_STATUS.match(str(cause)):
+      return cause
+  return None
+
+
+def _check_tree_metadata(directory: epath.Path) -> None:
+  """Raises when the state item's `_METADATA` is gone or unparseable. orbax restores arrays into a target without it,
+  but every save writes it, and it is what tells another model's checkpoint from a damaged one."""
+  path = directory / "_METADATA"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing")
+  json.loads(path.read_text())
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """Drops the 'Exception ignored ... Event loop is closed' tracebacks a failed restore can leave behind.
+  """Drops the 'Exception ignored ...' tracebacks a failed restore can leave behind.
 
   When a read fails, tensorstore may still complete orbax's other pending reads on the event loop orbax has already
-  closed; Python prints each as an unraisable error, which says nothing about the checkpoint. Others pass through.
+  closed ("Event loop is closed"), or those reads are closed unfinished (an error caused by GeneratorExit); Python
+  prints each as an unraisable error, which says nothing about the checkpoint. Others pass through.
   """
   previous = sys.unraisablehook
   if getattr(previous, "blt_jax_quiet", False):
     return
 
   def hook(unraisable):
-    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    if isinstance(error, Exception) and any(isinstance(c, GeneratorExit) for c in _causes(error)):
       return
     previous(unraisable)
 
@@ -197,13 +239,22 @@ def _shapes_by_path(tree: Any) -> dict:
   return {"/".join(_key_name(k) for k in path): tuple(getattr(x, "shape", ())) for path, x in leaves}
 
 
-def _all_processes(ok: bool) -> bool:
-  """True when `ok` holds on every process (a host-side all-gather; start-up only, not per step)."""
+# What one process found when it read a checkpoint step.
+READ, DAMAGED, FAILED = 0, 1, 2
+
+
+def _processes(outcomes: np.ndarray, outcome: int) -> str:
+  """"process 1" / "processes 0, 3": those with `outcome`; "" if none."""
+  ids = [str(i) for i, o in enumerate(outcomes) if o == outcome]
+  return f"process{'es' if len(ids) > 1 else ''} {', '.join(ids)}" if ids else ""
+
+
+def _gather_outcomes(outcome: int) -> np.ndarray:
+  """Every process's outcome (READ, DAMAGED or FAILED), by process index: a host-side all-gather, start-up only."""
   if jax.process_count() == 1:
-    return ok
-  import numpy as np  # pylint: disable=g-import-not-at-top
+    return np.asarray([outcome])
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+  return np.asarray(multihost_utils.process_allgather(np.asarray(outcome, np.int32))).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,9 +324,11 @@ class Checkpointer:
     A checkpoint that does not fit `abstract_state` but fits one of `other_layouts` is restored in that layout and
     converted (logged with the layout's name).
 
-    Raises `DamagedCheckpointError` when files of the step are missing, truncated or unparseable, and
-    `CheckpointMismatchError` when the saved arrays fit neither `abstract_state` nor any of `other_layouts`
-    (another model or optimizer).
+    A step that fails to read is read again after `RETRY_PAUSE_S`. Raises `DamagedCheckpointError` when both reads
+    fail with errors that say files of the step are missing, truncated or unparseable; `CheckpointReadError` when
+    the second read fails otherwise (storage trouble says nothing about the files); `CheckpointMismatchError` when
+    the saved arrays fit neither `abstract_state` nor any of `other_layouts` (another model or optimizer). Reads
+    this process's part only and waits for no other process.
     """
     if step is None:
       step = self.latest_step()
@@ -284,56 +337,73 @@ class Checkpointer:
     elif step not in self._manager.all_steps():
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
                               f"(available: {list(self._manager.all_steps())})")
-    target = None if abstract_state is None else _to_abstract(abstract_state)
-    readable = True  # whether the saved array metadata could be read (if not, any failure below is damage)
-    layout = None  # the other layout the checkpoint is in, if it is not in the target's
     _quiet_closed_loop_callbacks()
     try:
-      if target is not None:
-        readable, layout = self._check_fits(step, target, other_layouts)
-        if layout is not None:
-          target = _to_abstract(layout.target)
-      restored = self._manager.restore(int(step), args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target),
-          data=DataStateRestore(),
-          meta=ocp.args.JsonRestore(),
-      ))
-    except DamagedCheckpointError:
+      return self._read(step, abstract_state, other_layouts)
+    except CheckpointMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      if _is_damage(e) or not readable:
-        raise DamagedCheckpointError(step, self.step_path(step), short_reason(e)) from e
+      first = e
+    log.info("reading checkpoint step %d failed (%s); reading it again in %g s", step, short_reason(first),
+             RETRY_PAUSE_S)
+    time.sleep(RETRY_PAUSE_S)
+    try:
+      restored = self._read(step, abstract_state, other_layouts)
+    except CheckpointMismatchError:
       raise
-    state = restored["state"]
+    except Exception as second:  # pylint: disable=broad-except
+      evidence = _damage_evidence(second)
+      if evidence is not None and _damage_evidence(first) is not None:
+        raise DamagedCheckpointError(step, self.step_path(step), short_reason(evidence)) from second
+      raise CheckpointReadError(step, self.step_path(step), short_reason(second)) from second
+    log.warning("checkpoint step %d read back on the second try (the first failed: %s); it is not damaged", step,
+                short_reason(first))
+    return restored
+
+  def _read(self, step: int, abstract_state: Any, other_layouts: Sequence[OtherLayout]
+            ) -> Tuple[Any, DataState, dict]:
+    """One attempt of `restore`, item by item through orbax's handlers: the manager's restore ends in a barrier of
+    all processes, which one that failed would never reach."""
+    directory = self.step_path(step)
+    _check_tree_metadata(directory / "state")
+    target = None if abstract_state is None else _to_abstract(abstract_state)
+    layout = None if target is None else self._check_fits(step, target, other_layouts)
     if layout is not None:
-      log.warning("checkpoint step %d at %s holds %s; converting it to this run's layout", step,
-                  self.step_path(step), layout.name)
+      target = _to_abstract(layout.target)
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      state = handler.restore(directory / "state", args=ocp.args.StandardRestore(target))
+    finally:
+      handler.close()
+    data = DataStateHandler().restore(directory / "data")
+    meta = ocp.JsonCheckpointHandler().restore(directory / "meta")
+    if layout is not None:
+      log.warning("checkpoint step %d at %s holds %s; converting it to this run's layout", step, directory,
+                  layout.name)
       state = layout.convert(state)
-    return state, restored["data"], dict(restored["meta"] or {})
+    return state, data, dict(meta or {})
 
   def _check_fits(self, step: int, target: Any, other_layouts: Sequence[OtherLayout] = ()
-                  ) -> Tuple[bool, Optional[OtherLayout]]:
+                  ) -> Optional[OtherLayout]:
     """Compares saved array shapes with the target's, so that a changed config is never mistaken for damage.
 
-    Returns (readable, layout): readable is False when orbax cannot read the array metadata (then restoring names
-    the broken file); layout is the one of `other_layouts` the checkpoint fits when it does not fit `target`.
+    Returns the one of `other_layouts` the checkpoint fits when it does not fit `target` (else None). When the
+    array metadata cannot be read, returns None: the restore then fails on the same files and names them.
     """
     handler = ocp.StandardCheckpointHandler()  # the item's own metadata (the Checkpointer's would look for more)
     try:
       saved = handler.metadata(self.step_path(step) / "state")
     except Exception:  # pylint: disable=broad-except
-      return False, None
+      return None
     finally:
       handler.close()
     saved = getattr(saved, "tree", saved)
     have, want = _shapes_by_path(saved), _shapes_by_path(target)
-    if not have and want:  # orbax answers None (and logs) when the tree or array metadata cannot be read
-      return False, None
-    if have == want:
-      return True, None
+    if have == want or not have:  # orbax answers None (and logs) when the array metadata cannot be read
+      return None
     for layout in other_layouts:
       if _shapes_by_path(_to_abstract(layout.target)) == have:
-        return True, layout
+        return layout
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     differ = sorted(k for k in set(want) & set(have) if want[k] != have[k])
     details = ([f"not in the checkpoint: {', '.join(missing[:3])}"] if missing else []) + \
@@ -368,18 +438,28 @@ class Checkpointer:
 
     `on_damaged="fallback"`: each damaged step is moved aside (see `move_aside`) with a warning naming it, and the
     next older one is tried. `"error"`: the first damaged step raises `DamagedCheckpointError`. All processes
-    must call it; they agree on each step (a file damaged on one process's side fails every process).
+    must call it. Each shares what it found for a step (read, damaged, failed) before any acts, so they all act
+    alike: a file damaged on one process's side is damage for all; a failure on any process that is neither
+    damage nor success raises on all of them (`CheckpointReadError` on those where it read) and moves nothing.
     `other_layouts`: as `restore`'s.
     """
     if on_damaged not in ("fallback", "error"):
       raise ValueError(f"on_damaged={on_damaged!r}: expected 'fallback' or 'error'")
     for step in sorted(self.all_steps(), reverse=True):
+      restored, error = None, None
       try:
-        restored, error = self.restore(step, abstract_state, other_layouts), None
-      except DamagedCheckpointError as e:
-        restored, error = None, e
-      if not _all_processes(error is None):
-        error = error or DamagedCheckpointError(step, self.step_path(step), "damaged on another process")
+        restored = self.restore(step, abstract_state, other_layouts)
+      except Exception as e:  # pylint: disable=broad-except  (shared with the other processes before it is raised)
+        error = e
+      outcome = READ if error is None else DAMAGED if isinstance(error, DamagedCheckpointError) else FAILED
+      outcomes = _gather_outcomes(outcome)
+      failed, damaged = _processes(outcomes, FAILED), _processes(outcomes, DAMAGED)
+      if failed:  # whatever the others found: moving a step aside needs every process's word that it is damaged
+        if outcome == FAILED:
+          raise error
+        raise CheckpointReadError(step, self.step_path(step), f"it failed on {failed} (see its log)")
+      if damaged:
+        error = error or DamagedCheckpointError(step, self.step_path(step), f"damaged on {damaged}")
         if on_damaged == "error":
           raise error
         aside = self.move_aside(step)

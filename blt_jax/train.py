@@ -693,7 +693,8 @@ def main(argv=None) -> None:
   logging.basicConfig(level=logging.WARNING)
   try:
     summary = train(cfg, workdir)
-  except (ValueError, FileNotFoundError, TrainingError, ckpt_lib.DamagedCheckpointError) as e:
+  except (ValueError, FileNotFoundError, TrainingError, ckpt_lib.DamagedCheckpointError,
+          ckpt_lib.CheckpointReadError) as e:
     raise SystemExit(f"error: {e}") from None
   out = paths.resolve(workdir)
   if summary["preempted"]:

@@ -50,6 +50,11 @@ def state_array_files(step_dir: pathlib.Path) -> list:
   return [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
 
 
+def largest_state_array_file(step_dir: pathlib.Path) -> pathlib.Path:
+  """The biggest array data file of a saved train state step (one file lost or cut short, as a failed copy leaves it)."""
+  return max(state_array_files(step_dir), key=lambda p: p.stat().st_size)
+
+
 def truncate_state_arrays(step_dir: pathlib.Path) -> None:
   """Cuts every array data file of a saved train state step to half its size."""
   files = state_array_files(step_dir)

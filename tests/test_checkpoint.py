@@ -1,9 +1,11 @@
 """Training checkpoints (sharded state, iterator state, keep-N, crash safety) and standalone params."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -12,8 +14,10 @@ import helpers
 from blt_jax import checkpoint
 from blt_jax import sharding
 
-SPECS = {"w": P("fsdp", "tensor"), "table": P(None, ("fsdp", "tensor")), "scale": P(), "step": P()}
-SHAPES = {"w": (8, 4), "table": (3, 16), "scale": (4,), "step": ()}
+SPECS = {"w": P("fsdp", "tensor"), "table": P(None, ("fsdp", "tensor")), "scale": P(), "step": P(), "emb": P("fsdp")}
+# "emb" (128 KiB) is big enough that orbax writes it to the process's data files (`state/ocdbt.process_0/d/`); the
+# small arrays also fit in the checkpoint's index (`state/d/`).
+SHAPES = {"w": (8, 4), "table": (3, 16), "scale": (4,), "step": (), "emb": (256, 128)}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,7 @@ def _state(mesh, seed):
   for name, shape in SHAPES.items():
     value = np.asarray(seed, np.int32) if name == "step" else rng.normal(size=shape).astype(np.float32)
     out[name] = jax.device_put(value, NamedSharding(mesh, SPECS[name]))
-  return {"params": {k: out[k] for k in ("w", "table", "scale")}, "opt": {"mu": out["w"] * 0 + 1.0},
+  return {"params": {k: out[k] for k in ("w", "table", "scale", "emb")}, "opt": {"mu": out["w"] * 0 + 1.0},
           "step": out["step"]}
 
 
@@ -187,8 +191,27 @@ def _bad_state_metadata(step_dir):
   (step_dir / "state" / "_METADATA").write_text("{")
 
 
+def _delete_one_array_file(step_dir):
+  helpers.largest_state_array_file(step_dir).unlink()
+
+
+def _truncate_one_array_file(step_dir):
+  os.truncate(helpers.largest_state_array_file(step_dir), 1000)
+
+
+def _delete_state_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.fixture(autouse=True)
+def no_retry_pause(monkeypatch):
+  """Damaged checkpoints are read twice; the pause between the reads (for storage to recover) is not needed here."""
+  monkeypatch.setattr(checkpoint, "RETRY_PAUSE_S", 0.0)
+
+
 @pytest.mark.parametrize("damage", [helpers.truncate_state_arrays, _delete_arrays, _bad_meta_json, _bad_data_json,
-                                    _bad_state_metadata])
+                                    _bad_state_metadata, _delete_one_array_file, _truncate_one_array_file,
+                                    _delete_state_metadata])
 def test_damaged_latest_falls_back_and_is_kept_aside(tmp_path, mesh, damage):
   states, step_dir = _two_steps(tmp_path, mesh)
   damage(step_dir)
@@ -213,17 +236,106 @@ def test_damaged_latest_falls_back_and_is_kept_aside(tmp_path, mesh, damage):
   assert (tmp_path / "checkpoints" / "20.damaged").is_dir()
 
 
-def test_damaged_latest_in_error_mode_names_step_and_path(tmp_path, mesh):
+@pytest.mark.parametrize("damage,reason", [(helpers.truncate_state_arrays, "ValueError: OUT_OF_RANGE"),
+                                          (_truncate_one_array_file, "ValueError: OUT_OF_RANGE: Error reading"),
+                                          (_delete_one_array_file, "ValueError: FAILED_PRECONDITION: Error reading")])
+def test_damaged_latest_in_error_mode_names_step_and_path(tmp_path, mesh, damage, reason):
   states, step_dir = _two_steps(tmp_path, mesh)
-  helpers.truncate_state_arrays(step_dir)
+  damage(step_dir)
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     with pytest.raises(checkpoint.DamagedCheckpointError) as info:
       ckpt.restore_newest_readable(_abstract(states[10]), on_damaged="error")
     assert ckpt.all_steps() == (10, 20)  # nothing moved
   message = str(info.value)
-  assert message.startswith(f"checkpoint step 20 at {step_dir} is damaged: ValueError: OUT_OF_RANGE")
+  assert message.startswith(f"checkpoint step 20 at {step_dir} is damaged: {reason}"), message
   assert "\n" not in message and len(message) < 600
   assert info.value.step == 20
+
+
+def _read_error(text, wrapped):
+  """A storage error as orbax raises it: tensorstore's ValueError, wrapped in a bare Exception when reading arrays."""
+  error = ValueError(f'{text}: Error reading "params.emb/0" in OCDBT database at "gs://bucket/ckpt/state/"')
+  if wrapped:
+    error.__cause__, error = error, Exception("Encountered error while reading array index: (slice(0, 128, 1),)")
+  return error
+
+
+def _failing_reads(monkeypatch, text, times, wrapped=True):
+  """The train state's reads fail `times` times with `_read_error(text)`, then work; returns the list of calls."""
+  original, calls = ocp.StandardCheckpointHandler.restore, []
+
+  def restore(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) <= times:
+      raise _read_error(text, wrapped)
+    return original(self, *args, **kwargs)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", restore)
+  return calls
+
+
+def test_read_error_that_goes_away_is_not_damage(tmp_path, mesh, monkeypatch, caplog):
+  states, _ = _two_steps(tmp_path, mesh)
+  calls = _failing_reads(monkeypatch, "NOT_FOUND", times=1)  # e.g. an object store's listing that lags behind
+  warnings = []
+  with checkpoint.Checkpointer(tmp_path) as ckpt, caplog.at_level("WARNING"):
+    step, restored, _, _ = ckpt.restore_newest_readable(_abstract(states[10]), warn=warnings.append)
+    assert (step, len(calls), warnings) == (20, 2, [])
+    assert ckpt.all_steps() == (10, 20)
+  _assert_same(restored, states[20])
+  assert "checkpoint step 20 read back on the second try" in caplog.text
+
+
+def test_lasting_storage_error_is_not_damage(tmp_path, mesh, monkeypatch):
+  """An error that does not say files are missing or corrupt (storage down for longer than the retry) stops the run
+  with one line, and nothing is moved."""
+  states, step_dir = _two_steps(tmp_path, mesh)
+  _failing_reads(monkeypatch, "UNAVAILABLE", times=10**6, wrapped=False)
+  warnings = []
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoint.CheckpointReadError) as info:
+      ckpt.restore_newest_readable(_abstract(states[10]), warn=warnings.append)
+    assert ckpt.all_steps() == (10, 20) and warnings == []
+  message = str(info.value)
+  assert message.startswith(f"checkpoint step 20 at {step_dir} could not be read: ValueError: UNAVAILABLE"), message
+  assert "\n" not in message and "nothing was moved" in message
+
+
+@pytest.mark.parametrize("here,there,expected", [
+    ("intact", "damaged", "fallback"),
+    ("intact", "failed", "CheckpointReadError"),
+    ("damaged", "failed", "CheckpointReadError"),
+    ("changed model", "intact", "CheckpointMismatchError"),
+])
+def test_processes_agree_on_each_step(tmp_path, mesh, monkeypatch, here, there, expected):
+  """Every process shares what it found for a step, whatever it found (an error included), before any of them acts:
+  none raises early while another waits for it, and a step is moved aside only when no process failed otherwise."""
+  states, step_dir = _two_steps(tmp_path, mesh)
+  target = _abstract(states[10])
+  if here == "damaged":
+    _truncate_one_array_file(step_dir)
+  elif here == "changed model":
+    target["params"]["w"] = jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=target["params"]["w"].sharding)
+  code = {"intact": checkpoint.READ, "damaged": checkpoint.DAMAGED, "failed": checkpoint.FAILED}
+  shared = []
+
+  def gather(outcome):  # process 1 found `there` at step 20 and nothing wrong at step 10
+    shared.append(outcome)
+    return np.asarray([outcome, code[there] if len(shared) == 1 else checkpoint.READ])
+  monkeypatch.setattr(checkpoint, "_gather_outcomes", gather)
+  warnings = []
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    if expected == "fallback":
+      assert ckpt.restore_newest_readable(target, warn=warnings.append)[0] == 10
+      assert warnings[0].startswith(f"checkpoint step 20 at {step_dir} is damaged: damaged on process 1; moved it")
+      assert ckpt.all_steps() == (10,)
+    else:
+      with pytest.raises(getattr(checkpoint, expected), match="step 20") as info:
+        ckpt.restore_newest_readable(target, warn=warnings.append)
+      assert "\n" not in str(info.value)
+      if here == "intact":
+        assert "could not be read: it failed on process 1 (see its log); not taken for damage, nothing was moved" in str(info.value)
+      assert ckpt.all_steps() == (10, 20)  # nothing moved
+  assert shared[0] == code["failed" if here == "changed model" else here]
 
 
 def test_all_damaged_gives_none_and_changed_model_is_not_damage(tmp_path, mesh):

@@ -750,9 +750,14 @@ def _break_data_json(step_dir):
   (step_dir / "data" / "process_0-of-1.json").write_text('{"kind": "json", "value": {')
 
 
-@pytest.mark.parametrize("damage", [helpers.truncate_state_arrays, _break_data_json])
-def test_damaged_latest_checkpoint_falls_back(micro, straight, tmp_path, caplog, damage):
-  # The straight run's checkpoints (steps 3 and 6) with step 6 damaged.
+def _truncate_largest_array_file(step_dir):
+  os.truncate(helpers.largest_state_array_file(step_dir), 1000)
+
+
+@pytest.mark.parametrize("damage", [_truncate_largest_array_file, _break_data_json])
+def test_damaged_latest_checkpoint_falls_back(micro, straight, tmp_path, caplog, monkeypatch, damage):
+  # The straight run's checkpoints (steps 3 and 6) with step 6 damaged: one array file cut short, or a json file.
+  monkeypatch.setattr(ckpt_lib, "RETRY_PAUSE_S", 0.0)  # damage is confirmed by a second read; no need to wait here
   shutil.copytree(straight["trainer"].workdir / "checkpoints", tmp_path / "checkpoints")
   damage(tmp_path / "checkpoints" / "6")
   record = []
