@@ -313,6 +313,7 @@ class Scorer:
       for piece in pieces:
         if used + len(piece.tokens) > self.row_len or not self.pack:
           close_row()
+          yield from ready()  # a long document's windows run as batches fill, not all queued first
         row.append((piece, used))
         used += len(piece.tokens)
       yield from ready()

@@ -101,52 +101,63 @@ def _jsonl(lines: Iterator[bytes], source: str, text_field: str, start: int) -> 
     yield _from_json_record(record, source, line, text_field, start + i)
 
 
-def _txt_lines(data: bytes, source: str, start: int) -> Iterator[Record]:
-  lines = data.split(b"\n")
-  if lines and lines[-1] == b"":
-    lines.pop()  # the final newline ends the last line; it does not start an empty one
+def _lines(path: str) -> Iterator[bytes]:
+  """The lines of a file (newline and a trailing CR removed), read as they are needed: memory stays one line."""
+  with paths.resolve(path).open("rb") as f:
+    for raw in f:
+      raw = raw[:-1] if raw.endswith(b"\n") else raw
+      yield raw[:-1] if raw.endswith(b"\r") else raw
+
+
+def _txt_lines(lines: Iterator[bytes], source: str, start: int) -> Iterator[Record]:
   for i, raw in enumerate(lines):
-    raw = raw[:-1] if raw.endswith(b"\r") else raw
     if raw:
       yield Document(start + i, f"{source}:{i + 1}", raw)
     else:
       yield InputError(start + i, source, i + 1, "empty line (nothing to score)")
 
 
+# Parquet rows read per batch: memory stays one batch of rows, not the whole file.
+PARQUET_BATCH_ROWS = 256
+
+
 def _parquet(path: str, text_field: str, start: int) -> Iterator[Record]:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   with paths.resolve(path).open("rb") as f:
-    table = pq.read_table(f)
-  if text_field not in table.column_names:
-    yield InputError(start, path, 0, f"no column {text_field!r} (columns: {table.column_names})")
-    return
-  texts = table.column(text_field).to_pylist()
-  ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * len(texts)
-  for i, (text, doc_id) in enumerate(zip(texts, ids)):
-    yield _from_json_record({text_field: text, "id": doc_id}, path, i + 1, text_field, start + i)
+    parquet = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering a Python file object reads it whole
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+      yield InputError(start, path, 0, f"no column {text_field!r} (columns: {names})")
+      return
+    columns = [text_field] + (["id"] if "id" in names else [])
+    i = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+      texts = batch.column(text_field).to_pylist()
+      ids = batch.column("id").to_pylist() if "id" in columns else [None] * len(texts)
+      for text, doc_id in zip(texts, ids):
+        yield _from_json_record({text_field: text, "id": doc_id}, path, i + 1, text_field, start + i)
+        i += 1
 
 
 def read(inputs: Sequence[str], text_field: str = "text", whole_file: bool = False) -> Iterator[Record]:
   """Documents and input errors of every input, in order, with consecutive indices.
 
   `.txt`: one document per line (`whole_file`: one per file). `.txt` and parquet binary columns give their bytes as
-  they are (invalid UTF-8 included); jsonl and parquet string columns give their text's UTF-8.
+  they are (invalid UTF-8 included); jsonl and parquet string columns give their text's UTF-8. Files are streamed
+  (a line, or a batch of parquet rows, at a time): memory does not grow with the file.
   """
   index = 0
   for path in expand(inputs):
     if path == STDIN:
       records = _jsonl(iter(sys.stdin.buffer.readline, b""), "stdin", text_field, index)
     elif path.endswith(".jsonl"):
+      records = _jsonl(_lines(path), path, text_field, index)
+    elif path.endswith(".txt") and whole_file:
       with paths.resolve(path).open("rb") as f:
         data = f.read()
-      records = _jsonl(iter(data.splitlines()), path, text_field, index)
+      records = iter([Document(index, path, data) if data else InputError(index, path, 0, "empty file")])
     elif path.endswith(".txt"):
-      with paths.resolve(path).open("rb") as f:
-        data = f.read()
-      if whole_file:
-        records = iter([Document(index, path, data) if data else InputError(index, path, 0, "empty file")])
-      else:
-        records = _txt_lines(data, path, index)
+      records = _txt_lines(_lines(path), path, index)
     else:
       records = _parquet(path, text_field, index)
     count = 0

@@ -3,6 +3,8 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
+import pytest
 
 from blt_jax import score_inputs
 
@@ -30,3 +32,31 @@ def test_txt_and_jsonl_give_their_bytes(tmp_path):
   assert _data([str(tmp_path / "a.txt")]) == RAW
   (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": r.decode()}) + "\n" for r in RAW[2:]))
   assert _data([str(tmp_path / "b.jsonl")]) == RAW[2:]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".parquet"])
+def test_inputs_are_streamed_not_read_whole(tmp_path, suffix):
+  """The first documents of a 9-16 MB file arrive with memory far below the file's size (it was read whole)."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  texts = [f"document {i} " + rng.bytes(2000).hex() for i in range(4000)]  # incompressible enough for parquet
+  path = tmp_path / f"big{suffix}"
+  if suffix == ".jsonl":
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  elif suffix == ".txt":
+    path.write_text("".join(t + "\n" for t in texts))
+  else:
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=256)
+  size = path.stat().st_size
+  assert size > 8e6
+  arrow_before = pa.total_allocated_bytes()
+  tracemalloc.start()
+  try:
+    records = score_inputs.read([str(path)])
+    first = [next(records) for _ in range(10)]
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert [r.data for r in first] == [t.encode() for t in texts[:10]]
+  assert peak < size / 3, (peak, size)  # Python objects
+  assert pa.total_allocated_bytes() - arrow_before < size / 3  # arrow's own buffers (parquet)
