@@ -470,7 +470,8 @@ class Trainer:
     return result
 
   def run(self) -> Dict[str, Any]:
-    """Trains to `num_steps` (or until SIGTERM); returns start/final step, history, final metrics, preempted."""
+    """Trains to `num_steps` (or until SIGTERM); returns start/final step, history, final metrics, preempted and
+    checkpoint_step (the newest checkpoint on disk at the end, or None)."""
     self.stop_request.install()
     try:
       return self._run()
@@ -522,6 +523,7 @@ class Trainer:
       self._export(state.params)
     self.writer.flush()
     return dict(start_step=start_step, final_step=step, history=self.history, preempted=preempted,
+                checkpoint_step=self.checkpointer.latest_step(),
                 final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()} if metrics else {})
 
   def _first_step(self, state, arrays):
@@ -677,6 +679,19 @@ def parse_flags(argv: List[str]) -> None:
     raise SystemExit(f"error: {flag_error(e)}") from None
 
 
+def end_of_run_line(summary: Dict[str, Any], workdir) -> str:
+  """The CLI's last line for a `Trainer.run()` summary; it names a saved checkpoint only if one is on disk."""
+  step, saved = summary["final_step"], summary["checkpoint_step"]
+  if not summary["preempted"]:
+    return f"done: steps {summary['start_step']} -> {step}; export in {workdir / 'export'}"
+  if saved == step:
+    return (f"stopped by SIGTERM after step {step}: checkpoint saved in {workdir / 'checkpoints'}; re-run the same "
+            f"command to resume")
+  return (f"stopped by SIGTERM after step {step}, but no checkpoint of step {step} was saved in "
+          f"{workdir / 'checkpoints'}; re-running the same command resumes from "
+          f"{'the start' if saved is None else f'step {saved}'}")
+
+
 def main(argv=None) -> None:
   import sys  # pylint: disable=g-import-not-at-top
 
@@ -696,12 +711,7 @@ def main(argv=None) -> None:
   except (ValueError, FileNotFoundError, TrainingError, ckpt_lib.DamagedCheckpointError,
           ckpt_lib.CheckpointReadError) as e:
     raise SystemExit(f"error: {e}") from None
-  out = paths.resolve(workdir)
-  if summary["preempted"]:
-    _say(f"stopped by SIGTERM after step {summary['final_step']}: checkpoint saved in {out / 'checkpoints'}; "
-         f"re-run the same command to resume")
-  else:
-    _say(f"done: steps {summary['start_step']} -> {summary['final_step']}; export in {out / 'export'}")
+  _say(end_of_run_line(summary, paths.resolve(workdir)))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 100  # steps between validation passes (0 = only at the end)
   c.eval_batches = 8  # validation batches per pass (0 = the whole validation split)
   c.checkpoint_every = 100  # steps between checkpoints (the final step is always saved)
-  c.keep_checkpoints = 3  # newest checkpoints kept
+  c.keep_checkpoints = 3  # newest checkpoints kept (>= 1; 0 is an error: orbax would keep none, not all)
   c.async_checkpointing = True  # write checkpoints in the background
   # A checkpoint that no longer reads back (truncated/deleted files, bad json): "fallback" moves it aside to
   # `<step>.damaged` with a warning and resumes from the newest readable one; "error" stops, naming it.
@@ -150,6 +150,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for name in ("seq_len", "global_batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every"):
     if int(cfg[name]) < 1:
       raise ValueError(f"config.{name} must be >= 1, got {cfg[name]}")
+  if cfg.keep_checkpoints < 1:  # unlike eval_batches=0, 0 cannot mean "all": orbax would delete every checkpoint
+    raise ValueError(f"config.keep_checkpoints={cfg.keep_checkpoints}: must be >= 1 (how many of the newest "
+                     f"checkpoints to keep; 0 would keep none)")
   if cfg.checkpoint_on_damaged not in ("fallback", "error"):
     raise ValueError(f"config.checkpoint_on_damaged={cfg.checkpoint_on_damaged!r}: expected 'fallback' or 'error'")
   profile = tuple(cfg.profile_steps or ())

@@ -372,6 +372,7 @@ def test_unknown_config_key_is_rejected(micro):
     ({"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1, "global_batch_size": 4}, ValueError,
      r"global_batch_size=4 is not divisible by the 8 batch shards"),
     ({"data.sources": ("{tmp}/nothing/*.txt",)}, ValueError, "matched no files"),
+    ({"keep_checkpoints": 0}, ValueError, r"config.keep_checkpoints=0: must be >= 1"),
     ({"patching.mode": "entropy", "entropy_checkpoint": "{tmp}/no_such_model"}, FileNotFoundError,
      "no_such_model.*no entropy model found"),
 ])
@@ -639,6 +640,17 @@ def _wait_for(path, pattern, proc, timeout=300):
 
 def _losses_by_step(rows):
   return {step: m["loss"] for step, m in rows.items()}
+
+
+def test_sigterm_line_claims_a_checkpoint_only_when_one_was_saved(tmp_path):
+  stopped = dict(start_step=0, final_step=5, preempted=True)
+  assert train.end_of_run_line({**stopped, "checkpoint_step": 5}, tmp_path) == (
+      f"stopped by SIGTERM after step 5: checkpoint saved in {tmp_path / 'checkpoints'}; re-run the same command to "
+      f"resume")
+  for newest, where in ((3, "step 3"), (None, "the start")):
+    line = train.end_of_run_line({**stopped, "checkpoint_step": newest}, tmp_path)
+    assert "checkpoint saved" not in line and "no checkpoint of step 5 was saved" in line, line
+    assert f"re-running the same command resumes from {where}" in line, line
 
 
 def test_sigterm_saves_exits_zero_and_rerun_resumes(micro, corpus, compile_cache, tmp_path):
