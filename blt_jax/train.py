@@ -2,8 +2,9 @@
 
 Re-running the same command resumes from the newest readable checkpoint in `--workdir` (params, optimizer state and
 the data iterator's position). SIGTERM (preemption) saves a checkpoint at the next step boundary and exits with
-status 0. The run ends by writing `DIR/export/` (params + config.json, and the entropy model it patched with), which
-a later run can name as its `init_from`, or, for an entropy model, as a BLT's `entropy_checkpoint`.
+status 0; before the first step has run (start-up, its compile included) it ends the process as usual. The run
+ends by writing `DIR/export/` (params + config.json, and the entropy model it patched with), which a later run can
+name as its `init_from`, or, for an entropy model, as a BLT's `entropy_checkpoint`.
 """
 from __future__ import annotations
 
@@ -472,7 +473,6 @@ class Trainer:
   def run(self) -> Dict[str, Any]:
     """Trains to `num_steps` (or until SIGTERM); returns start/final step, history, final metrics, preempted and
     checkpoint_step (the newest checkpoint on disk at the end, or None)."""
-    self.stop_request.install()
     try:
       return self._run()
     finally:
@@ -496,6 +496,9 @@ class Trainer:
       self.profile.before_step(step + 1)
       if step == start_step:
         state, metrics = self._first_step(state, arrays)
+        # Only now does SIGTERM wait for a step boundary: during start-up (a compile can outlast a preemption's
+        # grace period) it ends the process at once, and the checkpoints on disk are all there is to keep.
+        self.stop_request.install()
       else:
         state, metrics = self.train_step(state, arrays, self.entropy_params)
       step += 1

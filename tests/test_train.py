@@ -132,10 +132,12 @@ def micro(corpus):
 
 
 class _Tap:
-  """Wraps the train iterator: records each batch's tokens (or whole batches); can crash or corrupt the n-th one."""
+  """Wraps the train iterator: records each batch's tokens (or whole batches); can crash, corrupt the n-th one or
+  send this process a SIGTERM while fetching it."""
 
-  def __init__(self, inner, record, fail_at=None, nan_at=None, whole=False):
+  def __init__(self, inner, record, fail_at=None, nan_at=None, whole=False, sigterm_at=None):
     self.inner, self.record, self.fail_at, self.nan_at, self.whole = inner, record, fail_at, nan_at, whole
+    self.sigterm_at = sigterm_at
     self.calls = 0
 
   def __iter__(self):
@@ -145,6 +147,8 @@ class _Tap:
     self.calls += 1
     if self.calls == self.fail_at:
       raise RuntimeError(f"simulated crash while loading batch {self.calls}")
+    if self.calls == self.sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
     batch = next(self.inner)
     self.record.append({k: v.copy() for k, v in batch.items()} if self.whole else batch["tokens"].copy())
     if self.calls == self.nan_at:  # NaN counted bytes -> NaN loss, without changing any shape or dtype
@@ -653,6 +657,24 @@ def test_sigterm_line_claims_a_checkpoint_only_when_one_was_saved(tmp_path):
     assert f"re-running the same command resumes from {where}" in line, line
 
 
+def test_sigterm_during_start_up_ends_the_process_as_usual(micro, tmp_path):
+  """Until the first step has run, SIGTERM is left to the process's usual handler (by default: end at once, in the
+  middle of a compile too): it is not held until a step is trained and saved. Nothing is written to checkpoints/."""
+  class Terminated(BaseException):
+    pass
+
+  def usual(signum, frame):
+    raise Terminated(signum)
+  previous = signal.signal(signal.SIGTERM, usual)
+  try:
+    # Sent from the first batch's fetch: start-up (restore, init, step-0 evaluation) is over, the first step is next.
+    with tapped([], sigterm_at=1), pytest.raises(Terminated):
+      run(micro({"num_steps": 6, "checkpoint_every": 3}), tmp_path)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert not list((tmp_path / "checkpoints").iterdir())
+
+
 def test_sigterm_saves_exits_zero_and_rerun_resumes(micro, corpus, compile_cache, tmp_path):
   python, env = _cli(compile_cache)
   flags = [_flag(k, v) for k, v in {**MICRO, **corpus}.items()]
@@ -720,7 +742,8 @@ def test_two_processes_sigterm_and_resume_match_one_process(micro, corpus, compi
   procs = _launch({**overrides, "num_steps": 100000, "mesh.coordinator_address": f"127.0.0.1:{_free_port()}"},
                   tmp_path / "run", first, env)
   try:
-    _wait_for(first / "out0.txt", r"^step 1/100000 ", procs[0])
+    # Step 2 needs both processes, and each takes SIGTERM over once its first step is done: process 1 has by then.
+    _wait_for(first / "out0.txt", r"^step 2/100000 ", procs[0])
   except BaseException:
     for p in procs:
       p.kill()
