@@ -341,6 +341,7 @@ def _check_flags(args) -> None:
   for flag, value, ok, rule in (
       ("--max-bytes", args.max_bytes, args.max_bytes >= 1, "at least 1"),
       ("--chunk-bytes", args.chunk_bytes, args.chunk_bytes >= 1, "at least 1"),
+      ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
       ("--max-patch-bytes", args.max_patch_bytes, args.max_patch_bytes is None or args.max_patch_bytes >= 1,
        "at least 1"),
       ("--temperature", args.temperature, args.temperature >= 0, "at least 0 (0: greedy)"),
@@ -534,6 +535,8 @@ def main(argv=None) -> int:
   p.add_argument("--raw", action="store_true", help="write bytes as they are (no UTF-8 hold-back / replacement)")
   p.add_argument("--chunk-bytes", type=int, default=16, help="bytes per jitted loop call between stdout writes")
   p.add_argument("--max-patch-bytes", type=int, default=None, help="the longest patch the cache can close")
+  p.add_argument("--batch-size", type=int, default=32,
+                 help="--prompts: prompts generated together; each batch's lines are printed as it completes")
   placement.add_arguments(p)
   args = p.parse_args(argv)
   try:
@@ -563,22 +566,28 @@ def main(argv=None) -> int:
     return 2
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
   stream = _Utf8Stream(args.raw) if len(prompts) == 1 and not args.prompts else None
-  try:
-    results = generate(model, prompts, args.max_bytes, sampling=sampling, seed=args.seed,
-                       stop=[s.encode() for s in args.stop], max_patch_bytes=args.max_patch_bytes,
-                       chunk=args.chunk_bytes, on_bytes=(lambda row, data: stream.write(data)) if stream else None)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if stream is not None:
-    stream.write(b"", final=True)
-  else:
+  kwargs = dict(sampling=sampling, seed=args.seed, stop=[s.encode() for s in args.stop],
+                max_patch_bytes=args.max_patch_bytes, chunk=args.chunk_bytes)
+  size = len(prompts) if stream is not None else args.batch_size
+  for start in range(0, len(prompts), size):
+    # Streams are the prompts' positions in the whole file: the output does not depend on --batch-size.
+    batch = prompts[start:start + size]
+    try:
+      results = generate(model, batch, args.max_bytes, streams=range(start, start + len(batch)),
+                         on_bytes=(lambda row, data: stream.write(data)) if stream else None, **kwargs)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    if stream is not None:
+      stream.write(b"", final=True)
+    else:
+      for r in results:
+        print(json.dumps({"prompt": r.prompt.decode("utf-8", "replace"),
+                          "continuation": r.continuation.decode("utf-8", "replace"), "stopped": r.stopped}),
+              flush=True)
     for r in results:
-      print(json.dumps({"prompt": r.prompt.decode("utf-8", "replace"),
-                        "continuation": r.continuation.decode("utf-8", "replace"), "stopped": r.stopped}))
-  for r in results:
-    if r.stopped in ERRORS.values():
-      print(f"warning: a row stopped early: {r.stopped}", file=sys.stderr)
+      if r.stopped in ERRORS.values():
+        print(f"warning: a row stopped early: {r.stopped}", file=sys.stderr)
   return 0
 
 

@@ -289,12 +289,17 @@ def test_cli_streams_the_continuation_only(tmp_path):
                         "--max-bytes", "20", "--raw"], cwd=tmp_path, env=env, capture_output=True, timeout=300)
   assert run.returncode == 0, run.stderr.decode()
   assert run.stdout == expected[0].continuation
-  (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in ["Hello", "Bye"]) + "\n")
+  # --prompts in batches of 2: the lines equal one sampled batch of all three (streams are file positions).
+  prompts = ["Hello", "Bye", "Hello"]
+  sampled = generate.generate(m, prompts, 20, sampling=generate.Sampling(temperature=1.0), seed=3)
+  (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n")
   run = subprocess.run([sys.executable, "-m", "blt_jax.generate", "--checkpoint", "ckpt", "--prompts", "p.jsonl",
-                        "--max-bytes", "20"], cwd=tmp_path, env=env, capture_output=True, timeout=300, text=True)
+                        "--max-bytes", "20", "--temperature", "1", "--seed", "3", "--batch-size", "2"],
+                       cwd=tmp_path, env=env, capture_output=True, timeout=300, text=True)
   assert run.returncode == 0, run.stderr
   lines = [json.loads(line) for line in run.stdout.splitlines()]
-  assert [line["continuation"] for line in lines] == [e.continuation.decode("utf-8", "replace") for e in expected]
+  assert [line["continuation"] for line in lines] == [e.continuation.decode("utf-8", "replace") for e in sampled]
+  assert lines[0]["continuation"] != lines[2]["continuation"]  # a repeated prompt gets its own sample
   bad = subprocess.run([sys.executable, "-m", "blt_jax.generate", "--checkpoint", "nope", "--prompt", "x"],
                        cwd=tmp_path, env=env, capture_output=True, timeout=300, text=True)
   assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
