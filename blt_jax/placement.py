@@ -66,9 +66,13 @@ def parse_mesh(text: Optional[str]) -> Optional[Dict[str, int]]:
   return {axis: sizes.get(axis, 1) for axis in sharding.MESH_AXES}
 
 
-def make_mesh(spec: Optional[Mapping[str, int]], devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """The inference mesh over `devices` (default: this process's devices); `spec` None puts them all on `data`."""
-  devices = list(jax.local_devices() if devices is None else devices)
+def make_mesh(spec: Optional[Mapping[str, int]], devices: Optional[Sequence[Any]] = None,
+              across_processes: bool = False) -> Mesh:
+  """The inference mesh over `devices` (default: this process's devices, or every process's with
+  `across_processes`); `spec` None puts them all on `data`."""
+  if devices is None:
+    devices = jax.devices() if across_processes else jax.local_devices()
+  devices = list(devices)
   spec = dict(spec) if spec else {"data": -1, "fsdp": 1, "tensor": 1}
   try:
     return sharding.make_mesh(spec, devices)

@@ -165,6 +165,9 @@ class Scorer:
     self._params = self._placed(self.model.params)
     self._entropy_params = self._placed(self.model.entropy_params)
     self._ndev = sharding.num_batch_shards(self.mesh)
+    # One job over several processes: every process packs the same documents into the same batches, each feeds the
+    # rows its devices hold and reads every row's result back (`_to_rows`, `_to_host`).
+    self.spans_processes = any(d.process_index != jax.process_index() for d in self.mesh.devices.flat)
     self.batch_bytes = int(batch_bytes)
     self.buckets = _buckets(self.row_len)
     self.compiles: List[Tuple[str, Tuple[int, ...]]] = []  # (program, shape) at every trace
@@ -181,6 +184,19 @@ class Scorer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.model.params))
     self.model = dataclasses.replace(self.model, params=params)
     self._params = self._placed(params)
+
+  def _to_rows(self, x: np.ndarray) -> jax.Array:
+    """A batch (the same on every process) as rows over the mesh's batch axes."""
+    if not self.spans_processes:
+      return jax.device_put(x, self._rows_sharding)
+    return jax.make_array_from_callback(x.shape, self._rows_sharding, lambda index: x[index])
+
+  def _to_host(self, x: jax.Array) -> np.ndarray:
+    """A batch's result, whole, on this host (gathered from every process when the mesh spans several)."""
+    if not self.spans_processes:
+      return np.asarray(x)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   def _placed(self, params):
     if params is None or self._params_sharding is None:
@@ -247,17 +263,17 @@ class Scorer:
       for piece, offset in row:
         tokens[r, offset:offset + len(piece.tokens)] = piece.tokens
         used[r] = offset + len(piece.tokens)
-    tokens_dev = jax.device_put(tokens, self._rows_sharding)
+    tokens_dev = self._to_rows(tokens)
     entropies, lengths, num_patches, starts = self._patch_fn(N)(self._entropy_params, tokens_dev,
-                                                                jax.device_put(used, self._rows_sharding))
-    needed = int(np.max(np.asarray(num_patches)))
+                                                                self._to_rows(used))
+    needed = int(np.max(self._to_host(num_patches)))
     if needed > self.model.config.max_seqlen:
       raise ValueError(f"a row of {N} bytes needs {needed} patches, more than the model's max_seqlen="
                        f"{self.model.config.max_seqlen}; use a smaller row_bytes (--row-bytes)")
     P = _slot_bucket(needed, min(N + 1, self.model.config.max_seqlen))  # rows may be longer than the patch context
     nll, greedy = self._nll_fn(N, P)(self._params, tokens_dev, lengths[:, :P])
-    nll, greedy = np.asarray(nll), None if greedy is None else np.asarray(greedy)
-    entropies, starts = np.asarray(entropies), np.asarray(starts)
+    nll, greedy = self._to_host(nll), None if greedy is None else self._to_host(greedy)
+    entropies, starts = self._to_host(entropies), self._to_host(starts)
     out = []
     for r, row in enumerate(rows):
       for piece, offset in row:

@@ -6,8 +6,10 @@ file. Lines come in completion order; `index` is the document's position over al
 order). A summary (documents, bytes, total bits, aggregate bpb, errors) goes to stderr and, atomically, to
 `OUT.summary.json`; it is computed from the whole output file, so a resumed run reports the whole corpus.
 
-Multi-host: process i of n scores the documents whose index is i mod n and writes `OUT.part-<i>-of-<n>`; the
-merged result is the concatenation of the parts (`cat OUT.part-*-of-<n> > OUT`), each document in exactly one part.
+Multi-host: process i of n writes the documents whose index is i mod n to `OUT.part-<i>-of-<n>`; the merged result
+is the concatenation of the parts (`cat OUT.part-*-of-<n> > OUT`), each document in exactly one part. Without
+`--mesh` each process is an independent replica scoring its own documents; with `--mesh` the processes run one job
+over a mesh of all their devices (the model sharded across hosts, global batches of every document).
 The processes start as the trainer's do (`jax.distributed` under srun, Open MPI, a TPU pod or
 JAX_COORDINATOR_ADDRESS), so each task of a launcher scores its own share.
 
@@ -140,6 +142,17 @@ class _Progress:
       print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
 
+def _all_processes_done(done: Set[int]) -> Set[int]:
+  """The union of every process's done indices (each process holds its own part's)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(done)], np.int32)))
+  padded = np.full((max(int(sizes.max()), 1),), -1, np.int32)
+  padded[:len(done)] = sorted(done)
+  everyone = np.asarray(multihost_utils.process_allgather(padded))
+  return {int(i) for i in everyone.ravel() if i >= 0}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   # Everything that can fail on the user's arguments fails here, before jax starts or anything is written.
@@ -148,18 +161,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     score_inputs.expand(args.input)
     mesh_spec = placement.parse_mesh(args.mesh)  # a bad flag fails before jax starts
     sharding.maybe_initialize_distributed()  # as the trainer starts: under srun / on a pod, each task is one share
-    model = loading.load(args.checkpoint, args.dtype, placement.make_mesh(mesh_spec) if mesh_spec else None)
+    import jax  # pylint: disable=g-import-not-at-top
+    # --mesh with several processes: one job over a mesh of every process's devices; without: a replica per process.
+    one_job = mesh_spec is not None and jax.process_count() > 1
+    mesh = placement.make_mesh(mesh_spec, across_processes=one_job) if mesh_spec else None
+    if one_job and (args.process_index is not None or args.process_count is not None):
+      raise ValueError("--process-index / --process-count split the documents between independent replicas; with "
+                       "--mesh over several processes they run one job: leave them unset")
+    model = loading.load(args.checkpoint, args.dtype, mesh)
     scorer = score.Scorer(model, row_bytes=args.row_bytes, min_context=args.min_context,
                           batch_bytes=args.batch_bytes, with_eos=args.with_eos, per_byte=args.per_byte,
                           pack=not args.no_pack)
     print(f"scoring with {placement.startup_line(args.dtype, scorer.mesh)}", file=sys.stderr, flush=True)
-    import jax  # pylint: disable=g-import-not-at-top
     index = jax.process_index() if args.process_index is None else args.process_index
     count = jax.process_count() if args.process_count is None else args.process_count
     if not 0 <= index < count:
       raise ValueError(f"--process-index {index} is not in [0, --process-count {count})")
     out_path = args.output if count == 1 else f"{args.output}.part-{index}-of-{count}"
     output = _Output(out_path, args.resume, args.overwrite)
+    # One job: every process feeds the same documents, so all skip what any part already holds.
+    skip = _all_processes_done(output.done) if scorer.spans_processes else output.done
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -170,17 +191,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   def documents():
     nonlocal errors
     for record in score_inputs.read(args.input, args.text_field, args.whole_file):
-      if record.index % count != index or record.index in output.done:
+      mine = record.index % count == index
+      if record.index in skip or not (mine or scorer.spans_processes):
         continue
       if isinstance(record, score_inputs.InputError):
-        errors += 1
-        print(f"warning: {record} (skipped)", file=sys.stderr, flush=True)
+        if mine:
+          errors += 1
+          print(f"warning: {record} (skipped)", file=sys.stderr, flush=True)
         continue
       yield record.index, record.id, score_inputs.tokens_of(record.data, args.with_eos)
 
   compiled = 0
   try:
     for result in scorer.score_stream(documents()):
+      if result.index % count != index:  # one job: another process's part holds this document
+        continue
       output.write(json.dumps(result.to_json()))
       progress.update(1, result.n_bytes)
       for program, shape in scorer.compiles[compiled:]:

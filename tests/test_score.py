@@ -370,3 +370,55 @@ def test_cli_killed_and_resumed_equals_an_uninterrupted_run(tiny, tmp_path):
   assert sorted(merged) == list(range(len(docs)))
   for i in merged:
     np.testing.assert_allclose(merged[i]["nll_nats"], b[i]["nll_nats"], rtol=RTOL)
+
+
+def _two_processes(args, cwd, port):
+  """Runs the scoring CLI as two processes of one jax.distributed job (2 CPU devices each); returns both results."""
+  procs = []
+  for i in range(2):
+    env = dict(_cli_env(cwd), XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen([sys.executable, "-m", "blt_jax.score", *args], cwd=cwd, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+  return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_cli_one_job_over_two_processes_equals_one_process(tiny, tmp_path):
+  """--mesh over two processes: params sharded across both, global batches; the merged parts equal one process's
+  output, every document once; a resumed part gets back what it lost while the other process keeps in step."""
+  docs = _docs(30, seed=5) + _docs_of_lengths([150], seed=6)  # the last is longer than a row: windows
+  with open(tmp_path / "in.jsonl", "w") as f:
+    for d in docs:
+      f.write(json.dumps({"text": d.decode("utf-8", "replace")}) + "\n")
+  args = ["--checkpoint", tiny["path"], "--input", "in.jsonl", "--batch-bytes", "256", "--row-bytes", "63"]
+  one = _cli(args + ["--output", "one.jsonl"], tmp_path)
+  assert one.returncode == 0, one.stderr
+  expected = _lines(tmp_path / "one.jsonl")
+  runs = _two_processes(args + ["--output", "two.jsonl", "--mesh", "fsdp=4"], tmp_path, _free_port())
+  assert all(rc == 0 for rc, _ in runs), runs
+  assert "sharded over mesh data=1,fsdp=4,tensor=1" in runs[0][1]
+  parts = [tmp_path / f"two.jsonl.part-{i}-of-2" for i in range(2)]
+  merged = {}
+  for i, part in enumerate(parts):
+    lines = _lines(part)
+    assert lines and all(index % 2 == i for index in lines)
+    merged.update(lines)
+  assert sorted(merged) == sorted(expected) == list(range(len(docs)))
+  for i in expected:
+    assert merged[i]["n_patches"] == expected[i]["n_patches"]
+    np.testing.assert_allclose(merged[i]["nll_nats"], expected[i]["nll_nats"], rtol=RTOL)
+  # Part 1 loses its last line; the resumed job scores it again and nothing else.
+  kept = parts[1].read_text().splitlines()
+  parts[1].write_text("\n".join(kept[:-1]) + "\n")
+  before = parts[0].read_text()
+  runs = _two_processes(args + ["--output", "two.jsonl", "--mesh", "fsdp=4", "--resume"], tmp_path, _free_port())
+  assert all(rc == 0 for rc, _ in runs), runs
+  assert parts[0].read_text() == before
+  assert sorted(_lines(parts[1])) == sorted(json.loads(line)["index"] for line in kept)
