@@ -318,6 +318,7 @@ def test_crash_keeps_last_checkpoint_and_rerun_resumes(micro, straight, tmp_path
     summary, trainer = run(micro({"num_steps": 6, "checkpoint_every": 3}), tmp_path)
   assert summary["start_step"] == 3
   _assert_matches_straight(straight, train_rows(summary), [4, 5, 6], as_numpy(trainer.state.params))
+  assert len(record) == len(straight["batches"][3:]) == 3  # zip would pass on an empty record
   for got, want in zip(record, straight["batches"][3:]):
     np.testing.assert_array_equal(got, want)
 
@@ -413,6 +414,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(micro, straight, t
   assert "non-finite loss or gradient at step 4 (loss=nan" in message, message
   assert "last good checkpoint (step 2)" in message, message
   _assert_matches_straight(straight, {s: m for s, m in trainer.history if "loss" in m}, [3])
+  assert len(record) == len(straight["batches"][2:4]) == 2  # zip would pass on an empty record
   for got, want in zip(record, straight["batches"][2:4]):
     np.testing.assert_array_equal(got, want)
   with ckpt_lib.Checkpointer(tmp_path) as ckpt:
@@ -606,7 +608,7 @@ def _reports(procs, logdir, timeout=300):
   return reports
 
 
-def test_two_processes_train_one_mesh(corpus, tmp_path):
+def test_two_processes_train_one_mesh(micro, corpus, tmp_path):
   overrides = {**MICRO, **corpus, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2,
                "mesh.coordinator_address": f"127.0.0.1:{_free_port()}", "mesh.num_processes": 2}
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -623,6 +625,16 @@ def test_two_processes_train_one_mesh(corpus, tmp_path):
   workdir = tmp_path / "run"
   assert (workdir / "checkpoints" / "2" / "data" / "process_1-of-2.json").is_file()
   assert (workdir / "export" / "config.json").is_file()
+  # And equal one process's on the same global batches (host 0's rows, then host 1's), on the module's mesh
+  # (2, 2, 2): the straight run's programs, so nothing new to compile when the module runs in order; no
+  # validation data (evaluation off, about 2 s in all).
+  original = train.data_lib.make_train_iterator
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train.data_lib, "make_train_iterator", lambda *a, **k: _BothHosts(original, *a, **k))
+    ref = _losses_by_step(train_rows(run(micro({"num_steps": 2, "data.validation_sources": (),
+                                                "data.validation_fraction": 0.0}), tmp_path / "ref")[0]))
+  for step, loss in reports[0]["losses"].items():
+    np.testing.assert_allclose(loss, ref[int(step)], rtol=MESH_RTOL, err_msg=f"step {step}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -804,6 +816,7 @@ def test_damaged_latest_checkpoint_falls_back(micro, straight, tmp_path, caplog,
   assert f"moved it aside to {tmp_path / 'checkpoints' / '6.damaged'}" in warnings[0]
   assert summary["start_step"] == 3
   _assert_matches_straight(straight, train_rows(summary), [4, 5, 6], as_numpy(trainer.state.params))
+  assert len(record) == len(straight["batches"][3:]) == 3  # zip would pass on an empty record
   for got, want in zip(record, straight["batches"][3:]):
     np.testing.assert_array_equal(got, want)
   assert (tmp_path / "checkpoints" / "6.damaged" / "state").is_dir()  # kept for inspection
