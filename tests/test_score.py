@@ -372,12 +372,18 @@ def test_cli_killed_and_resumed_equals_an_uninterrupted_run(tiny, tmp_path):
     np.testing.assert_allclose(merged[i]["nll_nats"], b[i]["nll_nats"], rtol=RTOL)
 
 
-def _two_processes(args, cwd, port):
-  """Runs the scoring CLI as two processes of one jax.distributed job (2 CPU devices each); returns both results."""
+def _two_processes(args, cwd, port, slurm=False):
+  """Runs the scoring CLI as two processes of one jax.distributed job (2 CPU devices each); returns both results.
+  `slurm`: started as the two tasks of a Slurm step on one node (jax finds the coordinator itself)."""
   procs = []
   for i in range(2):
-    env = dict(_cli_env(cwd), XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+    env = dict(_cli_env(cwd), XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    if slurm:
+      env.update(SLURM_JOB_ID=str(port), SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS="2",
+                 SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost", SLURM_NODELIST="localhost",
+                 SLURM_NODEID="0")
+    else:
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen([sys.executable, "-m", "blt_jax.score", *args], cwd=cwd, env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE))
   return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
@@ -422,3 +428,16 @@ def test_cli_one_job_over_two_processes_equals_one_process(tiny, tmp_path):
   assert all(rc == 0 for rc, _ in runs), runs
   assert parts[0].read_text() == before
   assert sorted(_lines(parts[1])) == sorted(json.loads(line)["index"] for line in kept)
+
+
+def test_cli_under_srun_scores_each_document_once(tiny, tmp_path):
+  """Two tasks of a (simulated) Slurm step: each starts jax.distributed and scores its share into its own part;
+  before, every task scored every document into the same OUT."""
+  docs = _docs(6, seed=8)
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d.decode("utf-8", "replace")}) + "\n" for d in docs))
+  runs = _two_processes(["--checkpoint", tiny["path"], "--input", "in.jsonl", "--output", "out.jsonl"], tmp_path,
+                        _free_port() % 10000, slurm=True)
+  assert all(rc == 0 for rc, _ in runs), runs
+  assert not (tmp_path / "out.jsonl").exists()
+  parts = [_lines(tmp_path / f"out.jsonl.part-{i}-of-2") for i in range(2)]
+  assert sorted(parts[0]) == [0, 2, 4] and sorted(parts[1]) == [1, 3, 5]
