@@ -27,9 +27,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
-from blt_jax import attention, decode_cache, layers, loading, patching, placement, tokenizer
+from blt_jax import attention, decode_cache, layers, loading, patching, placement, sharding, tokenizer
 from blt_jax.config import BLTConfig
 from blt_jax.entropy_model import compute_entropies, entropy_from_logits
 from blt_jax.local_models import pool_patches
@@ -193,10 +194,20 @@ def prefill(m: loading.LoadedModel, shapes: Shapes, tokens_BL, length_B):
       enc_h=[jnp.zeros((B, S) + hl.shape[2:], hl.dtype).at[:, :L].set(hl) for hl in h_layers],
       logits_BV=logits_BLV[rows, length_B - 1],
       error_B=_errors(shapes, length_B - last_start(starts_BT), num_closed_B))
-  return state
+  return _pin_rows(m, state, B)
 
 
 _prefill_jit = jax.jit(prefill, static_argnums=(1,))
+
+
+def _pin_rows(m: loading.LoadedModel, tree, batch: int):
+  """On a mesh, every batch-leading array of `tree` sharded by rows over the batch axes. Left to propagation, the
+  caches came out replicated: every chip held (and updated) every row's caches, 8x the memory on `fsdp=8`."""
+  if m.mesh is None or batch % sharding.num_batch_shards(m.mesh):
+    return tree
+  rows = NamedSharding(m.mesh, PartitionSpec(sharding.BATCH_AXES))
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows) if x.ndim and x.shape[0] == batch else x,
+                      tree)
 
 
 def _errors(shapes: Shapes, open_len_B, num_closed_B):
@@ -306,7 +317,7 @@ def _run(m: loading.LoadedModel, state, out_BM, done_B, start, key_B, *, shapes,
     done = done | (state["error_B"] > 0)
     out = out.at[:, i].set(jnp.where(done, -1, byte))
     done = done | (byte == tokenizer.EOS_ID)
-    state = step(m, shapes, state, jnp.where(done, tokenizer.EOS_ID, byte))
+    state = _pin_rows(m, step(m, shapes, state, jnp.where(done, tokenizer.EOS_ID, byte)), shapes.batch)
     return i + 1, state, out, done, rec
 
   i, state, out_BM, done_B, logits_BMV = jax.lax.while_loop(
