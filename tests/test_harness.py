@@ -157,6 +157,23 @@ def test_loglikelihood_is_the_scorers_continuation_nll(lm, plain):
     np.testing.assert_allclose(ll, -s.nll_per_byte[-len(x.encode()):].astype(np.float64).sum(), rtol=RTOL)
 
 
+def test_sharded_and_bfloat16_model_args(lm, ckpt):
+  """`mesh=fsdp:4+tensor:2` (params sharded over the 8 devices): the loglikelihoods equal the replicated model's;
+  `dtype=bfloat16`: close to them (both as lm_eval passes --model_args)."""
+  pairs = [("Question: is a BLT a sandwich?\nAnswer:", " no"), ("The quick brown", " fox"), ("naïve ", "café")]
+  want = lm.loglikelihood(_requests("loglikelihood", pairs))
+  extra = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
+  sharded = get_model("blt_jax").create_from_arg_string(f"checkpoint={ckpt},mesh=fsdp:4+tensor:2", extra)
+  assert sharded.model.mesh is not None and dict(sharded.model.mesh.shape) == dict(data=1, fsdp=4, tensor=2)
+  for (ll, greedy), (ll_want, greedy_want) in zip(sharded.loglikelihood(_requests("loglikelihood", pairs)), want):
+    np.testing.assert_allclose(ll, ll_want, rtol=1e-6)
+    assert greedy == greedy_want
+  bf16 = get_model("blt_jax").create_from_arg_string(f"checkpoint={ckpt},dtype=bfloat16", extra)
+  assert bf16.model.dtype == "bfloat16"
+  for (ll, _), (ll_want, _) in zip(bf16.loglikelihood(_requests("loglikelihood", pairs)), want):
+    np.testing.assert_allclose(ll, ll_want, rtol=0.05, atol=0.05)
+
+
 def test_is_greedy_says_whether_the_generator_produces_the_continuation(lm):
   """Prefixes of the generator's greedy output are greedy, a changed byte is not; the empty context reads [BOS]."""
   contexts = ["def f(x):", "Hello", "naïve café, 42 words and more", ""]
