@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import os
 import pathlib
+import sys
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 # PCI device ids of TPU chips (v3, v4, v5p, v5e, v6e, 7x and an unnamed one), as jax's hardware_utils lists them.
@@ -53,3 +54,5 @@ def quiet_start() -> None:
   """Sets JAX_PLATFORMS=cpu where `cpu_only_platforms` says so; call before jax initialises its backends."""
   if cpu_only_platforms():
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported first (a script's `import jax`): its config read the environment already
+      sys.modules["jax"].config.update("jax_platforms", "cpu")
