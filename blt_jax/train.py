@@ -66,7 +66,7 @@ def _say(line: str) -> None:
 def _entropy_model_dir(path: str):
   """(dir, config.json contents) of the entropy model in a converted model dir, a `save_params` dir or a workdir."""
   root = paths.resolve(path)
-  candidates = [root, root / "export", root / "entropy_model"]
+  candidates = [root, root / "export", root / "entropy_model", root / "export" / "entropy_model"]
   for candidate in candidates:
     if (candidate / "config.json").is_file():
       meta = ckpt_lib.read_params_config(candidate)

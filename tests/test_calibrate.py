@@ -1,0 +1,124 @@
+"""`blt_jax.calibrate`: the threshold and max_patches fitted on some rows hold on rows it did not see; the command.
+
+A random tiny entropy model on the stdlib corpus (the default) keeps it cheap: its entropies still vary from byte
+to byte, which is all that fitting a threshold needs.
+"""
+import dataclasses
+import json
+import re
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from blt_jax import calibrate, checkpoint, steps
+from blt_jax import data as data_lib
+from blt_jax.config import EntropyModelConfig, PatchingConfig
+from blt_jax.entropy_model import init_entropy_model
+
+SEQ_LEN = 256
+ENTROPY = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, multiple_of=32, sliding_window=32, max_seqlen=128)
+
+
+@pytest.fixture(scope="module")
+def entropy_model():
+  return nn.meta.unbox(init_entropy_model(jax.random.PRNGKey(0), ENTROPY))
+
+
+@pytest.fixture(scope="module")
+def entropy_dir(entropy_model, tmp_path_factory):
+  path = tmp_path_factory.mktemp("entropy") / "model"
+  checkpoint.save_params(path, entropy_model, {"format": "blt_jax", "model_type": "entropy_model",
+                                               "model": ENTROPY.to_dict()})
+  return path
+
+
+@pytest.fixture(scope="module")
+def split():
+  """Half the stdlib's documents for calibrating, the other half held out (the validation split)."""
+  cfg = data_lib.default_data_config()
+  cfg.validation_fraction = 0.5
+  cfg.prefetch = 0
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def held_out(split, entropy_model):
+  """(tokens, entropies) of 1024 full rows of the held-out documents: every other row of the validation pass's
+  first 2048 (its documents come in a fixed order; striding reaches more of them)."""
+  batch = next(iter(data_lib.make_eval_iterator(split, SEQ_LEN, 2048, process_index=0, process_count=1)))
+  tokens = batch["tokens"][batch["loss_mask"].sum(axis=1) == SEQ_LEN][::2][:1024]
+  assert len(tokens) == 1024
+  return tokens, calibrate.row_entropies(tokens, entropy_model, ENTROPY)
+
+
+def trainer_patch_counts(tokens, entropies, patching):
+  """Patches per row as the train step makes them: the jitted `steps.make_patches`."""
+  sc = steps.StepConfig(model=None, patching=patching, max_patches=SEQ_LEN + 1)
+  make = jax.jit(lambda batch: steps.make_patches(sc, batch, None).num_patches_B)
+  return np.asarray(make(dict(tokens=tokens, entropies=entropies)))
+
+
+@pytest.mark.parametrize("patching", [PatchingConfig(mode="entropy"),
+                                      PatchingConfig(mode="entropy", monotonicity=True, max_patch_length=8)],
+                         ids=["plain", "monotonic_max_length_8"])
+def test_calibration_holds_on_held_out_rows(entropy_model, split, held_out, patching):
+  target, overflow = 4.5, 0.05
+  rows = calibrate.sample_rows(split, SEQ_LEN, 512, seed=0)
+  result = calibrate.calibrate(rows, patching, target, entropy_params=entropy_model, entropy_config=ENTROPY,
+                               overflow=overflow)
+  assert result.rows == 512 and abs(result.bytes_per_patch / target - 1) < 0.01
+  assert result.patches_per_row["p50"] <= result.patches_per_row["p90"] <= result.max_patches
+  assert result.max_patches <= result.patches_per_row["max"]
+
+  tokens, entropies = held_out
+  assert not set(map(bytes, tokens)) & set(map(bytes, rows["tokens"]))
+  fitted = dataclasses.replace(patching, threshold=result.threshold)
+  counts = trainer_patch_counts(tokens, entropies, fitted)
+  # Op by op (calibration) and jitted (the train step), the patcher makes the same patches.
+  np.testing.assert_array_equal(counts, calibrate.patches_per_row(tokens, entropies, fitted, result.threshold))
+  assert abs(calibrate.bytes_per_patch(counts, SEQ_LEN) / target - 1) < 0.05
+  assert np.mean(counts > result.max_patches) <= overflow
+
+
+def test_slots_bound_the_overflow_rate():
+  counts = np.arange(1, 1001)
+  # Binomial(1000, 0.01): P(X <= 4) < 5% <= P(X <= 5), so the 5th largest count is the 95% bound.
+  assert calibrate.slots_for(counts, 0.01) == 996
+  assert calibrate.slots_for(counts, 0.01, multiple_of=128) == 1024
+  assert calibrate.slots_for(counts, 1e-3) == 1000  # too few rows to bound 0.1%: the sample's max
+  assert calibrate.slots_for(counts, 0.0) == 1000
+
+
+def test_command_prints_and_writes_the_numbers(entropy_dir, tmp_path, capsys):
+  out = tmp_path / "deep" / "calibration.json"
+  calibrate.main(["--checkpoint", str(entropy_dir), "--bytes-per-patch", "3", "--seq-len", str(SEQ_LEN),
+                  "--max-rows", "32", "--overflow", "0.05", "--multiple-of", "8", "--json", str(out)])
+  printed = capsys.readouterr().out
+  saved = json.loads(out.read_text())
+  assert saved["rows"] == 32 and saved["max_patches"] % 8 == 0 and abs(saved["bytes_per_patch"] / 3 - 1) < 0.02
+  assert set(saved["patches_per_row"]) == {"p50", "p90", "p99", "p99.9", "max"}
+  assert f"--config.patching.threshold={saved['threshold']!r}" in printed
+  assert f"--config.patching.max_patches={saved['max_patches']}" in printed
+  assert saved["overrides"] in printed and "padding:" in printed and "p99.9" in printed
+  assert list(tmp_path.joinpath("deep").iterdir()) == [out]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--bytes-per-patch", "0.5"], "out of range.*between 1 and the row length"),
+    (["--bytes-per-patch", "300"], "out of range.*between 1 and the row length"),
+    (["--input", "EMPTY"], "--input .*no .*documents"),
+    (["--checkpoint", "NO_MODEL"], "--checkpoint .*no entropy model"),
+])
+def test_command_errors_are_one_line(entropy_dir, tmp_path, args, match):
+  (tmp_path / "empty.jsonl").write_text("")
+  (tmp_path / "no_model").mkdir()
+  argv = ["--checkpoint", str(entropy_dir), "--bytes-per-patch", "4", "--seq-len", str(SEQ_LEN), "--max-rows", "8"]
+  argv += [a.replace("EMPTY", str(tmp_path / "empty.jsonl")).replace("NO_MODEL", str(tmp_path / "no_model"))
+           for a in args]
+  with pytest.raises(SystemExit) as e:
+    calibrate.main(argv)
+  message = str(e.value)
+  assert message.startswith("error: ") and "\n" not in message
+  assert re.search(match, message), message
