@@ -282,7 +282,8 @@ def _stdlib_corpus(path, target_bytes):
 
 
 def bench_scoring(preset, workdir, corpus_bytes):
-  """`python -m blt_jax.score` on a ~1 MB stdlib corpus: packed rows vs one document per row, same run."""
+  """`python -m blt_jax.score` on a ~1 MB stdlib corpus: packed rows vs one document per row, and packed rows with
+  the params and matmuls in bfloat16 (`--dtype bfloat16`), same run."""
   import subprocess  # pylint: disable=g-import-not-at-top
   from blt_jax import checkpoint, entropy_model  # pylint: disable=g-import-not-at-top
   from blt_jax.model import init_blt  # pylint: disable=g-import-not-at-top
@@ -313,7 +314,8 @@ def bench_scoring(preset, workdir, corpus_bytes):
         checkpoint.save_params(os.path.join(path, "entropy_model"), ent_params,
                                {"format": "blt_jax", "model_type": "entropy_model", "model": ent_cfg.to_dict()})
     row = dict(model=name, corpus_bytes=n_bytes)
-    for mode, extra in (("packed", []), ("one document per row", ["--no-pack"])):
+    for mode, extra in (("packed", []), ("one document per row", ["--no-pack"]),
+                        ("packed, bfloat16", ["--dtype", "bfloat16"])):
       out = os.path.join(workdir, f"{name.split()[0]}-{mode.split()[0]}.jsonl")
       t0 = time.perf_counter()
       subprocess.run([sys.executable, "-m", "blt_jax.score", "--checkpoint", path, "--input", corpus, "--output", out,
@@ -324,6 +326,8 @@ def bench_scoring(preset, workdir, corpus_bytes):
       row[mode] = dict(seconds=seconds, bytes_per_s=summary["bytes"] / seconds, programs=summary["compiled_programs"],
                        bpb=summary["bpb"])
     row["packing_speedup"] = row["packed"]["bytes_per_s"] / row["one document per row"]["bytes_per_s"]
+    row["bfloat16_speedup"] = row["packed, bfloat16"]["bytes_per_s"] / row["packed"]["bytes_per_s"]
+    row["bfloat16_bpb_change"] = row["packed, bfloat16"]["bpb"] / row["packed"]["bpb"] - 1
     results.append(row)
   return results
 
