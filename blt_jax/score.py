@@ -143,6 +143,8 @@ class Scorer:
   a row of its own (for comparison: the numbers are the same, the speed is not). `per_byte_argmax=True` also stores
   `DocScore.greedy_per_byte`: at each scored byte, the argmax of its predictive distribution over the ids greedy
   generation may pick (`generate.NOT_BYTES` excluded), i.e. whether greedy decoding would have produced the byte.
+  `dtype` ("float32" | "bfloat16") and `mesh` (a `placement.make_mesh` mesh): how the params are stored and laid out
+  (`loading.as_model`); rows then go over the mesh's batch axes, and a mesh spanning processes runs one job.
   """
 
   def __init__(self, checkpoint: Union[str, loading.LoadedModel], *, row_bytes: Optional[int] = None,
