@@ -140,6 +140,14 @@ class MetricsWriter:
       self._write_event(int(step), summary.text(tag, text))
       self._events.flush()
 
+  def write_tensorboard(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Scalars for TensorBoard only: no console line, and the ETA's pace is left alone (facts of the start-up)."""
+    if self.enabled:
+      from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+      for key, value in scalars.items():
+        self._write_event(int(step), summary.scalar(key, float(value)))
+      self._events.flush()
+
   def _write_event(self, step: int, summary_proto) -> None:
     from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
     self._events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_proto))

@@ -348,6 +348,7 @@ class Trainer:
     self.history: list = []  # (step, metrics dict) of every logged step, for tests and notes
     self.state = None  # the final train state once `run()` returns
     self._eval_iterator = None
+    self.bad_records = 0  # training records skipped (data.on_bad_record="skip"), known once the data is read
     self.evaluates = data_lib.has_validation(cfg.data)
     if not self.evaluates:
       _say("no validation data (data.validation_fraction=0 and no data.validation_sources): evaluation is off")
@@ -371,6 +372,7 @@ class Trainer:
     cfg = self.cfg
     iterator = data_lib.make_train_iterator(cfg.data, cfg.seq_len, cfg.global_batch_size, cfg.seed,
                                             process_index=self.data_index, process_count=self.data_count)
+    self.bad_records = int(getattr(iterator, "bad_records", 0))
     target = sharding.abstract_with_shardings(self._abstract, self.state_shardings)
     newest = self.checkpointer.restore_newest_readable(target, cfg.checkpoint_on_damaged, warn=self._warn,
                                                        other_layouts=self._other_layouts())
@@ -483,6 +485,8 @@ class Trainer:
     cfg = self.cfg
     state, iterator, step = self._initial_state()
     start_step = step
+    if self.bad_records:  # the log named them at start-up; a metric too, beside the run's curves
+      self.writer.write_tensorboard(step, {"data/bad_records": self.bad_records})
     if step == 0 and self.evaluates:
       initial = self.evaluate(state.params)
       self.writer.write_scalars(0, initial)

@@ -59,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.patching = _dataclass_config(PatchingConfig())  # PatchingConfig fields (ignored for model_type=entropy_model)
   c.patching.max_patches = 0  # patches per row (P_max); 0 = seq_len + 1, which can never overflow
   c.patching.on_overflow = "count"  # "count": merge the tail into the last patch and log; "error": stop the run
-  c.data = _overridable(data_lib.default_data_config().to_dict(), _DATA_NONE_TYPES)  # documents, split, loaders
+  # documents, split, loaders, on_bad_record ("error" stops on a record without text; "skip" counts and logs it):
+  # each field's meaning is in blt_jax/data/pipeline.py's default_data_config
+  c.data = _overridable(data_lib.default_data_config().to_dict(), _DATA_NONE_TYPES)
   c.seq_len = 4096  # bytes per training row
   c.global_batch_size = 8  # rows per optimizer step across all hosts (per micro-step with grad accumulation)
   c.grad_accum_steps = 1  # micro-batches summed per optimizer step
@@ -153,6 +155,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.keep_checkpoints < 1:  # unlike eval_batches=0, 0 cannot mean "all": orbax would delete every checkpoint
     raise ValueError(f"config.keep_checkpoints={cfg.keep_checkpoints}: must be >= 1 (how many of the newest "
                      f"checkpoints to keep; 0 would keep none)")
+  if cfg.data.on_bad_record not in ("error", "skip"):
+    raise ValueError(f"config.data.on_bad_record={cfg.data.on_bad_record!r}: expected 'error' or 'skip'")
   if cfg.checkpoint_on_damaged not in ("fallback", "error"):
     raise ValueError(f"config.checkpoint_on_damaged={cfg.checkpoint_on_damaged!r}: expected 'fallback' or 'error'")
   profile = tuple(cfg.profile_steps or ())

@@ -1,5 +1,6 @@
 """Tests for the byte data pipeline (blt_jax.data)."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ from blt_jax import data
 from blt_jax import entropy_store
 from blt_jax import tokenizer
 from blt_jax.data import packing
+from blt_jax.data import sources
 
 SEQ_LEN = 16
 
@@ -304,6 +306,76 @@ def test_error_no_validation_documents(tmp_path):
   cfg = _cfg(sources=[str(folder / "*.txt")], validation_fraction=0.0)
   with pytest.raises(ValueError, match="no validation documents"):
     data.make_eval_iterator(cfg, SEQ_LEN, 2, 0, 1)
+
+
+def _keys(source):
+  return [source.key(i) for i in range(len(source))]
+
+
+def test_small_corpus_holds_out_at_least_one_document(tmp_path, caplog):
+  folder = _write_txt(tmp_path, _docs(20))
+  # A positive fraction whose hash holds out none of these 20 keys.
+  assert not any(sources.in_validation(f"{i:03d}.txt", 0.01) for i in range(20))
+  cfg = _cfg(sources=[str(folder / "*.txt")], validation_fraction=0.01)
+  with caplog.at_level(logging.WARNING):
+    train, val = data.build_sources(cfg)
+  assert len(val) == 1 and len(train) == 19
+  assert sorted(_keys(train) + _keys(val)) == [f"{i:03d}.txt" for i in range(20)]
+  assert "holds out none of the 20 training documents: holding out 1 document" in caplog.text
+  # Training skips it, on one process and on three; evaluation reads it.
+  assert _keys(data.build_train_source(cfg)) == _keys(train)
+  assert sum((_keys(data.build_train_source(cfg, i, 3)) for i in range(3)), []) == _keys(train)
+  assert len(data.make_eval_iterator(cfg, SEQ_LEN, 2, 0, 1)) >= 1
+  # One document cannot be split: one line saying what to do.
+  one = _write_txt(tmp_path, _docs(1), sub="one")
+  for build in (data.build_sources, data.build_train_source):
+    with pytest.raises(ValueError, match="holds 1 document.*validation_sources.*validation_fraction=0") as e:
+      build(_cfg(sources=[str(one / "*.txt")], validation_fraction=0.01))
+    assert "\n" not in str(e.value)
+
+
+def _mixed_good_and_bad(tmp_path):
+  """A jsonl and a parquet file of good documents among bad records; returns (good documents, bad `file:line`s)."""
+  good = [f"good document {i} ".encode() * (i + 1) for i in range(8)]
+  lines = [json.dumps({"text": good[0].decode()}), json.dumps({"text": good[1].decode()}),
+           json.dumps({"text": good[2].decode()}), '{"text": "cut sho', json.dumps({"content": "no text"}),
+           json.dumps({"text": 5}), "", json.dumps({"text": good[3].decode()}), "[1, 2]",
+           json.dumps({"text": good[4].decode()}), json.dumps({"text": good[5].decode()})]
+  (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+  pq.write_table(pa.table({"text": [good[6].decode(), None, good[7].decode()]}), tmp_path / "mixed.parquet")
+  bad = [("mixed.jsonl:4", "invalid JSON"), ("mixed.jsonl:5", "missing text field 'text'"),
+         ("mixed.jsonl:6", "field 'text' must be a string"), ("mixed.jsonl:9", "expected a JSON object"),
+         ("mixed.parquet:1", "null 'text'")]
+  return good, bad
+
+
+def test_on_bad_record_error_stops_and_skip_reads_every_good_document(tmp_path, caplog):
+  good, bad = _mixed_good_and_bad(tmp_path)
+  cfg = _cfg(sources=[str(tmp_path / "mixed.*")], validation_fraction=0.0)
+  assert cfg.on_bad_record == "error"  # the default stops, as before
+  with pytest.raises(ValueError, match="mixed.jsonl:4: invalid JSON") as e:
+    data.build_train_source(cfg)
+  assert "\n" not in str(e.value)
+
+  cfg.on_bad_record = "skip"
+  with caplog.at_level(logging.WARNING):
+    train = data.build_train_source(cfg)
+  assert sorted(train[i] for i in range(len(train))) == sorted(good)
+  report = [r.getMessage() for r in caplog.records if "bad record" in r.getMessage()]
+  assert len(report) == 1 and "skipped 5 bad record(s)" in report[0]
+  for where, reason in bad:
+    assert f"{tmp_path / where}: {reason}" in report[0]
+  # Three processes' shares: every good document once; the total counts every share's bad records.
+  shares = [data.build_train_source(cfg, i, 3) for i in range(3)]
+  assert sorted(s[i] for s in shares for i in range(len(s))) == sorted(good)
+  assert data.make_train_iterator(cfg, SEQ_LEN, 3, 0, 1, 3).bad_records == 5
+  # The hash split: training and validation hold the good documents between them.
+  cfg.validation_fraction = 0.3
+  train, val = data.build_sources(cfg)
+  assert sorted([train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]) == sorted(good)
+  assert len(val) and len(train)
+  with pytest.raises(ValueError, match="on_bad_record='maybe': expected 'error' or 'skip'"):
+    data.build_train_source(_cfg(sources=[str(tmp_path / "mixed.*")], on_bad_record="maybe"))
 
 
 # ----------------------------------------------------------------- packing --
@@ -672,6 +744,15 @@ def test_startup_reads_and_parses_only_its_share(tmp_path, monkeypatch):
     return tokens
 
   monkeypatch.setattr(pipeline, "_share_tokens", all_gather)
+  share_summaries = pipeline._share_summaries
+
+  def gather_summaries(*args):  # The split's summaries, likewise.
+    saved = dict(counter)
+    summaries = share_summaries(*args)
+    counter.update(saved)
+    return summaries
+
+  monkeypatch.setattr(pipeline, "_share_summaries", gather_summaries)
   for n in (1, 4):
     for i in range(n):
       counter.update(bytes=0, parsed=0)

@@ -497,6 +497,30 @@ def test_no_validation_data_means_no_evaluation(micro, tmp_path, capsys):
   assert out.count("evaluation is off") == 1, out
 
 
+def test_bad_records_stop_the_run_or_are_skipped_counted_and_logged(micro, corpus, tmp_path, caplog):
+  from test_metrics import _read_scalars  # pylint: disable=g-import-not-at-top
+  mixed = tmp_path / "mixed.jsonl"
+  mixed.write_text("\n".join([json.dumps({"text": "a good line " * 20}), "{not json",
+                              json.dumps({"content": "no text"}), json.dumps({"text": "another good one " * 20})]))
+  sources = tuple(corpus["data.sources"]) + (str(mixed),)
+  trainer = train.Trainer(micro({"data.sources": sources}), str(tmp_path / "stop"))
+  try:  # the default, "error": stops before the first step, naming the line
+    with pytest.raises(ValueError, match=r"mixed.jsonl:2: invalid JSON"):
+      trainer.run()
+  finally:
+    trainer.close()
+  cfg = micro({"data.sources": sources, "data.on_bad_record": "skip", "num_steps": 1, "eval_every": 100})
+  trainer = train.Trainer(cfg, str(tmp_path / "skip"))
+  try:
+    with caplog.at_level("WARNING"):
+      summary = trainer.run()
+  finally:
+    trainer.close()
+  assert summary["final_step"] == 1 and trainer.bad_records == 2
+  assert "skipped 2 bad record(s)" in caplog.text and "mixed.jsonl:3: missing text field 'text'" in caplog.text
+  assert _read_scalars(tmp_path / "skip")["data/bad_records"] == [(0, 2.0)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 6. Command line.
 

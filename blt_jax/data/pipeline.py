@@ -19,6 +19,7 @@ Batches are dicts of numpy arrays of shape [B_host, seq_len]:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,6 +32,11 @@ from blt_jax import tokenizer
 from blt_jax.data import entropy_source
 from blt_jax.data import packing
 from blt_jax.data import sources as sources_lib
+
+log = logging.getLogger(__name__)
+# Warnings already logged by this process (the train and eval sources both
+# decide the split; it is said once).
+_warned: set[str] = set()
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -47,7 +53,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.validation_sources = []
   # Fraction of documents held out for validation when `validation_sources`
   # is empty (decided per document by a stable hash of its path/line key).
-  # 0 with no `validation_sources`: no validation data, no evaluation.
+  # 0 with no `validation_sources`: no validation data, no evaluation. A
+  # positive fraction holds out at least one document (a small corpus: the one
+  # whose key hashes lowest, with a warning); one document cannot be split.
   cfg.validation_fraction = 0.02
   # Stdlib corpus only: also read the test suites (test/, tests/, idle_test/).
   cfg.stdlib_include_tests = False
@@ -61,6 +69,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.prefetch = 2
   # Cap on eval batches per evaluation; None or <= 0 means a full pass.
   cfg.max_eval_batches = None
+  # A record without document text (invalid JSON, a missing or non-string
+  # field, a null parquet/arrow value): "error" stops at start-up naming its
+  # file:line; "skip" leaves it out, and the count and the first few are
+  # logged (web-scale corpora always have some).
+  cfg.on_bad_record = "error"
   # Directory written by scripts/precompute_entropies.py: batches then carry
   # per-token `entropies` and entropy patching skips the in-graph entropy model.
   cfg.entropy_store = ""
@@ -145,7 +158,8 @@ def _corpus(
   patterns = _as_list(_get(data_cfg, "sources"))
   if patterns:
     return sources_lib.file_corpus(
-        patterns, _get(data_cfg, "text_field"), name="sources", shard=shard
+        patterns, _get(data_cfg, "text_field"), name="sources", shard=shard,
+        on_bad_record=_get(data_cfg, "on_bad_record"),
     )
   return sources_lib.stdlib_corpus(
       _get(data_cfg, "stdlib_include_tests"), shard=shard
@@ -180,11 +194,17 @@ def build_document_sources(
     if for_store:
       _check_keys_across(data_cfg)
     val = sources_lib.file_corpus(
-        val_patterns, _get(data_cfg, "text_field"), name="validation_sources"
+        val_patterns, _get(data_cfg, "text_field"), name="validation_sources",
+        on_bad_record=_get(data_cfg, "on_bad_record"),
     )
+    _report_bad_records("data.sources", docs.bad_records())
+    _report_bad_records("data.validation_sources", val.bad_records())
     return docs, val
   fraction = _validation_fraction(data_cfg)
-  train, val = docs.split(fraction)
+  _report_bad_records("data.sources", docs.bad_records())
+  hashes = docs.key_hashes()
+  threshold = _split_threshold(fraction, [_hash_summary(hashes, fraction)])
+  train, val = docs.split_by_hash(threshold, hashes)
   if not len(train):
     raise ValueError(
         f"no training documents left after holding out validation_fraction="
@@ -193,19 +213,154 @@ def build_document_sources(
   return train, val
 
 
-def _byte_share(
+def _hash_summary(hashes: Sequence[int], fraction: float) -> list[int]:
+  """[documents, those the fraction holds out, smallest key hash] of a corpus
+  or one of its shares: what `_split_threshold` needs of each."""
+  cut = fraction * 2.0**64
+  return [len(hashes), sum(h < cut for h in hashes), min(hashes, default=0)]
+
+
+def _report_bad_records(
+    what: str, bad: sources_lib.BadRecords, total: int | None = None
+) -> None:
+  """Logs the records skipped in `what` (`total` over all processes' shares
+  when known; `bad` names the first few of this one's)."""
+  total = bad.count if total is None else total
+  if total:
+    first = f"; the first: {'; '.join(bad.examples)}" if bad.examples else ""
+    _warn_once(
+        f"{what}: skipped {total} bad record(s) (data.on_bad_record='skip')"
+        + first
+    )
+
+
+def _split_threshold(fraction: float, summaries: Sequence[list[int]]) -> float:
+  """The key hash below which documents are held out for validation.
+
+  `fraction * 2**64`, unless that holds out none of a corpus's documents (a
+  small one): then the one whose key hashes lowest is held out, so a positive
+  fraction always evaluates. A corpus of one document cannot be split.
+  """
+  cut = fraction * 2.0**64
+  total = sum(s[0] for s in summaries)
+  if not fraction:
+    return cut
+  if total == 1:
+    raise ValueError(_ONE_DOCUMENT)
+  if not total or sum(s[1] for s in summaries):
+    return cut
+  _warn_once(
+      f"validation_fraction={fraction} holds out none of the {total} training"
+      " documents: holding out 1 document for validation (set"
+      " data.validation_sources to choose them)"
+  )
+  return min(s[2] for s in summaries if s[0]) + 1
+
+
+_ONE_DOCUMENT = (
+    "data.sources holds 1 document, which cannot be both trained on and held"
+    " out: add documents, set data.validation_sources, or set"
+    " data.validation_fraction=0 to train without evaluation"
+)
+
+
+def _warn_once(message: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if message not in _warned and jax.process_index() == 0:
+    _warned.add(message)
+    log.warning(message)
+
+
+def _share_summary(
+    data_cfg: ml_collections.ConfigDict, docs: sources_lib.DocumentSource
+) -> tuple[list[int], list[int]]:
+  """(summary, key hashes) of a byte share before the split: its
+  `_hash_summary` (if split by hash) and its bad records."""
+  fraction = _validation_fraction(data_cfg)
+  hashes = []
+  if fraction and not _as_list(_get(data_cfg, "validation_sources")):
+    hashes = docs.key_hashes()
+  return _hash_summary(hashes, fraction) + [docs.bad_records().count], hashes
+
+
+def _share_summaries(
+    data_cfg: ml_collections.ConfigDict,
+    own: list[int],
+    index: int,
+    count: int,
+) -> list[list[int]]:
+  """`_share_summary` of every byte share, given this process's (`own`).
+
+  One all-gather over the processes (as in `_share_tokens`); processes
+  simulated in one read every share here.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  summaries = {index: own}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    # Each number as four 16-bit pieces: int32 carries them whole.
+    mine = [index] + [(v >> (16 * j)) & 0xFFFF for v in own for j in range(4)]
+    rows = np.asarray(
+        multihost_utils.process_allgather(np.array(mine, np.int32))
+    ).reshape(-1, len(mine))
+    for row in rows.tolist():
+      summaries[row[0]] = [
+          sum(row[1 + 4 * v + j] << (16 * j) for j in range(4))
+          for v in range(len(own))
+      ]
+  for k in range(count):
+    if k not in summaries:
+      summaries[k] = _share_summary(data_cfg, _corpus(data_cfg, (k, count)))[0]
+  return [summaries[k] for k in range(count)]
+
+
+def _train_documents(
     data_cfg: ml_collections.ConfigDict, index: int, count: int
+) -> tuple[sources_lib.DocumentSource, float | None, int]:
+  """(training documents of byte share `index` of `count`, the split's
+  threshold for the other shares (`_byte_share`), bad records skipped in all
+  shares): the threshold and the count need every share's summary."""
+  docs = _corpus(data_cfg, (index, count))
+  own, hashes = _share_summary(data_cfg, docs)
+  fraction = _validation_fraction(data_cfg)
+  by_hash = not _as_list(_get(data_cfg, "validation_sources"))
+  summaries = [own]
+  skipping = _get(data_cfg, "on_bad_record") == "skip"
+  if count > 1 and (by_hash and fraction or skipping):  # same on every process
+    summaries = _share_summaries(data_cfg, own, index, count)
+  bad = sum(s[3] for s in summaries)
+  _report_bad_records("data.sources", docs.bad_records(), bad)
+  threshold = None
+  if by_hash and fraction:
+    threshold = _split_threshold(fraction, summaries)
+    docs, _ = docs.split_by_hash(threshold, hashes)
+  return docs, threshold, bad
+
+
+def _byte_share(
+    data_cfg: ml_collections.ConfigDict,
+    index: int,
+    count: int,
+    threshold: float | None,
 ) -> sources_lib.DocumentSource:
   """The training documents that start in share `index` of `count` of the
-  corpus's bytes (see `sources`): only those bytes are read."""
+  corpus's bytes (see `sources`): only those bytes are read. `threshold`:
+  the split's (`_train_documents`), None without a hash split."""
   docs = _corpus(data_cfg, (index, count))
-  if not _as_list(_get(data_cfg, "validation_sources")):
-    docs, _ = docs.split(_validation_fraction(data_cfg))
+  if threshold is not None:
+    docs, _ = docs.split_by_hash(threshold)
   return docs
 
 
 def _share_tokens(
-    data_cfg: ml_collections.ConfigDict, own: int, index: int, count: int
+    data_cfg: ml_collections.ConfigDict,
+    own: int,
+    index: int,
+    count: int,
+    threshold: float | None,
 ) -> list[int]:
   """Training tokens in every byte share, given this process's (`own`).
 
@@ -224,7 +379,7 @@ def _share_tokens(
     if sorted(tokens) == list(range(count)):
       return [tokens[k] for k in range(count)]
   return [
-      own if k == index else int(_byte_share(data_cfg, k, count)
+      own if k == index else int(_byte_share(data_cfg, k, count, threshold)
                                  .token_counts().sum())
       for k in range(count)
   ]
@@ -235,6 +390,7 @@ def _token_share(
     own: sources_lib.DocumentSource,
     index: int,
     count: int,
+    threshold: float | None,
 ) -> sources_lib.DocumentSource:
   """The training documents whose first token is in tokens [i*T/n, (i+1)*T/n).
 
@@ -242,7 +398,8 @@ def _token_share(
   byte shares this range overlaps are read (its own and, typically, a
   neighbour's). A range inside one document (longer than T/n) gets that one.
   """
-  tokens = _share_tokens(data_cfg, int(own.token_counts().sum()), index, count)
+  tokens = _share_tokens(data_cfg, int(own.token_counts().sum()), index, count,
+                         threshold)
   share_starts = np.cumsum([0] + tokens)
   lo, hi = sources_lib.shard_bounds(int(share_starts[-1]), (index, count))
   pieces, covering = [], None
@@ -250,7 +407,7 @@ def _token_share(
     first, end = share_starts[k], share_starts[k + 1]
     if first == end or end <= lo or first >= hi:
       continue
-    docs = own if k == index else _byte_share(data_cfg, k, count)
+    docs = own if k == index else _byte_share(data_cfg, k, count, threshold)
     counts = docs.token_counts()
     starts = first + np.cumsum(counts) - counts
     pieces.append(docs.select(np.flatnonzero((starts >= lo) & (starts < hi)),
@@ -280,15 +437,23 @@ def build_train_source(
   (in order), except that a process whose range lies inside one document
   gets that document too; with one process they are those documents.
   """
-  docs = _byte_share(data_cfg, process_index, process_count)
+  return _build_train_source(data_cfg, process_index, process_count)[0]
+
+
+def _build_train_source(
+    data_cfg: ml_collections.ConfigDict, process_index: int, process_count: int
+) -> tuple[Any, int]:
+  """(`build_train_source`, the bad records skipped in the whole corpus)."""
+  docs, threshold, bad = _train_documents(data_cfg, process_index, process_count)
   if process_count > 1:
-    docs = _token_share(data_cfg, docs, process_index, process_count)
+    docs = _token_share(data_cfg, docs, process_index, process_count,
+                        threshold)
   if not len(docs):
     raise ValueError(
         f"no training documents in the corpus ({docs.name}) for process"
         f" {process_index} of {process_count}"
     )
-  return _annotate(docs, data_cfg)
+  return _annotate(docs, data_cfg), bad
 
 
 def document_dataset(
@@ -396,11 +561,12 @@ def make_train_iterator(
     A grain DatasetIterator of dicts {tokens, targets, loss_mask[, extras]}
     of shape [global_batch_size // process_count, seq_len]. `get_state()`
     returns a JSON-native dict (see `state_to_bytes`) and `set_state(state)`
-    resumes at exactly that position.
+    resumes at exactly that position. `bad_records`: the records skipped
+    in the whole corpus (`on_bad_record="skip"`).
   """
   process_index, process_count = _resolve_host(process_index, process_count)
   batch_size = _per_host_batch_size(global_batch_size, process_count)
-  train = build_train_source(data_cfg, process_index, process_count)
+  train, bad = _build_train_source(data_cfg, process_index, process_count)
   shuffle_seed = _get(data_cfg, "shuffle_seed")
   ds = build_train_dataset(
       train,
@@ -414,7 +580,9 @@ def make_train_iterator(
       prefetch=int(_get(data_cfg, "prefetch")),
       source_is_share=True,
   )
-  return iter(ds)
+  it = iter(ds)
+  it.bad_records = bad  # for the trainer's metrics
+  return it
 
 
 def _num_tokens(source: Any, i: int) -> int:

@@ -57,6 +57,9 @@ _STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 _READ_BLOCK = 1 << 22
 # Concurrent `stat` calls when listing files (a request each on object stores).
 _STAT_THREADS = 16
+# Skipped bad records named (as `file:line: reason`) per part; the rest only
+# counted.
+_BAD_EXAMPLES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +94,36 @@ class _Part(Protocol):
   def num_bytes(self, i: int) -> int: ...
   def sizes(self) -> np.ndarray: ...  # num_bytes of every document, int64
 
+  bad: BadRecords  # Records skipped as unreadable.
+
+
+@dataclasses.dataclass
+class BadRecords:
+  """Records skipped as unreadable (`on_bad_record="skip"`): how many, and
+  the first few as `file:line: reason`."""
+
+  count: int = 0
+  examples: list[str] = dataclasses.field(default_factory=list)
+
+  def add(self, where: str, reason: str) -> None:
+    self.count += 1
+    if len(self.examples) < _BAD_EXAMPLES:
+      self.examples.append(f"{where}: {reason}")
+
+  def merge(self, other: BadRecords) -> None:
+    self.count += other.count
+    room = _BAD_EXAMPLES - len(self.examples)
+    self.examples += other.examples[:max(room, 0)]
+
+
+def _check_on_bad_record(on_bad_record: str) -> bool:
+  """Whether bad records are skipped (else they are an error)."""
+  if on_bad_record not in ("error", "skip"):
+    raise ValueError(
+        f"data.on_bad_record={on_bad_record!r}: expected 'error' or 'skip'"
+    )
+  return on_bad_record == "skip"
+
 
 class _WholeFiles:
   """Whole files, one document each, read as raw bytes."""
@@ -112,6 +145,8 @@ class _WholeFiles:
 
   def sizes(self) -> np.ndarray:
     return np.array([f.size for f in self._files], np.int64)
+
+  bad = BadRecords()  # Raw bytes: a text file has no bad records.
 
 
 class _BadLine(ValueError):
@@ -205,15 +240,17 @@ class _JsonlLines:
       field: str,
       start: int = 0,
       stop: float = math.inf,
+      skip_bad: bool = False,
   ):
     self._file = file
     self._field = field
+    self.bad = BadRecords()
     self._base_lock = threading.Lock()
     self._base = None  # line number of the first line at or after `start`
     offsets, lengths, line_indices, sizes = (array.array("q") for _ in range(4))
     # One eager scan of the share validates every line, so bad data fails
-    # before training starts (with file and line), and records where each
-    # document lives.
+    # (or, with `skip_bad`, is left out and counted) before training starts,
+    # with file and line, and records where each document lives.
     self._first = 0  # Offset of the first line: k counts lines from there.
     with file.path.open("rb") as f:
       for k, (offset, line) in enumerate(_lines(f, start, stop)):
@@ -224,7 +261,10 @@ class _JsonlLines:
         try:
           text = _jsonl_text(line, field)
         except _BadLine as e:
-          raise ValueError(f"{self._where(k)}: {e}") from None
+          if not skip_bad:
+            raise ValueError(f"{self._where(k)}: {e}") from None
+          self.bad.add(self._where(k), str(e))
+          continue
         offsets.append(offset)
         lengths.append(len(line))
         line_indices.append(k)
@@ -372,7 +412,12 @@ class _ArrowColumn:
   """
 
   def __init__(
-      self, file: _File, column: str, start: int = 0, stop: float = math.inf
+      self,
+      file: _File,
+      column: str,
+      start: int = 0,
+      stop: float = math.inf,
+      skip_bad: bool = False,
   ):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
@@ -392,28 +437,45 @@ class _ArrowColumn:
           f"{file.path}: column {column!r} has type {array.type}; expected"
           " string or binary"
       )
+    self.bad = BadRecords()
+    self._rows = None  # Rows of `array` that hold documents, if not all.
     if array.null_count:
-      nulls = np.flatnonzero(array.is_null().to_numpy())
-      raise ValueError(
-          f"{file.path}: column {column!r} has {array.null_count} null"
-          f" value(s), first at row {self._first_row + int(nulls[0])}"
-      )
+      nulls = array.is_null().to_numpy()
+      first_null = self._first_row + int(np.flatnonzero(nulls)[0])
+      if not skip_bad:
+        raise ValueError(
+            f"{file.path}: column {column!r} has {array.null_count} null"
+            f" value(s), first at row {first_null}"
+        )
+      for row in np.flatnonzero(nulls)[:_BAD_EXAMPLES]:
+        self.bad.add(f"{file.path}:{self._first_row + int(row)}",
+                     f"null {column!r}")
+      self.bad.count = int(array.null_count)
+      self._rows = np.flatnonzero(~nulls)
     self._key_prefix = file.key
     self._chunks = [c for c in array.chunks if len(c)]
     self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
     self._sizes = np.zeros(0, np.int64)
     if len(array):
-      self._sizes = pc.binary_length(array).to_numpy().astype(np.int64)
+      lengths = pc.binary_length(array).to_numpy()
+      if self._rows is not None:
+        lengths = lengths[self._rows]
+      self._sizes = lengths.astype(np.int64)
+
+  def _row(self, i: int) -> int:
+    """The row of `array` (from the share's first) of document `i`."""
+    return i if self._rows is None else int(self._rows[i])
 
   def __len__(self) -> int:
-    return int(self._starts[-1])
+    return len(self._sizes)
 
   def get(self, i: int) -> bytes:
+    i = self._row(i)
     c = bisect.bisect_right(self._starts, i) - 1
     return self._chunks[c][i - int(self._starts[c])].as_py()
 
   def key(self, i: int) -> str:
-    return f"{self._key_prefix}:{self._first_row + i}"
+    return f"{self._key_prefix}:{self._first_row + self._row(i)}"
 
   def num_bytes(self, i: int) -> int:
     return int(self._sizes[i])
@@ -484,14 +546,31 @@ class DocumentSource:
     """Returns the documents at `positions` (indices into this source)."""
     return DocumentSource(self._parts, self._indices[positions], name)
 
+  def bad_records(self) -> BadRecords:
+    """The bad records skipped in the files of this source's parts (of the
+    whole share or corpus it was selected from)."""
+    bad = BadRecords()
+    for part in self._parts:
+      bad.merge(part.bad)
+    return bad
+
+  def key_hashes(self) -> list[int]:
+    """`key_hash` of every document's key (Python ints: exact 64 bits)."""
+    return [key_hash(self.key(i)) for i in range(len(self))]
+
   def split(
       self, validation_fraction: float
   ) -> tuple[DocumentSource, DocumentSource]:
     """Deterministic (train, validation) split by a stable hash of each key."""
-    keys = (self.key(i) for i in range(len(self)))
-    is_val = np.array(
-        [in_validation(k, validation_fraction) for k in keys], dtype=bool
-    )
+    return self.split_by_hash(validation_fraction * 2.0**64)
+
+  def split_by_hash(
+      self, threshold: float, hashes: Sequence[int] | None = None
+  ) -> tuple[DocumentSource, DocumentSource]:
+    """(train, validation): validation holds the keys hashing below
+    `threshold` (`hashes`: this source's `key_hashes()`, if already known)."""
+    hashes = self.key_hashes() if hashes is None else hashes
+    is_val = np.array([h < threshold for h in hashes], dtype=bool)
     return (
         self.select(np.flatnonzero(~is_val), f"{self.name}[train]"),
         self.select(np.flatnonzero(is_val), f"{self.name}[validation]"),
@@ -517,10 +596,15 @@ def in_validation(key: str, validation_fraction: float) -> bool:
   Uses blake2b (not Python's salted `hash`) so the split is the same in every
   process, run and machine.
   """
+  return key_hash(key) < validation_fraction * 2.0**64
+
+
+def key_hash(key: str) -> int:
+  """A document key's stable 64-bit hash, which places it in the split."""
   digest = hashlib.blake2b(
       key.encode("utf-8", "surrogateescape"), digest_size=8
   ).digest()
-  return int.from_bytes(digest, "big") < validation_fraction * 2.0**64
+  return int.from_bytes(digest, "big")
 
 
 def _stat_sizes(files: Sequence[epath.Path]) -> list[int]:
@@ -644,7 +728,11 @@ def list_files(patterns: str | Sequence[str]) -> list[_File]:
 
 
 def _corpus(
-    files: Sequence[_File], text_field: str, name: str, shard: tuple[int, int]
+    files: Sequence[_File],
+    text_field: str,
+    name: str,
+    shard: tuple[int, int],
+    skip_bad: bool = False,
 ) -> DocumentSource:
   """The documents of `files` that start in the byte share of `shard`."""
   lo, hi = shard_bounds(sum(f.size for f in files), shard)
@@ -670,11 +758,11 @@ def _corpus(
     flush_whole()
     start = max(start, 0)
     if file.kind == "jsonl":
-      parts.append(_JsonlLines(file, text_field, start, stop))
+      parts.append(_JsonlLines(file, text_field, start, stop, skip_bad))
     else:
-      parts.append(_ArrowColumn(file, text_field, start, stop))
+      parts.append(_ArrowColumn(file, text_field, start, stop, skip_bad))
   flush_whole()
-  parts = [p for p in parts if len(p)]
+  parts = [p for p in parts if len(p) or p.bad.count]
   if shard[1] > 1:
     name = f"{name}[share {shard[0]} of {shard[1]}]"
   return DocumentSource(parts, name=name)
@@ -685,6 +773,7 @@ def file_corpus(
     text_field: str = "text",
     name: str = "files",
     shard: tuple[int, int] = (0, 1),
+    on_bad_record: str = "error",
 ) -> DocumentSource:
   """Documents from txt/jsonl/parquet/arrow files given as paths or globs.
 
@@ -695,12 +784,17 @@ def file_corpus(
     name: a label for error messages and reprs.
     shard: (i, n): only process i's share of the documents (see the module
       docstring); (0, 1), the default, is the whole corpus.
+    on_bad_record: "error" stops at the first record without document text
+      (invalid JSON, a missing or non-string field, a null row) naming its
+      file and line; "skip" leaves such records out and counts them
+      (`DocumentSource.bad_records`).
 
   Returns:
     A DocumentSource; `.txt` files are one document each, jsonl files one per
     non-blank line, parquet/arrow files one per row.
   """
+  skip_bad = _check_on_bad_record(on_bad_record)
   files = list_files(patterns)
   if not files:
     raise ValueError(f"no data sources given for {name!r}")
-  return _corpus(files, text_field, name, shard)
+  return _corpus(files, text_field, name, shard, skip_bad)
