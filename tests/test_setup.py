@@ -54,7 +54,7 @@ def test_one_list_of_dependencies_and_extras_that_match_the_test_requirements():
 
 
 COMMANDS = {"train": "train", "score": "score", "generate": "generate", "convert": "convert", "export": "export",
-            "harness": "harness"}
+            "harness": "harness", "calibrate": "calibrate"}
 
 
 def _venv_with_the_package(tmp_path) -> pathlib.Path:
