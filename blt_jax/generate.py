@@ -568,7 +568,9 @@ def main(argv=None) -> int:
         prompts = [f.read()]
     else:
       prompts = [args.prompt]
-    mesh = placement.mesh_from_args(args)
+    mesh_spec = placement.parse_mesh(args.mesh)  # a bad flag fails before jax starts
+    sharding.maybe_initialize_distributed()  # as the trainer starts (srun, Open MPI, TPU pods)
+    mesh = placement.make_mesh(mesh_spec) if mesh_spec else None
     model = loading.load(args.checkpoint, args.dtype, mesh)
     check_supported(model)
     print(f"generating with {placement.startup_line(args.dtype, mesh)}", file=sys.stderr, flush=True)
@@ -579,12 +581,15 @@ def main(argv=None) -> int:
   stream = _Utf8Stream(args.raw) if len(prompts) == 1 and not args.prompts else None
   kwargs = dict(sampling=sampling, seed=args.seed, stop=[s.encode() for s in args.stop],
                 max_patch_bytes=args.max_patch_bytes, chunk=args.chunk_bytes)
+  # Several processes (srun, a pod): process i of n takes the prompts with index % n == i.
+  mine = list(range(jax.process_index(), len(prompts), jax.process_count()))
   size = len(prompts) if stream is not None else args.batch_size
-  for start in range(0, len(prompts), size):
-    # Streams are the prompts' positions in the whole file: the output does not depend on --batch-size.
-    batch = prompts[start:start + size]
+  for start in range(0, len(mine), size):
+    # Streams are the prompts' positions in the whole file: the output depends neither on --batch-size nor on the
+    # number of processes.
+    streams = mine[start:start + size]
     try:
-      results = generate(model, batch, args.max_bytes, streams=range(start, start + len(batch)),
+      results = generate(model, [prompts[i] for i in streams], args.max_bytes, streams=streams,
                          on_bytes=(lambda row, data: stream.write(data)) if stream else None, **kwargs)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
@@ -592,8 +597,8 @@ def main(argv=None) -> int:
     if stream is not None:
       stream.write(b"", final=True)
     else:
-      for r in results:
-        print(json.dumps({"prompt": r.prompt.decode("utf-8", "replace"),
+      for i, r in zip(streams, results):
+        print(json.dumps({"index": i, "prompt": r.prompt.decode("utf-8", "replace"),
                           "continuation": r.continuation.decode("utf-8", "replace"), "stopped": r.stopped}),
               flush=True)
     for r in results:

@@ -198,12 +198,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "fsdp=8 or fsdp=4,tensor=2 (one size may be -1); default: every device holds a replica")
 
 
-def mesh_from_args(args: argparse.Namespace) -> Optional[Mesh]:
-  """The mesh `--mesh` asks for, or None (replicated); a bad flag is one PlacementError line."""
-  spec = parse_mesh(getattr(args, "mesh", None))
-  return None if spec is None else make_mesh(spec)
-
-
 def startup_line(dtype: str, mesh: Optional[Mesh]) -> str:
   return f"params in {dtype}, {describe(mesh)}"
 
