@@ -313,6 +313,10 @@ class Checkpointer:
   def step_path(self, step: int) -> epath.Path:
     return self.directory / str(int(step))
 
+  def read_meta(self, step: int) -> dict:
+    """The json metadata saved with `step` (`save`'s `extra_json`), without reading its arrays."""
+    return dict(ocp.JsonCheckpointHandler().restore(self.step_path(step) / "meta") or {})
+
   def restore(self, step: Optional[int] = None, abstract_state: Any = None,
               other_layouts: Sequence[OtherLayout] = ()) -> Tuple[Any, DataState, dict]:
     """(train state, data iterator state, extra json) of `step` (default: the latest).

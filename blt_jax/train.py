@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from blt_jax import calibrate
 from blt_jax import checkpoint as ckpt_lib
 from blt_jax import layer_stacking
 from blt_jax import data as data_lib
@@ -230,6 +231,39 @@ def uses_entropy_model(cfg: ml_collections.ConfigDict) -> bool:
           and not cfg.data.entropy_store)
 
 
+def fit_patching_threshold(cfg: ml_collections.ConfigDict, checkpointer: ckpt_lib.Checkpointer,
+                           entropy_cfg: Optional[EntropyModelConfig] = None, entropy_params=None) -> None:
+  """With `patching.target_bytes_per_patch`, sets `cfg.patching.threshold` for it, once per run.
+
+  A run with checkpoints takes the threshold stored in them and never recalibrates (its model learnt those
+  patches). A new run calibrates on its first `patching.calibration_rows` training rows (`calibrate.calibrate`,
+  the command's function), the same rows on every process; process 0's threshold is broadcast all the same, so
+  every process compiles one step.
+  """
+  target = cfg.patching.get("target_bytes_per_patch", 0.0)
+  if cfg.model_type != "blt" or not target:
+    return
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      stored = checkpointer.read_meta(step)["config"]["patching"]
+    except Exception:  # pylint: disable=broad-except  (a damaged step: an older one holds the same threshold)
+      continue
+    cfg.patching.threshold = float(stored["threshold"])
+    _say(f"patching.threshold={cfg.patching.threshold!r}: stored with the run (checkpoint step {step}; calibrated "
+         f"for {stored.get('target_bytes_per_patch')} bytes per patch when it started), not recalibrated")
+    return
+  rows = calibrate.sample_rows(cfg.data, cfg.seq_len, cfg.patching.calibration_rows, cfg.seed)
+  result = calibrate.calibrate(rows, train_config.patching_config(cfg), target, entropy_params=entropy_params,
+                               entropy_config=entropy_cfg)
+  threshold = result.threshold
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    threshold = float(multihost_utils.broadcast_one_to_all(np.float32(threshold)))
+  cfg.patching.threshold = threshold
+  _say(f"patching.threshold={threshold!r}: calibrated for target_bytes_per_patch={target:g} on the first "
+       f"{result.rows} training rows (stored with the run)\n  " + calibrate.report(result).replace("\n", "\n  "))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainStepParts:
   """The trainer's jitted steps and what they are built from: shared by `Trainer` and `blt_jax.aot`."""
@@ -330,18 +364,19 @@ class Trainer:
     train_config.validate(cfg)
     self.cfg, self.workdir = cfg, paths.resolve(workdir)
     self.mesh = sharding.make_mesh(cfg.mesh)
-    entropy_cfg = self.entropy_params = None
+    entropy_cfg = self.entropy_params = params = None
     if uses_entropy_model(cfg):  # else batches carry stored entropies, or patching needs no model
       entropy_cfg, params = load_entropy_model(cfg.entropy_checkpoint, run=cfg)
       params = layer_stacking.to_run_layout(params, entropy_cfg)  # stacked once here, not in every step
       self.entropy_params = jax.device_put(params, sharding.replicated(self.mesh))
+    self.checkpointer = ckpt_lib.Checkpointer(self.workdir, save_interval_steps=cfg.checkpoint_every,
+                                              max_to_keep=cfg.keep_checkpoints,
+                                              async_checkpointing=cfg.async_checkpointing)
+    fit_patching_threshold(cfg, self.checkpointer, entropy_cfg, params)  # before the steps: it is static in them
     built = build_train_step(cfg, self.mesh, entropy_cfg)
     self.rules, self.sc, self.schedule, self.tx = built.rules, built.sc, built.schedule, built.tx
     self._init_fn, self._abstract, self.state_shardings = built.init_fn, built.abstract_state, built.state_shardings
     self.train_step, self.eval_step = built.train_step, built.eval_step
-    self.checkpointer = ckpt_lib.Checkpointer(self.workdir, save_interval_steps=cfg.checkpoint_every,
-                                              max_to_keep=cfg.keep_checkpoints,
-                                              async_checkpointing=cfg.async_checkpointing)
     self.data_index, self.data_count = sharding.process_data_shard(self.mesh)
     self.seq_len = cfg.seq_len
     self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=cfg.num_steps)

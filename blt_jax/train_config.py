@@ -59,6 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.patching = _dataclass_config(PatchingConfig())  # PatchingConfig fields (ignored for model_type=entropy_model)
   c.patching.max_patches = 0  # patches per row (P_max); 0 = seq_len + 1, which can never overflow
   c.patching.on_overflow = "count"  # "count": merge the tail into the last patch and log; "error": stop the run
+  # > 0: the mean patch length entropy patching aims at. The threshold is calibrated for it at start-up on the first
+  # training rows (`blt_jax.calibrate`), replaces patching.threshold and is stored with the run (checkpoints, export),
+  # so a resume, the scorer and generation reuse it. 0: patching.threshold as given.
+  c.patching.target_bytes_per_patch = 0.0
+  c.patching.calibration_rows = 256  # training rows the threshold is calibrated on (with target_bytes_per_patch)
   # documents, split, loaders, on_bad_record ("error" stops on a record without text; "skip" counts and logs it):
   # each field's meaning is in blt_jax/data/pipeline.py's default_data_config
   c.data = _overridable(data_lib.default_data_config().to_dict(), _DATA_NONE_TYPES)
@@ -121,6 +126,8 @@ def patching_config(cfg: ml_collections.ConfigDict) -> PatchingConfig:
   d = cfg.patching.to_dict()
   d.pop("max_patches")
   d.pop("on_overflow")
+  d.pop("target_bytes_per_patch", None)
+  d.pop("calibration_rows", None)
   return PatchingConfig.from_dict(d)
 
 
@@ -139,6 +146,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                        "patching.mode in space/static/byte")
     if cfg.patching.on_overflow not in ("count", "error"):
       raise ValueError(f"config.patching.on_overflow={cfg.patching.on_overflow!r}: expected 'count' or 'error'")
+    target = cfg.patching.get("target_bytes_per_patch", 0.0)
+    if target and pc.mode != "entropy":
+      raise ValueError(f"config.patching.target_bytes_per_patch={target} calibrates an entropy threshold: it needs "
+                       f"patching.mode='entropy' (got {pc.mode!r}); set it to 0 for other modes")
+    if target and not 1.0 <= target <= cfg.seq_len:
+      raise ValueError(f"config.patching.target_bytes_per_patch={target}: a mean patch length lies between 1 and the "
+                       f"row length (seq_len={cfg.seq_len}); 0 uses patching.threshold")
+    if target and cfg.patching.calibration_rows < 1:
+      raise ValueError(f"config.patching.calibration_rows must be >= 1, got {cfg.patching.calibration_rows}")
     if cfg.patching.max_patches < 0:
       raise ValueError(f"config.patching.max_patches must be >= 0, got {cfg.patching.max_patches}")
     if cfg.seq_len > cfg.model.max_encoder_seq_length:
@@ -221,6 +237,8 @@ def apply_checkpoint_config(cfg: ml_collections.ConfigDict, meta: dict,
   if model_type == "blt":
     for key, value in (meta.get("patching") or {}).items():
       assign(cfg.patching, "patching.", key, value)
+    if meta.get("patching") and cfg.patching.get("target_bytes_per_patch"):  # its threshold is the one it learnt with
+      assign(cfg.patching, "patching.", "target_bytes_per_patch", 0.0)
   if entropy_checkpoint:
     assign(cfg, "", "entropy_checkpoint", entropy_checkpoint)
   return changes

@@ -5,6 +5,7 @@ to byte, which is all that fitting a threshold needs.
 """
 import dataclasses
 import json
+import pathlib
 import re
 
 import flax.linen as nn
@@ -122,3 +123,80 @@ def test_command_errors_are_one_line(entropy_dir, tmp_path, args, match):
   message = str(e.value)
   assert message.startswith("error: ") and "\n" not in message
   assert re.search(match, message), message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer: patching.target_bytes_per_patch.
+
+MICRO_BLT = {
+    "model.dim_local_encoder": 32, "model.dim_local_decoder": 32, "model.n_heads_local_encoder": 2,
+    "model.n_heads_local_decoder": 2, "model.n_layers_local_decoder": 1, "model.dim_global": 64,
+    "model.n_layers_global": 1, "model.n_heads_global": 2, "model.cross_attn_nheads": 2,
+    "model.encoder_hash_byte_group_size": (3, 4), "model.encoder_hash_byte_group_vocab": 512,
+    "model.multiple_of": 32, "model.max_seqlen": 128, "model.max_encoder_seq_length": 128,
+    "model.local_attention_window_len": 32, "seq_len": 64, "num_steps": 1, "checkpoint_every": 1,
+    "async_checkpointing": False, "data.validation_fraction": 0.0, "data.num_threads": 1, "data.prefetch": 0,
+    "mesh.fsdp": 1, "mesh.data": -1,
+}
+
+
+def test_trainer_calibrates_once_and_a_resume_reuses_the_threshold(entropy_dir, tmp_path, capsys, monkeypatch):
+  from blt_jax import train, train_config  # pylint: disable=g-import-not-at-top
+  cfg = train_config.load_config_file(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny_entropy.py"))
+  overrides = {**MICRO_BLT, "entropy_checkpoint": str(entropy_dir), "patching.threshold": 99.0,
+               "patching.target_bytes_per_patch": 3.0, "patching.calibration_rows": 64,
+               "patching.max_patch_length": 8}
+  for key, value in overrides.items():
+    section, _, leaf = key.rpartition(".")
+    (cfg[section] if section else cfg)[leaf] = value
+  workdir = tmp_path / "run"
+
+  def exported_threshold():
+    return json.loads((workdir / "export" / "config.json").read_text())["patching"]["threshold"]
+
+  train.train(cfg, str(workdir))
+  printed = capsys.readouterr().out
+  expected = calibrate.calibrate(calibrate.sample_rows(cfg.data, 64, 64, cfg.seed), train_config.patching_config(cfg),
+                                 3.0, entropy_params=nn.meta.unbox(checkpoint.load_params(entropy_dir)[0]),
+                                 entropy_config=ENTROPY).threshold
+  assert f"patching.threshold={expected!r}: calibrated for target_bytes_per_patch=3" in printed
+  assert exported_threshold() == expected
+  with checkpoint.Checkpointer(workdir) as ckpt:
+    assert ckpt.read_meta(1)["config"]["patching"]["threshold"] == expected
+
+  def no_recalibration(*args, **kwargs):
+    raise AssertionError("a resumed run recalibrated")
+  monkeypatch.setattr(calibrate, "calibrate", no_recalibration)
+  cfg.num_steps = 2
+  trainer = train.Trainer(cfg, str(workdir))  # the threshold is fixed here, before the steps are built
+  try:
+    assert trainer.sc.patching.threshold == expected
+  finally:
+    trainer.close()
+  assert f"patching.threshold={expected!r}: stored with the run (checkpoint step 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"patching.mode": "space"}, "target_bytes_per_patch=4.5 calibrates an entropy threshold.*mode='entropy'"),
+    ({"patching.target_bytes_per_patch": 0.5}, "between 1 and the row length"),
+    ({"patching.target_bytes_per_patch": 300.0}, "between 1 and the row length"),
+    ({"patching.calibration_rows": 0}, "calibration_rows must be >= 1"),
+])
+def test_config_target_errors(overrides, match):
+  from blt_jax import train_config  # pylint: disable=g-import-not-at-top
+  cfg = train_config.load_config_file(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny_entropy.py"))
+  cfg.patching.target_bytes_per_patch = 4.5
+  for key, value in overrides.items():
+    cfg.patching[key.split(".")[1]] = value
+  with pytest.raises(ValueError, match=match):
+    train_config.validate(cfg)
+
+
+def test_init_from_a_blt_keeps_its_threshold():
+  from blt_jax import train_config  # pylint: disable=g-import-not-at-top
+  cfg = train_config.base_config()
+  cfg.patching.target_bytes_per_patch = 4.5
+  meta = {"model_type": "blt", "model": {}, "patching": PatchingConfig(threshold=1.25).to_dict()}
+  changes = train_config.apply_checkpoint_config(cfg, meta)
+  assert cfg.patching.threshold == 1.25 and cfg.patching.target_bytes_per_patch == 0.0
+  assert ("patching.target_bytes_per_patch", 4.5, 0.0) in changes
