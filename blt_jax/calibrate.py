@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import tempfile
-from typing import Any, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import jax
 import numpy as np
@@ -30,6 +30,7 @@ from blt_jax.config import EntropyModelConfig, PatchingConfig
 from blt_jax.entropy_model import compute_entropies_jit
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
+SAMPLE_SPAN_BYTES = 8 << 20  # rows are sampled across this much of the training stream (`sample_rows`)
 CONFIDENCE = 0.95  # max_patches bounds the overflow rate at this confidence (distribution-free, see `slots_for`)
 _ROWS_PER_CALL = 16  # rows per entropy-model call (one compiled shape)
 _MAX_ITERATIONS = 48  # bisection steps; float32 thresholds are exhausted well before
@@ -63,21 +64,31 @@ def check_target(target: float, seq_len: int) -> None:
                      f"the row length ({seq_len} bytes)")
 
 
-def sample_rows(data_cfg, seq_len: int, num_rows: int, seed: int) -> Dict[str, np.ndarray]:
-  """The first `num_rows` training rows of the corpus, as one process of the trainer with `seed` reads them.
+def sample_rows(data_cfg, seq_len: int, num_rows: int, seed: int, span_bytes: Optional[int] = None
+                ) -> Dict[str, np.ndarray]:
+  """`num_rows` training rows spread evenly over the start of the stream a trainer with `seed` reads.
 
-  Every process reads the same rows (`process_count=1`), so a multi-host run calibrates one threshold.
+  Documents are often longer than a few rows, so the very first rows would hold only a handful of them: the rows
+  are every k-th of the first `span_bytes` (default `SAMPLE_SPAN_BYTES`), or the first `num_rows` if they hold
+  more. Every process reads the same rows (`process_count=1`), so a multi-host run calibrates one threshold.
   Returns {tokens, ...} `[R, seq_len]` arrays (with `entropies` when the data config has an entropy store).
   """
+  span_bytes = SAMPLE_SPAN_BYTES if span_bytes is None else span_bytes
+  stride = max(1, span_bytes // (num_rows * seq_len))
   data_cfg = copy.deepcopy(data_cfg)
   data_cfg.prefetch = 0  # no background thread left behind
-  batch = min(num_rows, _ROWS_PER_CALL)
+  batch = min(num_rows * stride, 256)
   iterator = data_lib.make_train_iterator(data_cfg, seq_len, batch, seed, process_index=0, process_count=1)
+  kept, read = [], 0
   try:
-    batches = [next(iterator) for _ in range(math.ceil(num_rows / batch))]
+    while read < num_rows * stride:
+      rows = next(iterator)
+      offset = (-read) % stride  # the first row of this batch that is a multiple of stride in the stream
+      kept.append({k: v[offset::stride] for k, v in rows.items()})
+      read += batch
   finally:
     getattr(iterator, "close", lambda: None)()
-  return {k: np.concatenate([b[k] for b in batches])[:num_rows] for k in batches[0]}
+  return {k: np.concatenate([b[k] for b in kept])[:num_rows] for k in kept[0]}
 
 
 def row_entropies(tokens_RN: np.ndarray, params, config: EntropyModelConfig) -> np.ndarray:
@@ -262,7 +273,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--bytes-per-patch", type=float, required=True, help="target mean patch length")
   p.add_argument("--seq-len", type=int, required=True, help="bytes per training row")
   p.add_argument("--overflow", type=float, default=1e-3, help="fraction of rows that may overflow max_patches")
-  p.add_argument("--max-rows", type=int, default=1024, help="rows sampled from the start of the training stream")
+  p.add_argument("--max-rows", type=int, default=1024, help="rows sampled, evenly over the first 8 MiB of the "
+                 "training stream (or its first rows, when they hold more)")
   p.add_argument("--multiple-of", type=int, default=1, help="round max_patches up to a multiple (128 for TPU)")
   p.add_argument("--max-patch-length", type=int, default=None, help="patching.max_patch_length (default: the "
                  "checkpoint's, else none)")

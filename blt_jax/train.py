@@ -236,9 +236,9 @@ def fit_patching_threshold(cfg: ml_collections.ConfigDict, checkpointer: ckpt_li
   """With `patching.target_bytes_per_patch`, sets `cfg.patching.threshold` for it, once per run.
 
   A run with checkpoints takes the threshold stored in them and never recalibrates (its model learnt those
-  patches). A new run calibrates on its first `patching.calibration_rows` training rows (`calibrate.calibrate`,
-  the command's function), the same rows on every process; process 0's threshold is broadcast all the same, so
-  every process compiles one step.
+  patches). A new run calibrates on `patching.calibration_rows` rows from the start of its training stream
+  (`calibrate.sample_rows`, `calibrate.calibrate`: the command's functions), the same rows on every process;
+  process 0's threshold is broadcast all the same, so every process compiles one step.
   """
   target = cfg.patching.get("target_bytes_per_patch", 0.0)
   if cfg.model_type != "blt" or not target:
@@ -260,8 +260,8 @@ def fit_patching_threshold(cfg: ml_collections.ConfigDict, checkpointer: ckpt_li
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     threshold = float(multihost_utils.broadcast_one_to_all(np.float32(threshold)))
   cfg.patching.threshold = threshold
-  _say(f"patching.threshold={threshold!r}: calibrated for target_bytes_per_patch={target:g} on the first "
-       f"{result.rows} training rows (stored with the run)\n  " + calibrate.report(result).replace("\n", "\n  "))
+  _say(f"patching.threshold={threshold!r}: calibrated for target_bytes_per_patch={target:g} on {result.rows} "
+       f"training rows (stored with the run)\n  " + calibrate.report(result).replace("\n", "\n  "))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,11 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.patching = _dataclass_config(PatchingConfig())  # PatchingConfig fields (ignored for model_type=entropy_model)
   c.patching.max_patches = 0  # patches per row (P_max); 0 = seq_len + 1, which can never overflow
   c.patching.on_overflow = "count"  # "count": merge the tail into the last patch and log; "error": stop the run
-  # > 0: the mean patch length entropy patching aims at. The threshold is calibrated for it at start-up on the first
-  # training rows (`blt_jax.calibrate`), replaces patching.threshold and is stored with the run (checkpoints, export),
-  # so a resume, the scorer and generation reuse it. 0: patching.threshold as given.
+  # > 0: the mean patch length entropy patching aims at. The threshold is calibrated for it at start-up on rows from
+  # the start of the training stream (`blt_jax.calibrate`), replaces patching.threshold and is stored with the run
+  # (checkpoints, export), so a resume, the scorer and generation reuse it. 0: patching.threshold as given.
   c.patching.target_bytes_per_patch = 0.0
-  c.patching.calibration_rows = 256  # training rows the threshold is calibrated on (with target_bytes_per_patch)
+  # With target_bytes_per_patch: rows calibrated on, spread over the stream's first 8 MiB (calibrate.sample_rows)
+  c.patching.calibration_rows = 256
   # documents, split, loaders, on_bad_record ("error" stops on a record without text; "skip" counts and logs it):
   # each field's meaning is in blt_jax/data/pipeline.py's default_data_config
   c.data = _overridable(data_lib.default_data_config().to_dict(), _DATA_NONE_TYPES)
