@@ -16,10 +16,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from blt_jax import checkpoint as ckpt_lib
 from blt_jax import data as data_lib
 from blt_jax import optimizer as optimizer_lib
 from blt_jax import steps, tokenizer
 from blt_jax.config import EntropyModelConfig
+from blt_jax.study import heldout
 
 # Rare strings: the tokenizer splits special tokens out of raw text, so they must never occur in it.
 SPECIAL_TOKENS = ("<|blt:boe|>", "<|blt:bos|>", "<|blt:eos|>", "<|blt:bpe|>")
@@ -66,6 +68,22 @@ def encode_documents(tok, texts: Sequence[str], add_eos: bool) -> List[np.ndarra
   return out
 
 
+def heldout_scores(tok, model: EntropyModelConfig, params, texts: Sequence[str], row_len: int,
+                   rows_per_batch: int) -> Dict[str, float]:
+  """bpb of `texts` (clean or noised) under the token LM: each text tokenized by `tok`, as a user's text would be,
+  then its total token NLL in bits / the texts' UTF-8 bytes. Also the bytes per token of these texts."""
+  docs = encode_documents(tok, texts, add_eos=False)
+  scores = heldout.lm_scores(params, model, docs, heldout.utf8_bytes(texts), row_len, rows_per_batch)
+  return dict(scores, bytes_per_token=scores["n_bytes"] / scores["n_scored"])
+
+
+def save_export(path: str, model: EntropyModelConfig, params) -> None:
+  """The trained token LM's params and config in `path` (a `save_params` dir that `train.load_entropy_model` and
+  `heldout.load_lm_export` read): the noise scoring of a finished run needs them."""
+  meta = {"format": "blt_jax", "model_type": "entropy_model", "model": model.to_dict()}
+  ckpt_lib.save_params(path, params, meta, overwrite=True)
+
+
 def bytes_per_token(texts: Sequence[str], token_docs: Sequence[np.ndarray]) -> float:
   """Byte-model positions per BPE position over the same documents (`[BOS] bytes [EOS]` vs `[BOS] ids [EOS]`):
   a byte model's FLOPs per position and this model's FLOPs per token / this ratio count the same text."""
@@ -88,7 +106,7 @@ def train_token_lm(model: EntropyModelConfig, opt_cfg, run: TokenRun, token_docs
                    evaluate: Callable[[object, int], None], log: Callable[[str], None] = print) -> Dict:
   """Trains a causal token LM on packed `token_docs`; calls `evaluate(params, step)` at `run.eval_steps`.
 
-  Returns wall time and the mean training loss of the last logged steps; the params are only seen by `evaluate`.
+  Returns wall time, the last logged training loss, and the final params (`params`).
   """
   sc = steps.StepConfig(model)
   tx = optimizer_lib.make_optimizer(opt_cfg, run.num_steps)
@@ -111,7 +129,8 @@ def train_token_lm(model: EntropyModelConfig, opt_cfg, run: TokenRun, token_docs
           f"({time.perf_counter() - start:.0f}s)")
     if step in run.eval_steps:
       evaluate(state.params, step)
-  return dict(wall_s=time.perf_counter() - start, final_train_loss_per_token=losses[-1] if losses else None)
+  return dict(wall_s=time.perf_counter() - start, final_train_loss_per_token=losses[-1] if losses else None,
+              params=state.params)
 
 
 def measure_step_rate(model: EntropyModelConfig, opt_cfg, run: TokenRun, token_docs: Sequence[np.ndarray],

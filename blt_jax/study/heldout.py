@@ -6,18 +6,23 @@ model's own patcher). The two baselines are `EntropyModel` stacks, which the Sco
 than a row is cut into `score.split_document` windows (each with at least `min_context` ids of left context). For
 bytes the result is the scorer's bits per byte; for BPE ids the caller divides the total bits by the documents'
 bytes (the same held-out documents), which is the only bits-per-byte a token model has.
+
+Noised text (`blt_jax.study.noise`) is scored the same way: every model reads the noised text (bytes, or its own
+BPE tokens of it) and the denominator is the noised text's bytes. A finished run is scored from its `export/`
+(`HeldOutBLT.from_export`, `load_lm_export`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blt_jax import loading, score, tokenizer
+from blt_jax import loading, score, tokenizer, train
 from blt_jax.config import EntropyModelConfig
 from blt_jax.entropy_model import EntropyModel
 from blt_jax.score import split_document
@@ -31,21 +36,56 @@ class HeldOutBLT:
     self.row_bytes, self.rows_per_batch = row_bytes, rows_per_batch
     self.scorer = None
 
-  def __call__(self, step_config, params, entropy_params) -> dict:
-    """bpb, NLL, bytes and patches of the texts under a BLT (`steps.StepConfig`) with `params`."""
+  def __call__(self, step_config, params, entropy_params, texts: Optional[Sequence[str]] = None) -> dict:
+    """bpb, NLL, bytes and patches of the texts (default: the held-out texts) under a BLT (`steps.StepConfig`)."""
     if self.scorer is None:
-      model = loading.LoadedModel(step_config.model, params, step_config.patching, step_config.entropy_model,
-                                  entropy_params, path="<training run>")
-      self.scorer = score.Scorer(model, row_bytes=self.row_bytes, min_context=self.row_bytes // 2,
-                                 batch_bytes=self.row_bytes * self.rows_per_batch)
+      self._start(loading.LoadedModel(step_config.model, params, step_config.patching, step_config.entropy_model,
+                                      entropy_params, path="<training run>"))
     else:  # same shapes: the Scorer's compiled programs are reused
       self.scorer.set_params(params)
-    docs = self.scorer.score_texts(self.texts)
+    return self.score(texts)
+
+  @classmethod
+  def from_export(cls, path: str, texts: Sequence[str], row_bytes: int, rows_per_batch: int) -> "HeldOutBLT":
+    """A finished run's BLT (its workdir's `export/`, patcher included), ready to `score`."""
+    scorer = cls(texts, row_bytes, rows_per_batch)
+    scorer._start(loading.load(path))
+    return scorer
+
+  def _start(self, model: loading.LoadedModel) -> None:
+    self.scorer = score.Scorer(model, row_bytes=self.row_bytes, min_context=self.row_bytes // 2,
+                               batch_bytes=self.row_bytes * self.rows_per_batch)
+
+  def score(self, texts: Optional[Sequence[str]] = None) -> dict:
+    """Scores of `texts` (default: the held-out texts): bits per byte of those texts' own UTF-8 bytes."""
+    docs = self.scorer.score_texts(self.texts if texts is None else list(texts))
     nll = sum(d.nll_nats for d in docs)
     n_bytes = sum(d.n_bytes for d in docs)
     n_patches = sum(d.n_patches for d in docs)
     return dict(bpb=bits_per_byte(nll, n_bytes), nll_nats=nll, n_bytes=n_bytes, n_patches=n_patches,
                 mean_patch_length=n_bytes / max(n_patches, 1))
+
+
+def load_lm_export(path: str) -> Tuple[EntropyModelConfig, object]:
+  """(config, params) of a finished causal-LM run (byte or BPE transformer) from its `export/`."""
+  config, params = train.load_entropy_model(path)
+  return dataclasses.replace(config, scan_layers=False), params  # exports are per-layer
+
+
+def lm_scores(params, config: EntropyModelConfig, docs: Sequence[np.ndarray], n_bytes: int, row_len: int,
+              rows_per_batch: int) -> dict:
+  """bpb of `docs` (`[BOS] ids`) under a causal LM: total NLL in bits / `n_bytes`, the bytes the docs encode."""
+  nll, count = total_nll_nats(params, config, docs, row_len, rows_per_batch)
+  return dict(bpb=bits_per_byte(nll, n_bytes), nll_nats=nll, n_bytes=n_bytes, n_scored=count)
+
+
+def byte_docs(texts: Sequence[str]) -> List[np.ndarray]:
+  """`[BOS] bytes` of each text, as the byte transformer reads them."""
+  return [tokenizer.encode(t, add_bos=True, add_eos=False) for t in texts]
+
+
+def utf8_bytes(texts: Sequence[str]) -> int:
+  return sum(len(t.encode("utf-8")) for t in texts)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
