@@ -6,7 +6,7 @@ CKPT is anything `blt_jax.loading.load` reads: a converted checkpoint, a trainin
 DIR gets `config.json` and `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards with
 `model.safetensors.index.json`); the entropy model goes inside as `model.patcher.*`. Tensors are written one at a
 time and cast in row blocks, so the export needs little memory beyond the loaded params. Where transformers would
-compute differently from blt_jax (README, "Hugging Face layout"), the export stops and names every difference;
+compute differently from blt_jax (docs/converting.md, "Hugging Face layout"), the export stops and names every difference;
 `--force` writes it anyway.
 """
 from __future__ import annotations

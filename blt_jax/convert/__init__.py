@@ -196,7 +196,7 @@ def _config_json(loaded: reference.LoadedModel, src: pathlib.Path, format: str,
           "source": str(src), "source_format": format, "weights_file": str(loaded.weights_file),
           "params_dtype": dtype}
   if choices is not None:
-    meta["import_choices"] = choices  # where transformers and the reference differ (README, Hugging Face layout)
+    meta["import_choices"] = choices  # where transformers and the reference differ (docs/converting.md, Hugging Face layout)
   if loaded.patching is not None:
     meta["patching"] = loaded.patching.to_dict()
   if has_entropy_model:

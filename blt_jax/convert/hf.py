@@ -5,7 +5,7 @@ A transformers BLT directory holds `config.json` (a `BltConfig`: top-level patch
 listed by `model.safetensors.index.json`. The entropy model is inside, as `model.patcher.*` (when
 `patch_in_forward` is set). Tensor names: `hf_keys.py`.
 
-Where transformers computes differently from the reference (README, "Hugging Face layout"), `ImportChoices` says
+Where transformers computes differently from the reference (docs/converting.md, "Hugging Face layout"), `ImportChoices` says
 which behaviour an imported model gets; the choice is written into the converted config, so it stays visible.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ REFERENCE = "reference"
 
 @dataclasses.dataclass(frozen=True)
 class ImportChoices:
-  """Which behaviour an imported model gets where transformers' port and the reference differ (README table)."""
+  """Which behaviour an imported model gets where transformers' port and the reference differ (docs/converting.md table)."""
   # With all-layer encoder cross-attention: "transformers" re-pools the patch queries before every cross-attention
   # (BLTConfig.encoder_repool_patches); "reference" pools once, as the reference does.
   encoder_pooling: str = TRANSFORMERS
@@ -340,7 +340,7 @@ class _Filtered:
 def hf_config(config: config_lib.BLTConfig, entropy: Optional[config_lib.EntropyModelConfig],
               patching: Optional[config_lib.PatchingConfig], dtype: str) -> Tuple[Dict[str, Any], List[str]]:
   """(transformers config.json dict, problems): every way BltForCausalLM would compute differently from blt_jax
-  with these configs, or could not hold the weights. An empty list means the export is faithful (README table)."""
+  with these configs, or could not hold the weights. An empty list means the export is faithful (docs/converting.md table)."""
   c = config
   problems = []
   enc, glb, dec = c.encoder_stack(), c.global_stack(), c.decoder_stack()
