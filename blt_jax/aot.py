@@ -5,6 +5,7 @@ the trainer's own jitted step (`train.build_train_step`) lowers and compiles for
 ever allocated. XLA's TPU compiler then says how much HBM a chip needs (or that it does not fit), how many FLOPs a
 chip runs per step and which collectives the partitioned program holds. `scripts/aot_compile.py` is the command line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,14 @@ from blt_jax.entropy_model import init_entropy_model
 
 GiB = 1024**3
 # HBM per chip (as jax sees one device), by `device_kind`. Cloud TPU's published figures.
-HBM_BYTES = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB, "TPU v5p": 95 * GiB,
-             "TPU v6 lite": 32 * GiB, "TPU v6e": 32 * GiB}
+HBM_BYTES = {
+    "TPU v4": 32 * GiB,
+    "TPU v5 lite": 16 * GiB,
+    "TPU v5": 95 * GiB,
+    "TPU v5p": 95 * GiB,
+    "TPU v6 lite": 32 * GiB,
+    "TPU v6e": 32 * GiB,
+}
 
 
 class AotError(ValueError):
@@ -39,15 +46,20 @@ def topology_devices(name: str) -> list:
   # share the machine with a process that holds it (a training run on the same TPU VM, another compile).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if importlib.util.find_spec("libtpu") is None:
-    raise AotError(f"--topology {name!r}: ahead-of-time TPU compiles need libtpu, the TPU compiler: "
-                   f'pip install "jax[tpu]=={jax.__version__}"')
+    raise AotError(
+        f"--topology {name!r}: ahead-of-time TPU compiles need libtpu, the TPU compiler: "
+        f'pip install "jax[tpu]=={jax.__version__}"'
+    )
   try:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
     topology = topologies.get_topology_desc(topology_name=name, platform="tpu")
   except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError / XlaRuntimeError by jax version)
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise AotError(f"--topology {name!r} is not a TPU slice libtpu can describe ({message}); write "
-                   f"<generation>:<chips per dimension>, e.g. v5e:2x2, v5p:4x4x8, v6e:16x16") from None
+    raise AotError(
+        f"--topology {name!r} is not a TPU slice libtpu can describe ({message}); write "
+        f"<generation>:<chips per dimension>, e.g. v5e:2x2, v5p:4x4x8, v6e:16x16"
+    ) from None
   return list(topology.devices)
 
 
@@ -56,8 +68,9 @@ def hbm_bytes(device) -> int:
   return HBM_BYTES.get(getattr(device, "device_kind", ""), 0)
 
 
-def entropy_model_config(cfg: ml_collections.ConfigDict, entropy_config: Optional[str] = None
-                         ) -> Optional[EntropyModelConfig]:
+def entropy_model_config(
+    cfg: ml_collections.ConfigDict, entropy_config: Optional[str] = None
+) -> Optional[EntropyModelConfig]:
   """The in-graph entropy model's config: from a config file (`entropy_config`), else from the checkpoint's
   config.json; None when the step runs none."""
   if not train.uses_entropy_model(cfg):
@@ -70,17 +83,20 @@ def entropy_model_config(cfg: ml_collections.ConfigDict, entropy_config: Optiona
   try:
     return train.load_entropy_model_config(cfg.entropy_checkpoint, run=cfg)
   except FileNotFoundError as e:
-    raise AotError(f"{e}. The step runs the entropy model in-graph: name its shape with --entropy_config "
-                   f"(e.g. configs/entropy_100m.py, the released one's), or compile with precomputed entropies "
-                   f"(--config.data.entropy_store=<any name>)") from None
+    raise AotError(
+        f"{e}. The step runs the entropy model in-graph: name its shape with --entropy_config "
+        f"(e.g. configs/entropy_100m.py, the released one's), or compile with precomputed entropies "
+        f"(--config.data.entropy_store=<any name>)"
+    ) from None
 
 
 def _with_sharding(tree, shardings):
   return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def abstract_inputs(cfg: ml_collections.ConfigDict, parts: train.TrainStepParts,
-                    entropy_cfg: Optional[EntropyModelConfig]):
+def abstract_inputs(
+    cfg: ml_collections.ConfigDict, parts: train.TrainStepParts, entropy_cfg: Optional[EntropyModelConfig]
+):
   """(state, batches_ABN, entropy params) of `parts.train_step` as sharded ShapeDtypeStructs (the batch contract of
   `data.pipeline`, stacked over `grad_accum_steps` as the trainer stacks it)."""
   state = sharding.abstract_with_shardings(parts.abstract_state, parts.state_shardings)
@@ -93,8 +109,9 @@ def abstract_inputs(cfg: ml_collections.ConfigDict, parts: train.TrainStepParts,
   if entropy_cfg is not None:
     rep = sharding.replicated(parts.batch_sharding.mesh)
     # In the trainer's layout (`Trainer` stacks a scan_layers entropy model's params once, at load).
-    boxed = jax.eval_shape(lambda: layer_stacking.to_run_layout(init_entropy_model(jax.random.PRNGKey(0), entropy_cfg),
-                                                                entropy_cfg))
+    boxed = jax.eval_shape(
+        lambda: layer_stacking.to_run_layout(init_entropy_model(jax.random.PRNGKey(0), entropy_cfg), entropy_cfg)
+    )
     unboxed = train._unbox(boxed)  # pylint: disable=protected-access
     entropy_params = _with_sharding(unboxed, jax.tree_util.tree_map(lambda _: rep, unboxed))
   return state, batch, entropy_params
@@ -103,6 +120,7 @@ def abstract_inputs(cfg: ml_collections.ConfigDict, parts: train.TrainStepParts,
 @dataclasses.dataclass
 class Report:
   """What one ahead-of-time compile found; memory and FLOPs are per chip, per optimizer step."""
+
   topology: str
   device_kind: str
   chips: int
@@ -143,35 +161,42 @@ class Report:
   def lines(self) -> list:
     gib = lambda b: f"{b / GiB:.2f} GiB"
     mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
-    out = [f"topology {self.topology}: {self.chips} x {self.device_kind}; mesh {mesh}",
-           f"step: batch {self.global_batch_size} x {self.seq_len} bytes x {self.grad_accum_steps} micro-step(s), "
-           f"{self.compute_dtype}, remat={self.remat}" + (f" ({self.remat_policy})" if self.remat and self.remat_policy
-                                                          else "")
-           + f", scan_layers={self.scan_layers}, attention={self.attention_impl}, in-graph entropy model="
-           f"{self.in_graph_entropy_model}",
-           f"lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s"]
+    out = [
+        f"topology {self.topology}: {self.chips} x {self.device_kind}; mesh {mesh}",
+        f"step: batch {self.global_batch_size} x {self.seq_len} bytes x {self.grad_accum_steps} micro-step(s), "
+        f"{self.compute_dtype}, remat={self.remat}"
+        + (f" ({self.remat_policy})" if self.remat and self.remat_policy else "")
+        + f", scan_layers={self.scan_layers}, attention={self.attention_impl}, in-graph entropy model="
+        f"{self.in_graph_entropy_model}",
+        f"lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s",
+    ]
     if not self.fits:
       out.append(f"DOES NOT FIT in {gib(self.hbm_bytes) if self.hbm_bytes else 'HBM'} per chip: {self.error}")
       return out
     hbm = f" of {gib(self.hbm_bytes)} HBM ({self.total_bytes / self.hbm_bytes:.0%})" if self.hbm_bytes else ""
-    out.append(f"memory per chip: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
-               f"outputs not aliased {gib(self.output_bytes - self.alias_bytes)}, code {gib(self.code_bytes)}; "
-               f"total {gib(self.total_bytes)}{hbm}")
+    out.append(
+        f"memory per chip: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
+        f"outputs not aliased {gib(self.output_bytes - self.alias_bytes)}, code {gib(self.code_bytes)}; "
+        f"total {gib(self.total_bytes)}{hbm}"
+    )
     model = self.model_flops.get("model", 0.0)
     ratio = f" = {self.matmul_flops / model:.2f} x flops.py's {model:.3g}" if model else ""
     loops = f", {self.uncounted_loops} loop(s) of unknown length counted once" if self.uncounted_loops else ""
     kernels = f"; {self.pallas_kernels} Pallas kernel call(s) not counted" if self.pallas_kernels else ""
-    out.append(f"FLOPs per chip per step: matmuls in the compiled program {self.matmul_flops:.3g}{ratio} (loops "
-               f"times their trip counts, conditionals at their costliest branch{loops}{kernels}); XLA's cost "
-               f"analysis {self.xla_flops:.3g} (loop bodies once)")
+    out.append(
+        f"FLOPs per chip per step: matmuls in the compiled program {self.matmul_flops:.3g}{ratio} (loops "
+        f"times their trip counts, conditionals at their costliest branch{loops}{kernels}); XLA's cost "
+        f"analysis {self.xla_flops:.3g} (loop bodies once)"
+    )
     for name, value in self.model_flops.items():
       if name != "model":
         out.append(f"  flops.py {name}: {value:.3g}" + (f" ({value / model:.2f} x model)" if model else ""))
     out.extend(self._breakdown_lines())
-    out.append("collectives (static instructions, result bytes): " + ", ".join(
-        f"{k} {v['ops']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in self.collectives.items() if v["ops"]))
+    out.append(
+        "collectives (static instructions, result bytes): "
+        + ", ".join(f"{k} {v['ops']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in self.collectives.items() if v["ops"])
+    )
     return out
-
 
   def _breakdown_lines(self) -> list:
     """Per stage: compiled matmul FLOPs by pass, and the attention (scores and values) share."""
@@ -186,8 +211,10 @@ class Report:
     out = ["  compiled matmuls by stage (forward / backward / recompute; attention share):"]
     for stage, row in sorted(stages.items(), key=lambda kv: -sum(kv[1].values())):
       total = row["forward"] + row["backward"] + row["recompute"]
-      out.append(f"    {stage}: {total:.3g} = {row['forward']:.3g} / {row['backward']:.3g} / {row['recompute']:.3g}; "
-                 f"attention {row['attention'] / total:.0%}")
+      out.append(
+          f"    {stage}: {total:.3g} = {row['forward']:.3g} / {row['backward']:.3g} / {row['recompute']:.3g}; "
+          f"attention {row['attention'] / total:.0%}"
+      )
     return out
 
 
@@ -195,7 +222,7 @@ STAGES = ("local_encoder", "global_transformer", "local_decoder")
 
 
 def flops_part(op_name: str) -> str:
-  """"stage/pass/kind" of a matmul from its jax name stack: stage one of `STAGES`, `entropy_model` (the in-graph
+  """ "stage/pass/kind" of a matmul from its jax name stack: stage one of `STAGES`, `entropy_model` (the in-graph
   patcher, or the model an entropy-model run trains) or `other`; pass forward, backward or recompute (remat);
   kind attention (an einsum of activations: scores, values, cross-attention) or dense (weights)."""
   stage = next((s for s in STAGES if f"/{s}/" in op_name), None)
@@ -212,8 +239,9 @@ def flops_part(op_name: str) -> str:
 _WEIGHT = re.compile(r"w[qkvo]|w\d")  # the attention and feed-forward kernels' module names
 
 
-def model_flops_per_chip(cfg: ml_collections.ConfigDict, parts: train.TrainStepParts, chips: int,
-                         mean_patch_length: float) -> Dict[str, float]:
+def model_flops_per_chip(
+    cfg: ml_collections.ConfigDict, parts: train.TrainStepParts, chips: int, mean_patch_length: float
+) -> Dict[str, float]:
   """flops.py's count for one step, per chip: `model` (the paper's accounting at `mean_patch_length`), and for a
   BLT `every_patch_slot` (the global stack over all `max_patches` slots, as the step runs it) and
   `entropy_forward` (the in-graph entropy model's forward, which flops.py does not count)."""
@@ -223,11 +251,13 @@ def model_flops_per_chip(cfg: ml_collections.ConfigDict, parts: train.TrainStepP
     return dict(model=flops_lib.entropy_model_train_flops_per_byte(sc.model, cfg.seq_len) * step_bytes / chips)
   out = dict(model=flops_lib.blt_train_flops_per_byte(sc.model, cfg.seq_len, mean_patch_length) * step_bytes / chips)
   slots_patch_length = cfg.seq_len / sc.max_patches
-  out["every_patch_slot"] = (flops_lib.blt_train_flops_per_byte(sc.model, cfg.seq_len, slots_patch_length)
-                             * step_bytes / chips)
+  out["every_patch_slot"] = (
+      flops_lib.blt_train_flops_per_byte(sc.model, cfg.seq_len, slots_patch_length) * step_bytes / chips
+  )
   if sc.entropy_model is not None:
-    out["entropy_forward"] = (flops_lib.entropy_model_train_flops_per_byte(sc.entropy_model, cfg.seq_len) / 3
-                              * step_bytes / chips)
+    out["entropy_forward"] = (
+        flops_lib.entropy_model_train_flops_per_byte(sc.entropy_model, cfg.seq_len) / 3 * step_bytes / chips
+    )
   return out
 
 
@@ -241,8 +271,14 @@ def _xla_flops(compiled) -> float:
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|exceed(s|ed)? .*(hbm|memory)", re.S)
 
 
-def compile_step(cfg: ml_collections.ConfigDict, topology: str, entropy_config: Optional[str] = None,
-                 mean_patch_length: float = 4.5, progress=None, hlo_path: Optional[str] = None) -> Report:
+def compile_step(
+    cfg: ml_collections.ConfigDict,
+    topology: str,
+    entropy_config: Optional[str] = None,
+    mean_patch_length: float = 4.5,
+    progress=None,
+    hlo_path: Optional[str] = None,
+) -> Report:
   """Compiles the trainer's train step of `cfg` for every chip of `topology`; the report says whether it fits.
 
   `progress`: called with a line before the (long) compile starts; `hlo_path`: where to write the compiled
@@ -255,19 +291,31 @@ def compile_step(cfg: ml_collections.ConfigDict, topology: str, entropy_config: 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
   except (NotImplementedError, ValueError, AssertionError) as e:  # jax's mesh_utils cannot lay the axes on the torus
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise AotError(f"mesh data={cfg.mesh.data}, fsdp={cfg.mesh.fsdp}, tensor={cfg.mesh.tensor} cannot be laid out "
-                   f"on {topology}'s {len(devices)} chips ({first[:400]}); pick mesh sizes that are products of the "
-                   f"slice's dimensions") from None
+    raise AotError(
+        f"mesh data={cfg.mesh.data}, fsdp={cfg.mesh.fsdp}, tensor={cfg.mesh.tensor} cannot be laid out "
+        f"on {topology}'s {len(devices)} chips ({first[:400]}); pick mesh sizes that are products of the "
+        f"slice's dimensions"
+    ) from None
   parts = train.build_train_step(cfg, mesh, entropy_cfg)
   state, batch, entropy_params = abstract_inputs(cfg, parts, entropy_cfg)
   kind = devices[0].device_kind
-  report = Report(topology=topology, device_kind=kind, chips=len(devices), mesh=dict(mesh.shape),
-                  global_batch_size=cfg.global_batch_size, grad_accum_steps=cfg.grad_accum_steps,
-                  seq_len=cfg.seq_len, compute_dtype=cfg.compute_dtype, remat=bool(cfg.remat),
-                  scan_layers=bool(cfg.get("scan_layers", False)), in_graph_entropy_model=entropy_cfg is not None,
-                  attention_impl=str(cfg.get("attention_impl", "auto")), remat_policy=str(cfg.get("remat_policy", "")),
-                  hbm_bytes=hbm_bytes(devices[0]),
-                  model_flops=model_flops_per_chip(cfg, parts, len(devices), mean_patch_length))
+  report = Report(
+      topology=topology,
+      device_kind=kind,
+      chips=len(devices),
+      mesh=dict(mesh.shape),
+      global_batch_size=cfg.global_batch_size,
+      grad_accum_steps=cfg.grad_accum_steps,
+      seq_len=cfg.seq_len,
+      compute_dtype=cfg.compute_dtype,
+      remat=bool(cfg.remat),
+      scan_layers=bool(cfg.get("scan_layers", False)),
+      in_graph_entropy_model=entropy_cfg is not None,
+      attention_impl=str(cfg.get("attention_impl", "auto")),
+      remat_policy=str(cfg.get("remat_policy", "")),
+      hbm_bytes=hbm_bytes(devices[0]),
+      model_flops=model_flops_per_chip(cfg, parts, len(devices), mean_patch_length),
+  )
   start = time.perf_counter()
   lowered = parts.train_step.lower(state, batch, entropy_params)
   report.lower_s = time.perf_counter() - start
@@ -327,16 +375,28 @@ def main(argv=None) -> int:
   argv = sys.argv if argv is None else argv
   config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice to compile for: <generation>:<chips per dim>, e.g. v5p:4x4x8.")
-  flags.DEFINE_string("entropy_config", None, "Config file of the in-graph entropy model (e.g. "
-                      "configs/entropy_100m.py) when the config's entropy_checkpoint is not on this machine.")
+  flags.DEFINE_string(
+      "entropy_config",
+      None,
+      "Config file of the in-graph entropy model (e.g. "
+      "configs/entropy_100m.py) when the config's entropy_checkpoint is not on this machine.",
+  )
   flags.DEFINE_float("mean_patch_length", 4.5, "Bytes per patch for flops.py's model FLOPs (paper accounting).")
   flags.DEFINE_string("json", None, "Also write the report as json to this file.")
   flags.DEFINE_string("hlo", None, "Also write the compiled program's HLO text to this file.")
-  flags.DEFINE_enum("step", "train", ["train", "score", "generate"], "The program to compile: the train step, the "
-                    "scorer's programs or the generator's (prefill and a chunk of cached steps; blt_jax.aot_inference).")
+  flags.DEFINE_enum(
+      "step",
+      "train",
+      ["train", "score", "generate"],
+      "The program to compile: the train step, the "
+      "scorer's programs or the generator's (prefill and a chunk of cached steps; blt_jax.aot_inference).",
+  )
   flags.DEFINE_string("dtype", "float32", "--step score/generate: the params' dtype (float32 or bfloat16).")
-  flags.DEFINE_string("mesh", None, "--step score/generate: the inference mesh, e.g. fsdp=8 (default: params "
-                      "replicated on every chip).")
+  flags.DEFINE_string(
+      "mesh",
+      None,
+      "--step score/generate: the inference mesh, e.g. fsdp=8 (default: params " "replicated on every chip).",
+  )
   flags.DEFINE_integer("row_bytes", None, "--step score: bytes per row (default: the scorer's).")
   flags.DEFINE_integer("batch_bytes", 16384, "--step score: bytes per batch.")
   flags.DEFINE_integer("gen_batch", 8, "--step generate: prompts per batch.")
@@ -345,19 +405,38 @@ def main(argv=None) -> int:
   train.parse_flags(argv)
   cfg, topology = flags.FLAGS.config, flags.FLAGS.topology
   if cfg is None or topology is None:
-    raise SystemExit("usage: scripts/aot_compile.py --config configs/<name>.py --topology v5p:4x4x8 "
-                     "[--entropy_config configs/entropy_100m.py] [--config.a.b=value]")
+    raise SystemExit(
+        "usage: scripts/aot_compile.py --config configs/<name>.py --topology v5p:4x4x8 "
+        "[--entropy_config configs/entropy_100m.py] [--config.a.b=value]"
+    )
   f = flags.FLAGS
   try:
     if f.step == "train":
-      report = compile_step(cfg, topology, f.entropy_config, f.mean_patch_length,
-                            progress=lambda line: print(line, flush=True), hlo_path=f.hlo)
+      report = compile_step(
+          cfg,
+          topology,
+          f.entropy_config,
+          f.mean_patch_length,
+          progress=lambda line: print(line, flush=True),
+          hlo_path=f.hlo,
+      )
       data = report_dict(report)
     else:
       from blt_jax import aot_inference  # pylint: disable=g-import-not-at-top
+
       report = aot_inference.compile_inference(
-          cfg, topology, f.step, f.entropy_config, f.dtype, f.mesh, row_bytes=f.row_bytes,
-          batch_bytes=f.batch_bytes, batch=f.gen_batch, prompt_bytes=f.prompt_bytes, max_bytes=f.max_bytes)
+          cfg,
+          topology,
+          f.step,
+          f.entropy_config,
+          f.dtype,
+          f.mesh,
+          row_bytes=f.row_bytes,
+          batch_bytes=f.batch_bytes,
+          batch=f.gen_batch,
+          prompt_bytes=f.prompt_bytes,
+          max_bytes=f.max_bytes,
+      )
       data = dict(dataclasses.asdict(report), peak_bytes=report.peak_bytes, fits=report.fits)
   except (ValueError, FileNotFoundError) as e:  # AotError and PlacementError are ValueErrors
     raise SystemExit(f"error: {e}") from None

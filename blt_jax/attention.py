@@ -12,6 +12,7 @@ done in float32 explicitly), and the output is rounded once to v's dtype. Rows w
   softmax over patch ids (cost N * k * w), never as a [P*k, N] matrix.
 * `decoder_cross_attention`: each byte attends the k slots of one patch (w patches with a window): a gather.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -39,8 +40,9 @@ def _softmax_rows(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
   return p / jnp.where(denom > 0, denom, 1.0)
 
 
-def masked_attention(q_BSHD: jnp.ndarray, k_BTKD: jnp.ndarray, v_BTKD: jnp.ndarray,
-                     mask_BST: jnp.ndarray) -> jnp.ndarray:
+def masked_attention(
+    q_BSHD: jnp.ndarray, k_BTKD: jnp.ndarray, v_BTKD: jnp.ndarray, mask_BST: jnp.ndarray
+) -> jnp.ndarray:
   """Plain attention with a boolean [B or 1, S, T] mask shared by all heads."""
   H, D = q_BSHD.shape[2], q_BSHD.shape[3]
   k, v = _repeat_kv(k_BTKD, H), _repeat_kv(v_BTKD, H)
@@ -77,8 +79,15 @@ def choose_impl(impl: str, seq_len: int, has_documents: bool, block: int = BLOCK
   return "dense" if seq_len < 2 * block else "blocked"
 
 
-def self_attention(q_BSHD: jnp.ndarray, k_BSKD: jnp.ndarray, v_BSKD: jnp.ndarray, doc_BS: Optional[jnp.ndarray],
-                   window: Optional[int], block: int = BLOCK, impl: str = "auto") -> jnp.ndarray:
+def self_attention(
+    q_BSHD: jnp.ndarray,
+    k_BSKD: jnp.ndarray,
+    v_BSKD: jnp.ndarray,
+    doc_BS: Optional[jnp.ndarray],
+    window: Optional[int],
+    block: int = BLOCK,
+    impl: str = "auto",
+) -> jnp.ndarray:
   """Causal self-attention, windowed (`i - W < j <= i`) and split at documents when given.
 
   Every implementation computes the mask of `masks.self_attention_mask`: dense (one masked softmax), blocked
@@ -94,8 +103,10 @@ def self_attention(q_BSHD: jnp.ndarray, k_BSKD: jnp.ndarray, v_BSKD: jnp.ndarray
     return splash.self_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window, interpret=target_platform() != "tpu")
   if chosen == "cudnn":
     if doc_BS is not None:
-      raise ValueError("attention_impl='cudnn' cannot split attention at documents (no segment ids in cuDNN's "
-                       "masks); use 'auto', 'blocked' or set document_mask=False")
+      raise ValueError(
+          "attention_impl='cudnn' cannot split attention at documents (no segment ids in cuDNN's "
+          "masks); use 'auto', 'blocked' or set document_mask=False"
+      )
     return cudnn_self_attention(q_BSHD, k_BSKD, v_BSKD, window)
   return blocked_self_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window, block)
 
@@ -106,8 +117,9 @@ def cudnn_self_attention(q_BSHD, k_BSKD, v_BSKD, window, implementation: Optiona
   H = q_BSHD.shape[2]
   k, v = _repeat_kv(k_BSKD, H), _repeat_kv(v_BSKD, H)
   local = None if window is None else (window - 1, 0)  # keys i-W < j <= i
-  return jax.nn.dot_product_attention(q_BSHD, k, v, is_causal=True, local_window_size=local,
-                                      implementation=implementation)
+  return jax.nn.dot_product_attention(
+      q_BSHD, k, v, is_causal=True, local_window_size=local, implementation=implementation
+  )
 
 
 def blocked_self_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window, block: int = BLOCK):
@@ -154,12 +166,16 @@ def blocked_self_attention(q_BSHD, k_BSKD, v_BSKD, doc_BS, window, block: int = 
         l = l * correction + jnp.sum(p, axis=-1)
         pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
         return m_new, l, acc * correction[..., None] + pv
+
       first = 0 if window is None else jnp.maximum(0, (i * block - window + 1) // block)
       return jax.lax.cond((j <= i) & (j >= first), visit, lambda c: c, carry), None
 
     # A finite start for the running max: fully masked rows keep p = 0 and end with l = 0 (output 0, as dense).
-    init = (jnp.full((B, H, block), -1e30, jnp.float32), jnp.zeros((B, H, block), jnp.float32),
-            jnp.zeros((B, H, block, D), jnp.float32))
+    init = (
+        jnp.full((B, H, block), -1e30, jnp.float32),
+        jnp.zeros((B, H, block), jnp.float32),
+        jnp.zeros((B, H, block, D), jnp.float32),
+    )
     (m, l, acc), _ = jax.lax.scan(key_block, init, jnp.arange(n))
     return None, (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(v.dtype)
 
@@ -172,8 +188,15 @@ def _segment_reduce(op, data_BN, ids_BN, num_segments: int):
   return jax.vmap(lambda d, i: op(d, i, num_segments=num_segments))(data_BN, ids_BN)
 
 
-def encoder_cross_attention(q_BQHD: jnp.ndarray, k_BNHD: jnp.ndarray, v_BNHD: jnp.ndarray, patch_ids_BN: jnp.ndarray,
-                            num_patches: int, slots: int, window: Optional[int] = None) -> jnp.ndarray:
+def encoder_cross_attention(
+    q_BQHD: jnp.ndarray,
+    k_BNHD: jnp.ndarray,
+    v_BNHD: jnp.ndarray,
+    patch_ids_BN: jnp.ndarray,
+    num_patches: int,
+    slots: int,
+    window: Optional[int] = None,
+) -> jnp.ndarray:
   """Patch slots (`Q = P * slots`) attend the bytes of their patch (or of the `window` patches ending there).
 
   Each byte scores only the slots that may see it, then a segment softmax per (patch, slot, head) normalises over
@@ -205,9 +228,14 @@ def encoder_cross_attention(q_BQHD: jnp.ndarray, k_BNHD: jnp.ndarray, v_BNHD: jn
   return out.reshape(B, P * slots, H, D).astype(v_BNHD.dtype)
 
 
-def decoder_cross_attention(q_BNHD: jnp.ndarray, k_BQHD: jnp.ndarray, v_BQHD: jnp.ndarray,
-                            decoder_patch_ids_BN: jnp.ndarray, slots: int,
-                            window: Optional[int] = None) -> jnp.ndarray:
+def decoder_cross_attention(
+    q_BNHD: jnp.ndarray,
+    k_BQHD: jnp.ndarray,
+    v_BQHD: jnp.ndarray,
+    decoder_patch_ids_BN: jnp.ndarray,
+    slots: int,
+    window: Optional[int] = None,
+) -> jnp.ndarray:
   """Each byte attends the `slots` slots of patch dpid(i) (of patches dpid(i)-w+1 .. dpid(i) with a window)."""
   B, N, H, D = q_BNHD.shape
   P = k_BQHD.shape[1] // slots

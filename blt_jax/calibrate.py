@@ -9,6 +9,7 @@ entropies are computed once, and every candidate threshold is tried with the tra
 training. Bytes per patch are counted as the trainer's `mean_patch_length` counts them: (seq_len + 1) positions
 per row over the patches made. The trainer calls `calibrate` at start-up for `patching.target_bytes_per_patch`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ _MAX_ITERATIONS = 48  # bisection steps; float32 thresholds are exhausted well b
 @dataclasses.dataclass(frozen=True)
 class Calibration:
   """What `calibrate` measured on a sample of rows; `to_json` holds the same numbers."""
+
   threshold: float  # float32-exact; the threshold patching compares entropies with
   target_bytes_per_patch: float
   bytes_per_patch: float  # measured with `threshold` on the sample
@@ -60,12 +62,15 @@ class Calibration:
 def check_target(target: float, seq_len: int) -> None:
   """A mean patch length lies between one byte and the row (its seq_len + 1 positions in one patch)."""
   if not 1.0 <= target <= seq_len:
-    raise ValueError(f"target bytes per patch {target:g} is out of range: a mean patch length lies between 1 and "
-                     f"the row length ({seq_len} bytes)")
+    raise ValueError(
+        f"target bytes per patch {target:g} is out of range: a mean patch length lies between 1 and "
+        f"the row length ({seq_len} bytes)"
+    )
 
 
-def sample_rows(data_cfg, seq_len: int, num_rows: int, seed: int, span_bytes: Optional[int] = None
-                ) -> Dict[str, np.ndarray]:
+def sample_rows(
+    data_cfg, seq_len: int, num_rows: int, seed: int, span_bytes: Optional[int] = None
+) -> Dict[str, np.ndarray]:
   """`num_rows` training rows spread evenly over the start of the stream a trainer with `seed` reads.
 
   Documents are often longer than a few rows, so the very first rows would hold only a handful of them: the rows
@@ -97,26 +102,28 @@ def row_entropies(tokens_RN: np.ndarray, params, config: EntropyModelConfig) -> 
   step = min(rows, _ROWS_PER_CALL)
   out = []
   for start in range(0, rows, step):
-    chunk = tokens_RN[start:start + step]
+    chunk = tokens_RN[start : start + step]
     padded = np.pad(chunk, ((0, step - chunk.shape[0]), (0, 0)))
-    out.append(np.asarray(compute_entropies_jit(params, padded, config))[:chunk.shape[0]])
+    out.append(np.asarray(compute_entropies_jit(params, padded, config))[: chunk.shape[0]])
   return np.concatenate(out).astype(np.float32)
 
 
-def patches_per_row(tokens_RN: np.ndarray, entropies_RN: np.ndarray, patching: PatchingConfig,
-                    threshold: float) -> np.ndarray:
+def patches_per_row(
+    tokens_RN: np.ndarray, entropies_RN: np.ndarray, patching: PatchingConfig, threshold: float
+) -> np.ndarray:
   """int `[R]`: patches each row needs at `threshold`, made by the trainer's `steps.make_patches`.
 
   The patcher takes its threshold as a static argument, so under jit every candidate would compile anew (about a
   second each); op by op, the same functions run in milliseconds and compare the same values.
   """
   num_positions = tokens_RN.shape[1] + 1
-  sc = steps.StepConfig(model=None, patching=dataclasses.replace(patching, threshold=float(threshold)),
-                        max_patches=num_positions)  # as many slots as positions: nothing overflows
+  sc = steps.StepConfig(
+      model=None, patching=dataclasses.replace(patching, threshold=float(threshold)), max_patches=num_positions
+  )  # as many slots as positions: nothing overflows
   counts = []
   with jax.disable_jit():
     for start in range(0, tokens_RN.shape[0], 256):
-      batch = dict(tokens=tokens_RN[start:start + 256], entropies=entropies_RN[start:start + 256])
+      batch = dict(tokens=tokens_RN[start : start + 256], entropies=entropies_RN[start : start + 256])
       counts.append(np.asarray(steps.make_patches(sc, batch, None).num_patches_B))
   return np.concatenate(counts)
 
@@ -126,8 +133,9 @@ def bytes_per_patch(counts_R: np.ndarray, seq_len: int) -> float:
   return len(counts_R) * (seq_len + 1) / max(int(np.sum(counts_R)), 1)
 
 
-def fit_threshold(tokens_RN: np.ndarray, entropies_RN: np.ndarray, patching: PatchingConfig, target: float
-                  ) -> tuple[float, np.ndarray]:
+def fit_threshold(
+    tokens_RN: np.ndarray, entropies_RN: np.ndarray, patching: PatchingConfig, target: float
+) -> tuple[float, np.ndarray]:
   """(threshold, patches per row) whose mean patch length is the closest to `target` (bisection).
 
   Fewer positions pass a higher threshold in every mode (plain, monotonic, with threshold_add), and splits by
@@ -145,9 +153,11 @@ def fit_threshold(tokens_RN: np.ndarray, entropies_RN: np.ndarray, patching: Pat
   lo, hi = float(np.float32(-2 * span)), float(np.float32(2 * span))
   (lo_counts, lo_mean), (hi_counts, hi_mean) = measure(lo), measure(hi)
   if not lo_mean <= target <= hi_mean:
-    raise ValueError(f"target bytes per patch {target:g} is out of reach on these rows: entropy patching gives "
-                     f"{lo_mean:.3f} (every position starts a patch) to {hi_mean:.3f} (none does; documents, "
-                     f"max_patch_length={patching.max_patch_length} and the first two positions still split)")
+    raise ValueError(
+        f"target bytes per patch {target:g} is out of reach on these rows: entropy patching gives "
+        f"{lo_mean:.3f} (every position starts a patch) to {hi_mean:.3f} (none does; documents, "
+        f"max_patch_length={patching.max_patch_length} and the first two positions still split)"
+    )
   for _ in range(_MAX_ITERATIONS):
     mid = float(np.float32((lo + hi) / 2))
     if mid in (lo, hi):  # adjacent float32 values: nothing in between to try
@@ -168,8 +178,10 @@ def _binomial_cdf(k: int, n: int, p: float) -> float:
     return 1.0
   if p >= 1.0:
     return 1.0 if k >= n else 0.0
-  log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-               + (n - i) * math.log1p(-p) for i in range(k + 1)]
+  log_terms = [
+      math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+      for i in range(k + 1)
+  ]
   top = max(log_terms)
   return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
@@ -190,9 +202,16 @@ def slots_for(counts_R: np.ndarray, overflow: float, multiple_of: int = 1) -> in
   return -(-slots // multiple_of) * multiple_of
 
 
-def calibrate(rows: Dict[str, np.ndarray], patching: PatchingConfig, target: float, *, entropy_params=None,
-              entropy_config: Optional[EntropyModelConfig] = None, overflow: float = 1e-3,
-              multiple_of: int = 1) -> Calibration:
+def calibrate(
+    rows: Dict[str, np.ndarray],
+    patching: PatchingConfig,
+    target: float,
+    *,
+    entropy_params=None,
+    entropy_config: Optional[EntropyModelConfig] = None,
+    overflow: float = 1e-3,
+    multiple_of: int = 1,
+) -> Calibration:
   """Fits the entropy threshold and max_patches to `rows` (`sample_rows`: stored entropies or the model's)."""
   tokens = np.asarray(rows["tokens"])
   seq_len = tokens.shape[1]
@@ -211,28 +230,38 @@ def calibrate(rows: Dict[str, np.ndarray], patching: PatchingConfig, target: flo
   threshold, counts = fit_threshold(tokens, entropies, patching, target)
   max_patches = slots_for(counts, overflow, multiple_of)
   return Calibration(
-      threshold=threshold, target_bytes_per_patch=float(target), bytes_per_patch=bytes_per_patch(counts, seq_len),
-      rows=len(counts), seq_len=seq_len,
-      patches_per_row={**{f"p{100 * q:g}": int(np.ceil(np.quantile(counts, q))) for q in QUANTILES},
-                       "max": int(np.max(counts))},
-      overflow=float(overflow), max_patches=max_patches, overflow_rows=float(np.mean(counts > max_patches)),
-      slots_per_patch=max_patches / float(np.mean(np.minimum(counts, max_patches))))
+      threshold=threshold,
+      target_bytes_per_patch=float(target),
+      bytes_per_patch=bytes_per_patch(counts, seq_len),
+      rows=len(counts),
+      seq_len=seq_len,
+      patches_per_row={
+          **{f"p{100 * q:g}": int(np.ceil(np.quantile(counts, q))) for q in QUANTILES},
+          "max": int(np.max(counts)),
+      },
+      overflow=float(overflow),
+      max_patches=max_patches,
+      overflow_rows=float(np.mean(counts > max_patches)),
+      slots_per_patch=max_patches / float(np.mean(np.minimum(counts, max_patches))),
+  )
 
 
 def report(c: Calibration) -> str:
   """The lines the command prints."""
   dist = "  ".join(f"{k} {v}" for k, v in c.patches_per_row.items())
   full = c.seq_len + 1
-  return "\n".join([
-      f"threshold {c.threshold!r}: {c.bytes_per_patch:.3f} bytes per patch on {c.rows} rows of {c.seq_len} bytes "
-      f"(target {c.target_bytes_per_patch:g})",
-      f"patches per row: {dist}",
-      f"max_patches {c.max_patches}: {100 * c.overflow_rows:.3g}% of these rows overflow (asked: at most "
-      f"{100 * c.overflow:g}% of all rows, at {CONFIDENCE:.0%} confidence)",
-      f"padding: {c.slots_per_patch:.3f} slots run per patch used ({full} slots, seq_len + 1, would be "
-      f"{c.slots_per_patch * full / c.max_patches:.3f})",
-      f"overrides: {c.overrides()}",
-  ])
+  return "\n".join(
+      [
+          f"threshold {c.threshold!r}: {c.bytes_per_patch:.3f} bytes per patch on {c.rows} rows of {c.seq_len} bytes "
+          f"(target {c.target_bytes_per_patch:g})",
+          f"patches per row: {dist}",
+          f"max_patches {c.max_patches}: {100 * c.overflow_rows:.3g}% of these rows overflow (asked: at most "
+          f"{100 * c.overflow:g}% of all rows, at {CONFIDENCE:.0%} confidence)",
+          f"padding: {c.slots_per_patch:.3f} slots run per patch used ({full} slots, seq_len + 1, would be "
+          f"{c.slots_per_patch * full / c.max_patches:.3f})",
+          f"overrides: {c.overrides()}",
+      ]
+  )
 
 
 def write_json(path: str, c: Calibration) -> None:
@@ -253,6 +282,7 @@ def write_json(path: str, c: Calibration) -> None:
 def _checkpoint_patching(path: str) -> PatchingConfig:
   """A BLT checkpoint's own patching settings (so its max_patch_length, monotonicity... count); else defaults."""
   from blt_jax import checkpoint, paths  # pylint: disable=g-import-not-at-top
+
   root = paths.resolve(path)
   for candidate in (root, root / "export"):
     if (candidate / checkpoint.CONFIG_FILE).is_file():
@@ -265,19 +295,36 @@ def _checkpoint_patching(path: str) -> PatchingConfig:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m blt_jax.calibrate", description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="entropy model dir, or a BLT checkpoint/export/workdir "
-                 "with entropy_model/ (its patching settings are used)")
-  p.add_argument("--input", action="append", default=[], help="data.sources pattern (repeatable); none: the "
-                 "standard library corpus")
+  p.add_argument(
+      "--checkpoint",
+      required=True,
+      help="entropy model dir, or a BLT checkpoint/export/workdir "
+      "with entropy_model/ (its patching settings are used)",
+  )
+  p.add_argument(
+      "--input",
+      action="append",
+      default=[],
+      help="data.sources pattern (repeatable); none: the " "standard library corpus",
+  )
   p.add_argument("--text-field", default="text", help="jsonl field / parquet column with the text")
   p.add_argument("--bytes-per-patch", type=float, required=True, help="target mean patch length")
   p.add_argument("--seq-len", type=int, required=True, help="bytes per training row")
   p.add_argument("--overflow", type=float, default=1e-3, help="fraction of rows that may overflow max_patches")
-  p.add_argument("--max-rows", type=int, default=1024, help="rows sampled, evenly over the first 8 MiB of the "
-                 "training stream (or its first rows, when they hold more)")
+  p.add_argument(
+      "--max-rows",
+      type=int,
+      default=1024,
+      help="rows sampled, evenly over the first 8 MiB of the "
+      "training stream (or its first rows, when they hold more)",
+  )
   p.add_argument("--multiple-of", type=int, default=1, help="round max_patches up to a multiple (128 for TPU)")
-  p.add_argument("--max-patch-length", type=int, default=None, help="patching.max_patch_length (default: the "
-                 "checkpoint's, else none)")
+  p.add_argument(
+      "--max-patch-length",
+      type=int,
+      default=None,
+      help="patching.max_patch_length (default: the " "checkpoint's, else none)",
+  )
   p.add_argument("--monotonicity", action="store_true", default=None, help="patching.monotonicity")
   p.add_argument("--seed", type=int, default=0, help="the training run's seed (its shuffle of documents)")
   p.add_argument("--json", default=None, help="also write the numbers here (atomically)")
@@ -287,6 +334,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
   args = _parser().parse_args(argv)
   from blt_jax import train, train_config  # pylint: disable=g-import-not-at-top  (train imports this module)
+
   try:
     check_target(args.bytes_per_patch, args.seq_len)
     if args.max_rows < 1:
@@ -302,8 +350,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # As the trainer runs it: float32 entropies, no remat, this platform's kernel.
     entropy_config, params = train.load_entropy_model(args.checkpoint, run=train_config.base_config())
   except FileNotFoundError:
-    raise SystemExit(f"error: --checkpoint {args.checkpoint}: no entropy model there (an entropy model dir, or a "
-                     f"BLT checkpoint with entropy_model/, is needed for entropy patching)") from None
+    raise SystemExit(
+        f"error: --checkpoint {args.checkpoint}: no entropy model there (an entropy model dir, or a "
+        f"BLT checkpoint with entropy_model/, is needed for entropy patching)"
+    ) from None
   data_cfg = data_lib.default_data_config()
   data_cfg.sources = list(args.input)
   data_cfg.text_field = args.text_field
@@ -312,8 +362,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: --input {' '.join(args.input) or '(stdlib)'}: {e}") from None
   try:
-    result = calibrate(rows, patching, args.bytes_per_patch, entropy_params=params, entropy_config=entropy_config,
-                       overflow=args.overflow, multiple_of=args.multiple_of)
+    result = calibrate(
+        rows,
+        patching,
+        args.bytes_per_patch,
+        entropy_params=params,
+        entropy_config=entropy_config,
+        overflow=args.overflow,
+        multiple_of=args.multiple_of,
+    )
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   print(report(result), flush=True)

@@ -18,6 +18,7 @@ fails twice, a pause apart, with an error that says files are missing, short or 
 storage outage) raises `CheckpointReadError` and nothing is moved. A checkpoint of another model or process count is
 not damage either: it raises `CheckpointMismatchError`. Processes share what each found before any of them acts.
 """
+
 from __future__ import annotations
 
 import base64
@@ -64,8 +65,9 @@ class CheckpointReadError(RuntimeError):
 
   def __init__(self, step: int, path: Any, reason: str):
     self.step, self.path, self.reason = int(step), path, reason
-    super().__init__(f"checkpoint step {step} at {path} could not be read: {reason}; not taken for damage, "
-                     f"nothing was moved")
+    super().__init__(
+        f"checkpoint step {step} at {path} could not be read: {reason}; not taken for damage, " f"nothing was moved"
+    )
 
 
 def short_reason(e: BaseException) -> str:
@@ -120,8 +122,10 @@ class DataStateHandler(ocp.CheckpointHandler):
     if not path.exists():
       found = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
       if found:  # other processes' files are there: a different process count, not a lost file
-        raise CheckpointMismatchError(f"no data iterator state for this process at {path} (found {found}): the "
-                                      f"checkpoint was written by a different number of processes")
+        raise CheckpointMismatchError(
+            f"no data iterator state for this process at {path} (found {found}): the "
+            f"checkpoint was written by a different number of processes"
+        )
       raise FileNotFoundError(f"no data iterator state at {path}")
     return decode_data_state(json.loads(path.read_text()))
 
@@ -244,7 +248,7 @@ READ, DAMAGED, FAILED = 0, 1, 2
 
 
 def _processes(outcomes: np.ndarray, outcome: int) -> str:
-  """"process 1" / "processes 0, 3": those with `outcome`; "" if none."""
+  """ "process 1" / "processes 0, 3": those with `outcome`; "" if none."""
   ids = [str(i) for i, o in enumerate(outcomes) if o == outcome]
   return f"process{'es' if len(ids) > 1 else ''} {', '.join(ids)}" if ids else ""
 
@@ -254,6 +258,7 @@ def _gather_outcomes(outcome: int) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray([outcome])
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return np.asarray(multihost_utils.process_allgather(np.asarray(outcome, np.int32))).reshape(-1)
 
 
@@ -263,6 +268,7 @@ class OtherLayout:
 
   E.g. a `scan_layers` run (stacked params, `blt_jax.layer_stacking`) resuming from a checkpoint written per-layer.
   """
+
   name: str  # said in messages: "per-layer params (layers_0 ... layers_{n-1})"
   target: Any  # restore target in that layout (ShapeDtypeStructs with shardings)
   convert: Callable[[Any], Any]  # restored tree -> the run's layout
@@ -271,8 +277,15 @@ class OtherLayout:
 class Checkpointer:
   """Periodic, keep-N, async, atomic checkpoints of (train state, data iterator state, json metadata)."""
 
-  def __init__(self, workdir: Union[str, os.PathLike], *, save_interval_steps: int = 1000,
-               max_to_keep: Optional[int] = 3, async_checkpointing: bool = True, subdir: str = "checkpoints"):
+  def __init__(
+      self,
+      workdir: Union[str, os.PathLike],
+      *,
+      save_interval_steps: int = 1000,
+      max_to_keep: Optional[int] = 3,
+      async_checkpointing: bool = True,
+      subdir: str = "checkpoints",
+  ):
     self.directory = paths.resolve(workdir) / subdir
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_interval_steps), 1),
@@ -287,8 +300,14 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)
 
-  def save(self, step: int, train_state: Any, data_iterator_state: DataState = None,
-           extra_json: Optional[Mapping[str, Any]] = None, force: bool = False) -> bool:
+  def save(
+      self,
+      step: int,
+      train_state: Any,
+      data_iterator_state: DataState = None,
+      extra_json: Optional[Mapping[str, Any]] = None,
+      force: bool = False,
+  ) -> bool:
     """Saves if `step` is due (or `force`); returns whether a save started. All processes must call it.
 
     With async checkpointing this returns once the arrays are copied off the devices, so `train_state` may be
@@ -317,8 +336,9 @@ class Checkpointer:
     """The json metadata saved with `step` (`save`'s `extra_json`), without reading its arrays."""
     return dict(ocp.JsonCheckpointHandler().restore(self.step_path(step) / "meta") or {})
 
-  def restore(self, step: Optional[int] = None, abstract_state: Any = None,
-              other_layouts: Sequence[OtherLayout] = ()) -> Tuple[Any, DataState, dict]:
+  def restore(
+      self, step: Optional[int] = None, abstract_state: Any = None, other_layouts: Sequence[OtherLayout] = ()
+  ) -> Tuple[Any, DataState, dict]:
     """(train state, data iterator state, extra json) of `step` (default: the latest).
 
     `abstract_state` is the target tree: `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` leaves (or live arrays,
@@ -339,8 +359,9 @@ class Checkpointer:
       if step is None:
         raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
     elif step not in self._manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
-                              f"(available: {list(self._manager.all_steps())})")
+      raise FileNotFoundError(
+          f"no checkpoint for step {step} in {self.directory} " f"(available: {list(self._manager.all_steps())})"
+      )
     _quiet_closed_loop_callbacks()
     try:
       return self._read(step, abstract_state, other_layouts)
@@ -348,8 +369,9 @@ class Checkpointer:
       raise
     except Exception as e:  # pylint: disable=broad-except
       first = e
-    log.info("reading checkpoint step %d failed (%s); reading it again in %g s", step, short_reason(first),
-             RETRY_PAUSE_S)
+    log.info(
+        "reading checkpoint step %d failed (%s); reading it again in %g s", step, short_reason(first), RETRY_PAUSE_S
+    )
     time.sleep(RETRY_PAUSE_S)
     try:
       restored = self._read(step, abstract_state, other_layouts)
@@ -360,12 +382,14 @@ class Checkpointer:
       if evidence is not None and _damage_evidence(first) is not None:
         raise DamagedCheckpointError(step, self.step_path(step), short_reason(evidence)) from second
       raise CheckpointReadError(step, self.step_path(step), short_reason(second)) from second
-    log.warning("checkpoint step %d read back on the second try (the first failed: %s); it is not damaged", step,
-                short_reason(first))
+    log.warning(
+        "checkpoint step %d read back on the second try (the first failed: %s); it is not damaged",
+        step,
+        short_reason(first),
+    )
     return restored
 
-  def _read(self, step: int, abstract_state: Any, other_layouts: Sequence[OtherLayout]
-            ) -> Tuple[Any, DataState, dict]:
+  def _read(self, step: int, abstract_state: Any, other_layouts: Sequence[OtherLayout]) -> Tuple[Any, DataState, dict]:
     """One attempt of `restore`, item by item through orbax's handlers: the manager's restore ends in a barrier of
     all processes, which one that failed would never reach."""
     directory = self.step_path(step)
@@ -382,13 +406,11 @@ class Checkpointer:
     data = DataStateHandler().restore(directory / "data")
     meta = ocp.JsonCheckpointHandler().restore(directory / "meta")
     if layout is not None:
-      log.warning("checkpoint step %d at %s holds %s; converting it to this run's layout", step, directory,
-                  layout.name)
+      log.warning("checkpoint step %d at %s holds %s; converting it to this run's layout", step, directory, layout.name)
       state = layout.convert(state)
     return state, data, dict(meta or {})
 
-  def _check_fits(self, step: int, target: Any, other_layouts: Sequence[OtherLayout] = ()
-                  ) -> Optional[OtherLayout]:
+  def _check_fits(self, step: int, target: Any, other_layouts: Sequence[OtherLayout] = ()) -> Optional[OtherLayout]:
     """Compares saved array shapes with the target's, so that a changed config is never mistaken for damage.
 
     Returns the one of `other_layouts` the checkpoint fits when it does not fit `target` (else None). When the
@@ -410,13 +432,16 @@ class Checkpointer:
         return layout
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     differ = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    details = ([f"not in the checkpoint: {', '.join(missing[:3])}"] if missing else []) + \
-              ([f"only in the checkpoint: {', '.join(extra[:3])}"] if extra else []) + \
-              [f"{k}: saved {have[k]}, expected {want[k]}" for k in differ[:3]]
+    details = (
+        ([f"not in the checkpoint: {', '.join(missing[:3])}"] if missing else [])
+        + ([f"only in the checkpoint: {', '.join(extra[:3])}"] if extra else [])
+        + [f"{k}: saved {have[k]}, expected {want[k]}" for k in differ[:3]]
+    )
     tried = "".join(f", nor as {layout.name}" for layout in other_layouts)
     raise CheckpointMismatchError(
         f"checkpoint step {step} at {self.step_path(step)} does not fit this run's model/optimizer ("
-        f"{'; '.join(details)}{tried}); use the config it was written with, or another workdir")
+        f"{'; '.join(details)}{tried}); use the config it was written with, or another workdir"
+    )
 
   def move_aside(self, step: int) -> epath.Path:
     """Renames step `step` to `<step>.damaged[-i]` (kept for inspection, never listed, restored or deleted).
@@ -424,6 +449,7 @@ class Checkpointer:
     All processes must call it; the primary process renames.
     """
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     src = self.step_path(step)
     dst = src.parent / f"{src.name}{DAMAGED_SUFFIX}"
     i = 1
@@ -435,9 +461,13 @@ class Checkpointer:
     self._manager.reload()
     return dst
 
-  def restore_newest_readable(self, abstract_state: Any, on_damaged: str = "fallback",
-                              warn: Callable[[str], Any] = log.warning, other_layouts: Sequence[OtherLayout] = ()
-                              ) -> Optional[Tuple[int, Any, DataState, dict]]:
+  def restore_newest_readable(
+      self,
+      abstract_state: Any,
+      on_damaged: str = "fallback",
+      warn: Callable[[str], Any] = log.warning,
+      other_layouts: Sequence[OtherLayout] = (),
+  ) -> Optional[Tuple[int, Any, DataState, dict]]:
     """(step, state, data state, meta) of the newest step that reads back; None if there is none.
 
     `on_damaged="fallback"`: each damaged step is moved aside (see `move_aside`) with a warning naming it, and the
@@ -506,6 +536,7 @@ def _config_to_dict(config: Any) -> dict:
 
 def _unbox(tree: Any) -> Any:
   from flax.core import meta  # pylint: disable=g-import-not-at-top
+
   return meta.unbox(tree)
 
 
@@ -553,8 +584,10 @@ def read_params_config(path: Union[str, os.PathLike]) -> dict:
     raise FileNotFoundError(f"params checkpoint {path} does not exist")
   config_file = path / CONFIG_FILE
   if not config_file.exists():
-    raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: expected a directory written by "
-                            f"blt_jax.checkpoint.save_params (params/ + {CONFIG_FILE})")
+    raise FileNotFoundError(
+        f"{path} has no {CONFIG_FILE}: expected a directory written by "
+        f"blt_jax.checkpoint.save_params (params/ + {CONFIG_FILE})"
+    )
   return json.loads(config_file.read_text())
 
 

@@ -4,6 +4,7 @@ Field names follow the reference's `LMTransformerArgs` / `ByteLatentTransformerA
 checkpoint's `params.json` maps onto them one to one. Configs are frozen dataclasses (hashable, so they can be
 static arguments of jitted functions); `from_dict` builds them from ml_collections or json and names unknown keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
 @dataclasses.dataclass(frozen=True)
 class StackConfig:
   """One pre-norm transformer stack (the unit shared by every BLT stage)."""
+
   dim: int
   n_layers: int
   n_heads: int
@@ -69,8 +71,9 @@ ATTENTION_IMPLS = ("auto", "dense", "blocked", "splash", "cudnn")
 REMAT_POLICIES = ("full", "dots", "dots_no_batch")
 
 
-def _check_common(name: str, dtype: str, init_std_factor: str, attention_impl: str = "auto",
-                  remat_policy: str = "full") -> None:
+def _check_common(
+    name: str, dtype: str, init_std_factor: str, attention_impl: str = "auto", remat_policy: str = "full"
+) -> None:
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"{name}.remat_policy={remat_policy!r}: expected one of {REMAT_POLICIES}")
   if attention_impl not in ATTENTION_IMPLS:
@@ -84,6 +87,7 @@ def _check_common(name: str, dtype: str, init_std_factor: str, attention_impl: s
 @dataclasses.dataclass(frozen=True)
 class EntropyModelConfig:
   """The small byte LM whose next-byte entropies place patch boundaries (spec 2)."""
+
   dim: int = 768
   n_layers: int = 14
   n_heads: int = 12
@@ -111,10 +115,26 @@ class EntropyModelConfig:
       raise ValueError(f"entropy_model.dim={self.dim} is not divisible by n_heads={self.n_heads}")
 
   def stack(self) -> StackConfig:
-    return StackConfig(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim,
-                       self.ffn_dim_multiplier, self.multiple_of, self.norm_eps, self.rope_theta,
-                       self.sliding_window, self.document_mask, self.init_std_factor, self.dtype, self.remat,
-                       self.intermediate_size, self.scan_layers, self.attention_impl, self.remat_policy)
+    return StackConfig(
+        self.dim,
+        self.n_layers,
+        self.n_heads,
+        self.n_kv_heads,
+        self.head_dim,
+        self.ffn_dim_multiplier,
+        self.multiple_of,
+        self.norm_eps,
+        self.rope_theta,
+        self.sliding_window,
+        self.document_mask,
+        self.init_std_factor,
+        self.dtype,
+        self.remat,
+        self.intermediate_size,
+        self.scan_layers,
+        self.attention_impl,
+        self.remat_policy,
+    )
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> "EntropyModelConfig":
@@ -127,6 +147,7 @@ class EntropyModelConfig:
 @dataclasses.dataclass(frozen=True)
 class BLTConfig:
   """The byte latent transformer: local encoder, global (latent) transformer, local decoder (spec 7-10)."""
+
   vocab_size: int = tokenizer.VOCAB_SIZE
   dim_local_encoder: int = 1024
   n_layers_local_encoder: int = 1
@@ -184,32 +205,71 @@ class BLTConfig:
       raise ValueError(f"blt.downsampling_by_pooling={self.downsampling_by_pooling!r}: expected one of {_POOLING}")
     if self.dim_local_encoder != self.dim_local_decoder:
       # The decoder's patch projection outputs dE*k features reshaped into dD-wide slots (spec 9, quirk Q7).
-      raise ValueError(f"blt.dim_local_decoder ({self.dim_local_decoder}) must equal dim_local_encoder "
-                       f"({self.dim_local_encoder}): the reference shares encoder/decoder embedding widths")
-    for name, heads in (("dim_local_encoder", self.cross_attn_nheads),
-                        ("dim_local_decoder", self.decoder_cross_attn_nheads)):
+      raise ValueError(
+          f"blt.dim_local_decoder ({self.dim_local_decoder}) must equal dim_local_encoder "
+          f"({self.dim_local_encoder}): the reference shares encoder/decoder embedding widths"
+      )
+    for name, heads in (
+        ("dim_local_encoder", self.cross_attn_nheads),
+        ("dim_local_decoder", self.decoder_cross_attn_nheads),
+    ):
       if getattr(self, name) % heads:
         raise ValueError(f"blt.{name}={getattr(self, name)} is not divisible by its cross-attention heads ({heads})")
     if self.cross_attn_k < 1:
       raise ValueError(f"blt.cross_attn_k must be >= 1, got {self.cross_attn_k}")
 
   def _stack(self, dim, n_layers, n_heads, n_kv_heads, window, intermediate_size) -> StackConfig:
-    return StackConfig(dim, n_layers, n_heads, n_kv_heads, self.head_dim, self.ffn_dim_multiplier, self.multiple_of,
-                       self.norm_eps, self.rope_theta, window, self.document_mask, self.init_std_factor, self.dtype,
-                       self.remat, intermediate_size, self.scan_layers, self.attention_impl, self.remat_policy)
+    return StackConfig(
+        dim,
+        n_layers,
+        n_heads,
+        n_kv_heads,
+        self.head_dim,
+        self.ffn_dim_multiplier,
+        self.multiple_of,
+        self.norm_eps,
+        self.rope_theta,
+        window,
+        self.document_mask,
+        self.init_std_factor,
+        self.dtype,
+        self.remat,
+        intermediate_size,
+        self.scan_layers,
+        self.attention_impl,
+        self.remat_policy,
+    )
 
   def encoder_stack(self) -> StackConfig:
-    return self._stack(self.dim_local_encoder, self.n_layers_local_encoder, self.n_heads_local_encoder,
-                       self.n_kv_heads, self.local_attention_window_len, self.intermediate_size_local_encoder)
+    return self._stack(
+        self.dim_local_encoder,
+        self.n_layers_local_encoder,
+        self.n_heads_local_encoder,
+        self.n_kv_heads,
+        self.local_attention_window_len,
+        self.intermediate_size_local_encoder,
+    )
 
   def global_stack(self) -> StackConfig:
-    return self._stack(self.dim_global, self.n_layers_global, self.n_heads_global, self.n_kv_heads_global, None,
-                       self.intermediate_size_global)
+    return self._stack(
+        self.dim_global,
+        self.n_layers_global,
+        self.n_heads_global,
+        self.n_kv_heads_global,
+        None,
+        self.intermediate_size_global,
+    )
 
   def decoder_stack(self) -> StackConfig:
     kv = self.n_kv_heads_local_decoder if self.n_kv_heads_local_decoder is not None else self.n_kv_heads
-    return self._stack(self.dim_local_decoder, self.n_layers_local_decoder, self.n_heads_local_decoder,
-                       kv, self.local_attention_window_len, self.intermediate_size_local_decoder)
+    return self._stack(
+        self.dim_local_decoder,
+        self.n_layers_local_decoder,
+        self.n_heads_local_decoder,
+        kv,
+        self.local_attention_window_len,
+        self.intermediate_size_local_decoder,
+    )
 
   @property
   def decoder_cross_attn_nheads(self) -> int:
@@ -243,13 +303,21 @@ def _from_dict(cls, d: Mapping[str, Any], strict: bool, name: str):
 def entropy_config_from_reference(args: Mapping[str, Any], **overrides) -> EntropyModelConfig:
   """`EntropyModelConfig` from the reference's `entropy_model` / LMTransformerArgs json (spec 2.1)."""
   cfg = dict(
-      dim=args["dim"], n_layers=args["n_layers"], n_heads=args["n_heads"], n_kv_heads=args.get("n_kv_heads"),
-      head_dim=args.get("head_dim"), ffn_dim_multiplier=args.get("ffn_dim_multiplier"),
-      multiple_of=args.get("multiple_of", 256), norm_eps=args.get("norm_eps", 1e-5),
-      rope_theta=args.get("rope_theta", 10000.0), vocab_size=args.get("vocab_size", tokenizer.VOCAB_SIZE),
+      dim=args["dim"],
+      n_layers=args["n_layers"],
+      n_heads=args["n_heads"],
+      n_kv_heads=args.get("n_kv_heads"),
+      head_dim=args.get("head_dim"),
+      ffn_dim_multiplier=args.get("ffn_dim_multiplier"),
+      multiple_of=args.get("multiple_of", 256),
+      norm_eps=args.get("norm_eps", 1e-5),
+      rope_theta=args.get("rope_theta", 10000.0),
+      vocab_size=args.get("vocab_size", tokenizer.VOCAB_SIZE),
       max_seqlen=args.get("max_seqlen", 8192),
       # `load_entropy_model` hard-codes local_block_causal with a 512 window (spec 2.1); keep that.
-      sliding_window=512, init_std_factor=args.get("init_std_factor", "current_depth"))
+      sliding_window=512,
+      init_std_factor=args.get("init_std_factor", "current_depth"),
+  )
   cfg.update(overrides)
   return EntropyModelConfig(**cfg)
 
@@ -273,18 +341,27 @@ def blt_config_from_reference(args: Mapping[str, Any], **overrides) -> BLTConfig
     ngram_sizes = tuple(args["ngram_vocab_sizes"])
   cfg = dict(
       vocab_size=args.get("vocab_size", tokenizer.VOCAB_SIZE),
-      dim_local_encoder=args["dim_local_encoder"], n_layers_local_encoder=args["n_layers_local_encoder"],
+      dim_local_encoder=args["dim_local_encoder"],
+      n_layers_local_encoder=args["n_layers_local_encoder"],
       n_heads_local_encoder=args["n_heads_local_encoder"],
-      dim_global=args["dim_global"], n_layers_global=args["n_layers_global"], n_heads_global=args["n_heads_global"],
+      dim_global=args["dim_global"],
+      n_layers_global=args["n_layers_global"],
+      n_heads_global=args["n_heads_global"],
       n_kv_heads_global=args.get("n_kv_heads_global"),
-      dim_local_decoder=args["dim_local_decoder"], n_layers_local_decoder=args["n_layers_local_decoder"],
-      n_heads_local_decoder=args["n_heads_local_decoder"], n_kv_heads=args.get("n_kv_heads"),
-      head_dim=args.get("head_dim"), ffn_dim_multiplier=args.get("ffn_dim_multiplier"),
-      multiple_of=args.get("multiple_of", 256), norm_eps=args.get("norm_eps", 1e-5),
-      rope_theta=args.get("rope_theta", 500000.0), max_seqlen=args.get("max_seqlen", 4096),
+      dim_local_decoder=args["dim_local_decoder"],
+      n_layers_local_decoder=args["n_layers_local_decoder"],
+      n_heads_local_decoder=args["n_heads_local_decoder"],
+      n_kv_heads=args.get("n_kv_heads"),
+      head_dim=args.get("head_dim"),
+      ffn_dim_multiplier=args.get("ffn_dim_multiplier"),
+      multiple_of=args.get("multiple_of", 256),
+      norm_eps=args.get("norm_eps", 1e-5),
+      rope_theta=args.get("rope_theta", 500000.0),
+      max_seqlen=args.get("max_seqlen", 4096),
       max_encoder_seq_length=args.get("max_encoder_seq_length") or 24576,
       local_attention_window_len=args.get("local_attention_window_len"),
-      cross_attn_k=args.get("cross_attn_k") or 1, cross_attn_nheads=args.get("cross_attn_nheads") or 1,
+      cross_attn_k=args.get("cross_attn_k") or 1,
+      cross_attn_nheads=args.get("cross_attn_nheads") or 1,
       cross_attn_all_layers_encoder=bool(args.get("cross_attn_all_layers_encoder", False)),
       cross_attn_all_layers_decoder=bool(args.get("cross_attn_all_layers_decoder", False)),
       cross_attn_window_encoder=args.get("cross_attn_window_encoder"),
@@ -294,7 +371,8 @@ def blt_config_from_reference(args: Mapping[str, Any], **overrides) -> BLTConfig
       encoder_hash_byte_group_vocab=args.get("encoder_hash_byte_group_vocab") or 30000,
       encoder_hash_byte_group_nb_functions=args.get("encoder_hash_byte_group_nb_functions") or 1,
       ngram_vocab_sizes=ngram_sizes,
-      init_std_factor=args.get("init_std_factor", "current_depth"))
+      init_std_factor=args.get("init_std_factor", "current_depth"),
+  )
   cfg.update(overrides)
   return BLTConfig(**cfg)
 
@@ -313,6 +391,7 @@ def init_std_factor(mode: str, depth: int, n_layers: int, dim: int) -> float:
 @dataclasses.dataclass(frozen=True)
 class PatchingConfig:
   """How bytes are grouped into patches (spec 3); arguments of `patching.patch`."""
+
   mode: str = "entropy"  # entropy | space | static | byte
   threshold: float = 1.335442066192627  # released BLT-1B global threshold (spec 3.7)
   threshold_add: Optional[float] = None
@@ -339,9 +418,16 @@ class PatchingConfig:
   def patch_kwargs(self) -> dict:
     """Keyword arguments for `patching.patch` (everything but max_patches / include_next_token)."""
     import jax.numpy as jnp
-    return dict(mode=self.mode, threshold=self.threshold, threshold_add=self.threshold_add,
-                monotonicity=self.monotonicity, max_patch_length=self.max_patch_length, patch_size=self.patch_size,
-                compare_dtype=jnp.dtype(self.compare_dtype))
+
+    return dict(
+        mode=self.mode,
+        threshold=self.threshold,
+        threshold_add=self.threshold_add,
+        monotonicity=self.monotonicity,
+        max_patch_length=self.max_patch_length,
+        patch_size=self.patch_size,
+        compare_dtype=jnp.dtype(self.compare_dtype),
+    )
 
 
 def patching_config_from_reference(patcher_args: Mapping[str, Any]) -> PatchingConfig:
@@ -349,7 +435,10 @@ def patching_config_from_reference(patcher_args: Mapping[str, Any]) -> PatchingC
   mode = patcher_args.get("patching_mode", "entropy")
   patch_size = patcher_args.get("patch_size")
   return PatchingConfig(
-      mode=mode, threshold=patcher_args.get("threshold", 1.335442066192627),
-      threshold_add=patcher_args.get("threshold_add"), monotonicity=bool(patcher_args.get("monotonicity", False)),
+      mode=mode,
+      threshold=patcher_args.get("threshold", 1.335442066192627),
+      threshold_add=patcher_args.get("threshold_add"),
+      monotonicity=bool(patcher_args.get("monotonicity", False)),
       max_patch_length=patcher_args.get("max_patch_length"),
-      patch_size=int(patch_size) if mode == "static" and patch_size is not None else None)
+      patch_size=int(patch_size) if mode == "static" and patch_size is not None else None,
+  )

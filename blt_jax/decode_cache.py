@@ -10,6 +10,7 @@ long the prefix is.
 Generation keeps one document per row (the prompt is `[BOS] bytes`; generated ids are bytes or an EOS that ends
 the row), so the document rule of `masks` reduces to causality, windows and the entropy model's context resets.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
@@ -66,8 +67,9 @@ def attend(q_BSHD, cache: Cache, q_pos_BS, window: Optional[int], context_len: O
   return attention.masked_attention(q_BSHD, k, v, mask)
 
 
-def block(stack: StackConfig, params, x_BSD, pos_BS, cache: Cache, context_len: Optional[int] = None,
-          fresh: bool = False):
+def block(
+    stack: StackConfig, params, x_BSD, pos_BS, cache: Cache, context_len: Optional[int] = None, fresh: bool = False
+):
   """One pre-norm block (`layers.TransformerBlock`) on new positions; returns (out, updated cache).
 
   `fresh` (prefill): the positions are 0..S-1 in every row and the cache held nothing before, so the new queries
@@ -96,8 +98,16 @@ def block(stack: StackConfig, params, x_BSD, pos_BS, cache: Cache, context_len: 
   return h + apply_module(layers.FeedForward(c, 1.0), params["feed_forward"], hn), cache
 
 
-def stack_forward(stack: StackConfig, params, x_BSD, pos_BS, caches: List[Cache], context_len: Optional[int] = None,
-                  outputs: bool = False, fresh: bool = False):
+def stack_forward(
+    stack: StackConfig,
+    params,
+    x_BSD,
+    pos_BS,
+    caches: List[Cache],
+    context_len: Optional[int] = None,
+    outputs: bool = False,
+    fresh: bool = False,
+):
   """All blocks of a stack (`params["layers_i"]`); returns (h, caches[, per-layer outputs]). `fresh`: as `block`'s."""
   new_caches, per_layer = [], []
   h = x_BSD
@@ -110,7 +120,9 @@ def stack_forward(stack: StackConfig, params, x_BSD, pos_BS, caches: List[Cache]
 
 def masked_merge(take_B: jnp.ndarray, new: Any, old: Any) -> Any:
   """Per row: the new pytree where `take_B`, else the old one (rows that did not close a patch keep theirs)."""
+
   def pick(a, b):
     shape = (take_B.shape[0],) + (1,) * (a.ndim - 1)
     return jnp.where(take_B.reshape(shape), a, b)
+
   return jax.tree_util.tree_map(pick, new, old)

@@ -1,4 +1,5 @@
 """The entropy model: a small Llama-style byte LM whose next-byte entropy places patch boundaries (spec 2)."""
+
 from __future__ import annotations
 
 import functools
@@ -19,6 +20,7 @@ class EntropyModel(nn.Module):
   tokens from their start, spec 2.3) with RoPE positions counted from each segment's start; `context_len`
   overrides the cut length.
   """
+
   config: EntropyModelConfig
 
   @nn.compact
@@ -26,11 +28,11 @@ class EntropyModel(nn.Module):
     c = self.config
     stack = c.stack()
     segment_BS, positions_BS = masks.context_segments(tokens_BS, context_len or c.max_seqlen)
-    h = layers.Embed(c.vocab_size, c.dim, c.dim ** -0.5, name="tok_embeddings")(tokens_BS).astype(jnp.dtype(c.dtype))
+    h = layers.Embed(c.vocab_size, c.dim, c.dim**-0.5, name="tok_embeddings")(tokens_BS).astype(jnp.dtype(c.dtype))
     cos, sin = layers.stack_rope_at(stack, positions_BS)
     h = layers.run_blocks(self, stack, h, cos, sin, segment_BS)
     h = layers.RMSNorm(c.norm_eps, c.dtype, name="norm")(h)
-    logits = layers.Linear(c.vocab_size, ("embed", "vocab"), c.dim ** -0.5, c.dtype, name="output")(h)
+    logits = layers.Linear(c.vocab_size, ("embed", "vocab"), c.dim**-0.5, c.dtype, name="output")(h)
     return logits.astype(jnp.float32)
 
 

@@ -8,6 +8,7 @@ document's stable key so that any split or subset of the same corpus finds its r
 The layout of a store directory and its reader (`EntropyAnnotatedSource`) live in `blt_jax.data.entropy_source`; a
 store may be local or at a URL (`gs://bucket/stores/x`).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ from blt_jax.entropy_model import compute_entropies_jit
 
 
 def _spec(store, name: str, dtype: str, shape: Sequence[int]) -> dict:
-  return dict(entropy_source.array_spec(store, name),
-              metadata={"dtype": dtype, "shape": list(shape), "chunks": [min(max(int(shape[0]), 1), 1 << 20)]})
+  return dict(
+      entropy_source.array_spec(store, name),
+      metadata={"dtype": dtype, "shape": list(shape), "chunks": [min(max(int(shape[0]), 1), 1 << 20)]},
+  )
 
 
 def _bucket_length(n: int) -> int:
@@ -35,8 +38,9 @@ def _bucket_length(n: int) -> int:
   return max(64, 1 << (n - 1).bit_length())
 
 
-def compute_document_entropies(docs: Sequence[np.ndarray], params, config: EntropyModelConfig,
-                               tokens_per_batch: int = 1 << 16):
+def compute_document_entropies(
+    docs: Sequence[np.ndarray], params, config: EntropyModelConfig, tokens_per_batch: int = 1 << 16
+):
   """Entropies (float32) of each token list: the context resets every `max_seqlen` tokens (spec 2.3).
 
   Documents are cut at those resets into independent pieces, pieces of similar length are batched, and every
@@ -57,17 +61,18 @@ def compute_document_entropies(docs: Sequence[np.ndarray], params, config: Entro
       i += 1
     batch = np.zeros((rows, length), np.int32)  # zero (BOE) padding after each piece; zero rows fill the batch
     for r, (d, start) in enumerate(group):
-      piece = docs[d][start:start + chunk]
-      batch[r, :len(piece)] = piece
+      piece = docs[d][start : start + chunk]
+      batch[r, : len(piece)] = piece
     ent = np.asarray(compute_entropies_jit(params, jnp.asarray(batch), config))
     for r, (d, start) in enumerate(group):
       n = piece_len((d, start))
-      out[d][start:start + n] = ent[r, :n]
+      out[d][start : start + n] = ent[r, :n]
   return out
 
 
-def write_entropy_store(path: paths.PathLike, source: Any, params, config: EntropyModelConfig, *,
-                        docs_per_flush: int = 256, progress=None) -> Dict[str, Any]:
+def write_entropy_store(
+    path: paths.PathLike, source: Any, params, config: EntropyModelConfig, *, docs_per_flush: int = 256, progress=None
+) -> Dict[str, Any]:
   """Scores every document of `source` (a data.DocumentSource) and writes the store at `path` (local or a URL).
 
   `index.json` is removed first and written last: on a local disk and on an object store alike (where a directory
@@ -81,10 +86,12 @@ def write_entropy_store(path: paths.PathLike, source: Any, params, config: Entro
   n_docs = len(source)
   lengths = np.array([source.num_tokens(i) for i in range(n_docs)], np.int64)
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-  ent_store = ts.open(_spec(store, entropy_source.ENTROPIES, "<f4", [int(offsets[-1])]), create=True,
-                      delete_existing=True).result()
-  ts.open(_spec(store, entropy_source.OFFSETS, "<i8", [n_docs + 1]), create=True,
-          delete_existing=True).result().write(offsets).result()
+  ent_store = ts.open(
+      _spec(store, entropy_source.ENTROPIES, "<f4", [int(offsets[-1])]), create=True, delete_existing=True
+  ).result()
+  ts.open(_spec(store, entropy_source.OFFSETS, "<i8", [n_docs + 1]), create=True, delete_existing=True).result().write(
+      offsets
+  ).result()
   for start in range(0, n_docs, docs_per_flush):
     ids = [packing.to_token_doc(source[i])[packing.IDS] for i in range(start, min(start + docs_per_flush, n_docs))]
     ents = compute_document_entropies(ids, params, config)
@@ -92,8 +99,12 @@ def write_entropy_store(path: paths.PathLike, source: Any, params, config: Entro
     ent_store[lo:hi].write(np.concatenate(ents)).result()
     if progress:
       progress(start + len(ids), n_docs)
-  index = dict(keys=[source.key(i) for i in range(n_docs)], entropy_model=config.to_dict(),
-               corpus=getattr(source, "name", ""), total_tokens=int(offsets[-1]))
+  index = dict(
+      keys=[source.key(i) for i in range(n_docs)],
+      entropy_model=config.to_dict(),
+      corpus=getattr(source, "name", ""),
+      total_tokens=int(offsets[-1]),
+  )
   index_file.write_text(json.dumps(index))
   return dict(documents=n_docs, tokens=int(offsets[-1]))
 
@@ -128,8 +139,9 @@ class ConcatSource:
     return source.num_tokens(j)
 
 
-def write_corpus_store(path: paths.PathLike, data_cfg, params, config: EntropyModelConfig,
-                       progress=None) -> Dict[str, Any]:
+def write_corpus_store(
+    path: paths.PathLike, data_cfg, params, config: EntropyModelConfig, progress=None
+) -> Dict[str, Any]:
   """Scores the train and validation documents a data config names (see `data.build_document_sources`)."""
   train, val = pipeline.build_document_sources(data_cfg, for_store=True)
   return write_entropy_store(path, ConcatSource(train, val), params, config, progress=progress)

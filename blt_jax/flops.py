@@ -5,6 +5,7 @@ scores and values count `4 * keys * dim` per query per layer, with the keys a qu
 the context; windowed: at most the window). BLT's global transformer runs once per patch, so its cost per byte is
 divided by the mean patch length: the paper's accounting. Embedding lookups (byte, hash tables) cost nothing.
 """
+
 from __future__ import annotations
 
 from blt_jax.config import BLTConfig, EntropyModelConfig, StackConfig
@@ -76,8 +77,15 @@ def mfu(flops_per_byte: float, bytes_per_second: float, peak_flops_per_second: f
 
 
 # Dense bf16 peak per device, for MFU. Unknown kinds (CPU) report 0 MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-              "TPU v5": 459e12, "TPU v6 lite": 918e12}
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
 
 
 def device_peak_flops(device) -> float:
@@ -95,6 +103,7 @@ def measured_matmul_flops(device=None, n: int = 1024, repeats: int = 3) -> float
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   device = device or jax.devices()[0]
   a = jax.device_put(np.ones((n, n), np.float32), device)
   mm = jax.jit(lambda x: x @ x)
@@ -104,7 +113,7 @@ def measured_matmul_flops(device=None, n: int = 1024, repeats: int = 3) -> float
     t = time.perf_counter()
     jax.block_until_ready(mm(a))
     times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / max(float(np.median(times)), 1e-9)
+  return 2 * n**3 / max(float(np.median(times)), 1e-9)
 
 
 def peak_flops(devices) -> tuple:
@@ -120,5 +129,8 @@ def peak_flops(devices) -> tuple:
     return vendor * len(devices), f"vendor peak {vendor / 1e12:g} TFLOP/s x {len(devices)} {devices[0].device_kind}"
   processes = len({getattr(d, "process_index", 0) for d in devices})
   rate = measured_matmul_flops(devices[0])
-  return rate * processes, (f"measured f32 matmul rate {rate / 1e9:.1f} GFLOP/s"
-                            + (f" x {processes} processes" if processes > 1 else "") + f" ({devices[0].platform})")
+  return rate * processes, (
+      f"measured f32 matmul rate {rate / 1e9:.1f} GFLOP/s"
+      + (f" x {processes} processes" if processes > 1 else "")
+      + f" ({devices[0].platform})"
+  )

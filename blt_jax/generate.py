@@ -19,6 +19,7 @@ model's byte context (`max_encoder_seq_length`, checked before anything runs); a
 the global model's `max_seqlen`, or whose open patch grows past `max_patch_bytes` (the encoder's look-back when a
 patch closes; default the patcher's `max_patch_length`, else 512), stops with that error named in its result.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,9 @@ def _entropies(m: loading.LoadedModel, tokens_BS, pos_BS, caches, fresh: bool = 
   c = m.entropy_config
   p = m.entropy_params
   x = decode_cache.apply_module(layers.Embed(c.vocab_size, c.dim, 1.0), p["tok_embeddings"], tokens_BS)
-  h, caches = decode_cache.stack_forward(c.stack(), p, x.astype(jnp.dtype(c.dtype)), pos_BS, caches, c.max_seqlen,
-                                         fresh=fresh)
+  h, caches = decode_cache.stack_forward(
+      c.stack(), p, x.astype(jnp.dtype(c.dtype)), pos_BS, caches, c.max_seqlen, fresh=fresh
+  )
   h = decode_cache.apply_module(layers.RMSNorm(c.norm_eps, c.dtype), p["norm"], h)
   logits = decode_cache.apply_module(layers.Linear(c.vocab_size, ("embed", "vocab"), 1.0, c.dtype), p["output"], h)
   return entropy_from_logits(logits.astype(jnp.float32)), caches
@@ -80,8 +82,9 @@ def _embed(cfg: BLTConfig, params, tokens_BS, hash_window_BSK=None):
       x = x + decode_cache.apply_module(HashEmbeddings(cfg), params["hash_embeddings"], tokens_BS)
     else:
       B, S, K = hash_window_BSK.shape
-      full = decode_cache.apply_module(HashEmbeddings(cfg), params["hash_embeddings"],
-                                       hash_window_BSK.reshape(B * S, K))
+      full = decode_cache.apply_module(
+          HashEmbeddings(cfg), params["hash_embeddings"], hash_window_BSK.reshape(B * S, K)
+      )
       x = x + full[:, -1].reshape(B, S, dE)
   return x
 
@@ -91,8 +94,13 @@ def _encode_patches(cfg: BLTConfig, params, h_layers, patch_ids_BL, num_patches:
   p = params["local_encoder"]
   B, L, dE = h_layers[0].shape
   k = cfg.cross_attn_k
-  attend = functools.partial(attention.encoder_cross_attention, patch_ids_BN=patch_ids_BL, num_patches=num_patches,
-                             slots=k, window=cfg.cross_attn_window_encoder)
+  attend = functools.partial(
+      attention.encoder_cross_attention,
+      patch_ids_BN=patch_ids_BL,
+      num_patches=num_patches,
+      slots=k,
+      window=cfg.cross_attn_window_encoder,
+  )
   patch_BQD = None
   for i in range(cfg.n_layers_local_encoder):
     if i == cfg.n_layers_local_encoder - 1 or cfg.cross_attn_all_layers_encoder:
@@ -125,8 +133,9 @@ def _decode(cfg: BLTConfig, params, h_BSD, pos_BS, global_BPG, dpid_BS, caches, 
   k = cfg.cross_attn_k
   proj = layers.Linear(cfg.dim_local_encoder * k, ("embed", "heads"), 1.0, cfg.dtype)
   patch_BQD = decode_cache.apply_module(proj, p["patch_embedding_projection"], global_BPG).reshape(B, P * k, dD)
-  attend = functools.partial(attention.decoder_cross_attention, decoder_patch_ids_BN=dpid_BS, slots=k,
-                             window=cfg.cross_attn_window_decoder)
+  attend = functools.partial(
+      attention.decoder_cross_attention, decoder_patch_ids_BN=dpid_BS, slots=k, window=cfg.cross_attn_window_decoder
+  )
   stack = cfg.decoder_stack()
   h = h_BSD.astype(jnp.dtype(cfg.dtype))
   new_caches = []
@@ -158,8 +167,9 @@ def prefill(m: loading.LoadedModel, shapes: Shapes, tokens_BL, length_B):
   state: Dict[str, Any] = {}
   tokens_BS = jnp.zeros((B, S), jnp.int32).at[:, :L].set(tokens_BL)
   if m.entropy_config is not None:
-    ent_BL, state["ent_caches"] = _entropies(m, tokens_BL, pos_BL,
-                                             decode_cache.empty_caches(m.entropy_config.stack(), B, S), fresh=True)
+    ent_BL, state["ent_caches"] = _entropies(
+        m, tokens_BL, pos_BL, decode_cache.empty_caches(m.entropy_config.stack(), B, S), fresh=True
+    )
   else:
     ent_BL, state["ent_caches"] = jnp.zeros((B, L), jnp.float32), []
   kwargs = m.patching.patch_kwargs()
@@ -175,25 +185,45 @@ def prefill(m: loading.LoadedModel, shapes: Shapes, tokens_BL, length_B):
   x = _embed(cfg, params, tokens_BL)
   enc_stack = cfg.encoder_stack()
   h, enc_caches, h_layers = decode_cache.stack_forward(
-      enc_stack, params["local_encoder"], x.astype(jnp.dtype(cfg.dtype)), pos_BL,
-      decode_cache.empty_caches(enc_stack, B, S), outputs=True, fresh=True)
+      enc_stack,
+      params["local_encoder"],
+      x.astype(jnp.dtype(cfg.dtype)),
+      pos_BL,
+      decode_cache.empty_caches(enc_stack, B, S),
+      outputs=True,
+      fresh=True,
+  )
   P_pre = min(L + 1, shapes.patch_capacity)
   patches_BPX = _encode_patches(cfg, params, h_layers, pid_BT[:, :L], P_pre)
   slot_BP = jnp.broadcast_to(jnp.arange(P_pre)[None, :], (B, P_pre))
-  global_BPG, glob_caches = _latent(cfg, params, patches_BPX, slot_BP,
-                                    decode_cache.empty_caches(cfg.global_stack(), B, shapes.patch_capacity), fresh=True)
+  global_BPG, glob_caches = _latent(
+      cfg,
+      params,
+      patches_BPX,
+      slot_BP,
+      decode_cache.empty_caches(cfg.global_stack(), B, shapes.patch_capacity),
+      fresh=True,
+  )
   dpid_BL = pid_BT[:, 1:] - 1
-  logits_BLV, dec_caches = _decode(cfg, params, h, pos_BL, global_BPG, dpid_BL,
-                                   decode_cache.empty_caches(cfg.decoder_stack(), B, S), fresh=True)
+  logits_BLV, dec_caches = _decode(
+      cfg, params, h, pos_BL, global_BPG, dpid_BL, decode_cache.empty_caches(cfg.decoder_stack(), B, S), fresh=True
+  )
   glob_h = jnp.zeros((B, shapes.patch_capacity, cfg.dim_global), global_BPG.dtype).at[:, :P_pre].set(global_BPG)
   state.update(
-      tokens_BS=tokens_BS, length_B=length_B,
+      tokens_BS=tokens_BS,
+      length_B=length_B,
       entropies_BS=jnp.zeros((B, S), jnp.float32).at[:, :L].set(ent_BL),
-      mode_start_B=last_start(mode_BT), open_start_B=last_start(starts_BT), num_closed_B=num_closed_B,
-      enc_caches=enc_caches, dec_caches=dec_caches, glob_caches=glob_caches, glob_h_BPG=glob_h,
+      mode_start_B=last_start(mode_BT),
+      open_start_B=last_start(starts_BT),
+      num_closed_B=num_closed_B,
+      enc_caches=enc_caches,
+      dec_caches=dec_caches,
+      glob_caches=glob_caches,
+      glob_h_BPG=glob_h,
       enc_h=[jnp.zeros((B, S) + hl.shape[2:], hl.dtype).at[:, :L].set(hl) for hl in h_layers],
       logits_BV=logits_BLV[rows, length_B - 1],
-      error_B=_errors(shapes, length_B - last_start(starts_BT), num_closed_B))
+      error_B=_errors(shapes, length_B - last_start(starts_BT), num_closed_B),
+  )
   return _pin_rows(m, state, B)
 
 
@@ -206,8 +236,9 @@ def _pin_rows(m: loading.LoadedModel, tree, batch: int):
   if m.mesh is None or batch % sharding.num_batch_shards(m.mesh):
     return tree
   rows = NamedSharding(m.mesh, PartitionSpec(sharding.BATCH_AXES))
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows) if x.ndim and x.shape[0] == batch else x,
-                      tree)
+  return jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, rows) if x.ndim and x.shape[0] == batch else x, tree
+  )
 
 
 def _errors(shapes: Shapes, open_len_B, num_closed_B):
@@ -229,8 +260,12 @@ def step(m: loading.LoadedModel, shapes: Shapes, state, byte_B):
   look2 = jnp.clip(t_B1 + jnp.arange(-1, 1)[None, :], 0, S - 1)  # positions t-1, t
   kwargs = m.patching.patch_kwargs()
   mode_start_next, start_next = patching.next_start(
-      jnp.take_along_axis(tokens, look2, 1), jnp.take_along_axis(new["entropies_BS"], look2, 1), t_B + 1,
-      state["mode_start_B"], **kwargs)
+      jnp.take_along_axis(tokens, look2, 1),
+      jnp.take_along_axis(new["entropies_BS"], look2, 1),
+      t_B + 1,
+      state["mode_start_B"],
+      **kwargs,
+  )
   new["mode_start_B"] = jnp.where(mode_start_next, t_B + 1, state["mode_start_B"])
 
   K = max(cfg.encoder_hash_byte_group_size) if cfg.num_hash_tables else 1
@@ -239,7 +274,8 @@ def step(m: loading.LoadedModel, shapes: Shapes, state, byte_B):
   x = _embed(cfg, params, byte_B[:, None], window_BK[:, None, :])
   enc_stack = cfg.encoder_stack()
   h, new["enc_caches"], h_layers = decode_cache.stack_forward(
-      enc_stack, params["local_encoder"], x.astype(jnp.dtype(cfg.dtype)), t_B1, state["enc_caches"], outputs=True)
+      enc_stack, params["local_encoder"], x.astype(jnp.dtype(cfg.dtype)), t_B1, state["enc_caches"], outputs=True
+  )
   new["enc_h"] = [buf.at[rows, t_B].set(hl[:, 0], mode="drop") for buf, hl in zip(state["enc_h"], h_layers)]
 
   slot_B = state["num_closed_B"]
@@ -260,8 +296,11 @@ def step(m: loading.LoadedModel, shapes: Shapes, state, byte_B):
     return glob_caches, glob_h
 
   new["glob_caches"], new["glob_h_BPG"] = jax.lax.cond(
-      jnp.any(close_B), close, lambda carry: (carry[1], carry[2]),
-      (new["enc_h"], state["glob_caches"], state["glob_h_BPG"]))
+      jnp.any(close_B),
+      close,
+      lambda carry: (carry[1], carry[2]),
+      (new["enc_h"], state["glob_caches"], state["glob_h_BPG"]),
+  )
   num_closed = slot_B + close_B.astype(jnp.int32)
   new["num_closed_B"] = num_closed
   new["open_start_B"] = jnp.where(close_B, t_B + 1, state["open_start_B"])
@@ -270,8 +309,9 @@ def step(m: loading.LoadedModel, shapes: Shapes, state, byte_B):
   logits, new["dec_caches"] = _decode(cfg, params, h, t_B1, global_B1G, jnp.zeros_like(t_B1), state["dec_caches"])
   new["logits_BV"] = logits[:, 0]
   new["length_B"] = t_B + 1
-  new["error_B"] = jnp.where(state["error_B"] > 0, state["error_B"],
-                             _errors(shapes, t_B + 2 - new["open_start_B"], num_closed))
+  new["error_B"] = jnp.where(
+      state["error_B"] > 0, state["error_B"], _errors(shapes, t_B + 2 - new["open_start_B"], num_closed)
+  )
   return new
 
 
@@ -321,7 +361,8 @@ def _run(m: loading.LoadedModel, state, out_BM, done_B, start, key_B, *, shapes,
     return i + 1, state, out, done, rec
 
   i, state, out_BM, done_B, logits_BMV = jax.lax.while_loop(
-      cond, body, (jnp.int32(start), state, out_BM, done_B, logits_BMV))
+      cond, body, (jnp.int32(start), state, out_BM, done_B, logits_BMV)
+  )
   return i, state, out_BM, done_B, logits_BMV
 
 
@@ -353,11 +394,16 @@ def _check_flags(args) -> None:
       ("--max-bytes", args.max_bytes, args.max_bytes >= 1, "at least 1"),
       ("--chunk-bytes", args.chunk_bytes, args.chunk_bytes >= 1, "at least 1"),
       ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
-      ("--max-patch-bytes", args.max_patch_bytes, args.max_patch_bytes is None or args.max_patch_bytes >= 1,
-       "at least 1"),
+      (
+          "--max-patch-bytes",
+          args.max_patch_bytes,
+          args.max_patch_bytes is None or args.max_patch_bytes >= 1,
+          "at least 1",
+      ),
       ("--temperature", args.temperature, args.temperature >= 0, "at least 0 (0: greedy)"),
       ("--top-k", args.top_k, args.top_k >= 0, "at least 0 (0: all)"),
-      ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
+      ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+  ):
     if not ok:
       raise ValueError(f"{flag}={value} must be {rule}")
 
@@ -370,11 +416,22 @@ def check_supported(m: loading.LoadedModel) -> None:
     raise ValueError("generation does not support cross-attention windows (cross_attn_window_encoder/decoder)")
 
 
-def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str, bytes]], max_bytes: int, *,
-             sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[bytes] = (),
-             max_patch_bytes: Optional[int] = None, chunk: Optional[int] = None, record_logits: bool = False,
-             on_bytes=None, streams: Optional[Sequence[int]] = None, dtype: Optional[str] = None,
-             mesh=None) -> List[Result]:
+def generate(
+    model: Union[str, loading.LoadedModel],
+    prompts: Sequence[Union[str, bytes]],
+    max_bytes: int,
+    *,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    stop: Sequence[bytes] = (),
+    max_patch_bytes: Optional[int] = None,
+    chunk: Optional[int] = None,
+    record_logits: bool = False,
+    on_bytes=None,
+    streams: Optional[Sequence[int]] = None,
+    dtype: Optional[str] = None,
+    mesh=None,
+) -> List[Result]:
   """Generates up to `max_bytes` bytes after each prompt (`[BOS] + prompt bytes`), cached; see the module doc.
 
   Row b samples from its own stream, `fold_in(PRNGKey(seed), streams[b])` (default: b, its position in `prompts`),
@@ -392,8 +449,10 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
   B, L = len(ids), max(len(i) for i in ids)
   capacity = L + max_bytes
   if capacity > cfg.max_encoder_seq_length:
-    raise ValueError(f"prompt ({L - 1} bytes) + max_bytes ({max_bytes}) exceed the model's byte context "
-                     f"max_encoder_seq_length={cfg.max_encoder_seq_length}")
+    raise ValueError(
+        f"prompt ({L - 1} bytes) + max_bytes ({max_bytes}) exceed the model's byte context "
+        f"max_encoder_seq_length={cfg.max_encoder_seq_length}"
+    )
   streams = list(range(B)) if streams is None else [int(s) for s in streams]
   if len(streams) != B:
     raise ValueError(f"streams: {len(streams)} given for {B} prompts")
@@ -401,7 +460,7 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
   shapes = Shapes(B, L, capacity, min(cfg.max_seqlen, capacity + 1), min(patch_bytes, capacity))
   tokens = np.zeros((B, L), np.int32)
   for b, row in enumerate(ids):
-    tokens[b, :len(row)] = row
+    tokens[b, : len(row)] = row
   state = _prefill_jit(m, shapes, jnp.asarray(tokens), jnp.asarray([len(i) for i in ids], jnp.int32))
   out = jnp.full((B, max_bytes), -1, jnp.int32)
   done = jnp.zeros((B,), bool)
@@ -414,8 +473,9 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
   logits = []
   i = 0
   while i < max_bytes and not bool(np.all(np.asarray(done))):
-    i_dev, state, out, done, rec = _run(m, state, out, done, i, keys, shapes=shapes, sampling=sampling,
-                                        steps=chunk, record_logits=record_logits)
+    i_dev, state, out, done, rec = _run(
+        m, state, out, done, i, keys, shapes=shapes, sampling=sampling, steps=chunk, record_logits=record_logits
+    )
     new_i = int(i_dev)
     host = np.asarray(out[:, i:new_i])
     errors = np.asarray(state["error_B"])
@@ -440,7 +500,7 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
       # A running row's tail that may begin a stop string waits: the next chunk may complete (and cut) it.
       ready = len(text) - (_stop_prefix_len(text, stop) if stopped[b] == "max_bytes" else 0)
       if on_bytes is not None and ready > sent[b]:
-        on_bytes(b, text[sent[b]:ready])
+        on_bytes(b, text[sent[b] : ready])
         sent[b] = ready
     done = jnp.asarray(done_host)
     if record_logits:
@@ -448,7 +508,7 @@ def generate(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str
     i = new_i
   for b in range(B):  # rows that ran to max_bytes: their held-back tail is final
     if on_bytes is not None and len(produced[b]) > sent[b]:
-      on_bytes(b, produced[b][sent[b]:])
+      on_bytes(b, produced[b][sent[b] :])
   recorded = np.concatenate(logits, axis=1) if record_logits else None
   return [Result(data[b], produced[b], stopped[b], None if recorded is None else recorded[b]) for b in range(B)]
 
@@ -471,8 +531,9 @@ def full_recompute_logits(m: loading.LoadedModel, tokens_BS, length_B):
   return logits[jnp.arange(tokens_BS.shape[0]), length_B - 1]
 
 
-def generate_uncached(model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str, bytes]], max_bytes: int
-                      ) -> List[Result]:
+def generate_uncached(
+    model: Union[str, loading.LoadedModel], prompts: Sequence[Union[str, bytes]], max_bytes: int
+) -> List[Result]:
   """Greedy generation by full recompute (one jitted forward of fixed shape per byte): the slow reference."""
   m = model if isinstance(model, loading.LoadedModel) else loading.load(model)
   data = [p.encode("utf-8") if isinstance(p, str) else bytes(p) for p in prompts]
@@ -481,7 +542,7 @@ def generate_uncached(model: Union[str, loading.LoadedModel], prompts: Sequence[
   fn = jax.jit(lambda t, n: full_recompute_logits(m, t, n))
   tokens = np.zeros((len(ids), S), np.int32)
   for b, row in enumerate(ids):
-    tokens[b, :len(row)] = row
+    tokens[b, : len(row)] = row
   lengths = np.asarray([len(i) for i in ids], np.int32)
   out: List[List[int]] = [[] for _ in ids]
   done = [False] * len(ids)
@@ -501,8 +562,10 @@ def generate_uncached(model: Union[str, loading.LoadedModel], prompts: Sequence[
     if all(done):
       break
   stacked = np.stack(all_logits, axis=1)
-  return [Result(data[b], bytes(v - tokenizer.OFFSET for v in out[b]), "eos" if done[b] else "max_bytes",
-                 stacked[b]) for b in range(len(ids))]
+  return [
+      Result(data[b], bytes(v - tokenizer.OFFSET for v in out[b]), "eos" if done[b] else "max_bytes", stacked[b])
+      for b in range(len(ids))
+  ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,6 +578,7 @@ class _Utf8Stream:
   def __init__(self, raw: bool):
     import codecs  # pylint: disable=g-import-not-at-top
     import sys  # pylint: disable=g-import-not-at-top
+
     self.out = sys.stdout.buffer
     self.decoder = None if raw else codecs.getincrementaldecoder("utf-8")("replace")
 
@@ -530,8 +594,10 @@ def main(argv=None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(prog="python -m blt_jax.generate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  p = argparse.ArgumentParser(
+      prog="python -m blt_jax.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--checkpoint", required=True, help="converted checkpoint, or a training workdir / its export/")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", help="prompt text")
@@ -546,8 +612,12 @@ def main(argv=None) -> int:
   p.add_argument("--raw", action="store_true", help="write bytes as they are (no UTF-8 hold-back / replacement)")
   p.add_argument("--chunk-bytes", type=int, default=16, help="bytes per jitted loop call between stdout writes")
   p.add_argument("--max-patch-bytes", type=int, default=None, help="the longest patch the cache can close")
-  p.add_argument("--batch-size", type=int, default=32,
-                 help="--prompts: prompts generated together; each batch's lines are printed as it completes")
+  p.add_argument(
+      "--batch-size",
+      type=int,
+      default=32,
+      help="--prompts: prompts generated together; each batch's lines are printed as it completes",
+  )
   placement.add_arguments(p)
   args = p.parse_args(argv)
   try:
@@ -579,18 +649,29 @@ def main(argv=None) -> int:
     return 2
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
   stream = _Utf8Stream(args.raw) if len(prompts) == 1 and not args.prompts else None
-  kwargs = dict(sampling=sampling, seed=args.seed, stop=[s.encode() for s in args.stop],
-                max_patch_bytes=args.max_patch_bytes, chunk=args.chunk_bytes)
+  kwargs = dict(
+      sampling=sampling,
+      seed=args.seed,
+      stop=[s.encode() for s in args.stop],
+      max_patch_bytes=args.max_patch_bytes,
+      chunk=args.chunk_bytes,
+  )
   # Several processes (srun, a pod): process i of n takes the prompts with index % n == i.
   mine = list(range(jax.process_index(), len(prompts), jax.process_count()))
   size = len(prompts) if stream is not None else args.batch_size
   for start in range(0, len(mine), size):
     # Streams are the prompts' positions in the whole file: the output depends neither on --batch-size nor on the
     # number of processes.
-    streams = mine[start:start + size]
+    streams = mine[start : start + size]
     try:
-      results = generate(model, [prompts[i] for i in streams], args.max_bytes, streams=streams,
-                         on_bytes=(lambda row, data: stream.write(data)) if stream else None, **kwargs)
+      results = generate(
+          model,
+          [prompts[i] for i in streams],
+          args.max_bytes,
+          streams=streams,
+          on_bytes=(lambda row, data: stream.write(data)) if stream else None,
+          **kwargs,
+      )
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
@@ -598,9 +679,17 @@ def main(argv=None) -> int:
       stream.write(b"", final=True)
     else:
       for i, r in zip(streams, results):
-        print(json.dumps({"index": i, "prompt": r.prompt.decode("utf-8", "replace"),
-                          "continuation": r.continuation.decode("utf-8", "replace"), "stopped": r.stopped}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "index": i,
+                    "prompt": r.prompt.decode("utf-8", "replace"),
+                    "continuation": r.continuation.decode("utf-8", "replace"),
+                    "stopped": r.stopped,
+                }
+            ),
+            flush=True,
+        )
     for r in results:
       if r.stopped in ERRORS.values():
         print(f"warning: a row stopped early: {r.stopped}", file=sys.stderr)

@@ -33,6 +33,7 @@ length is rounded up to a power of two (at least 64) by a filler row (the batch'
 spaces; its output is discarded), so a whole task compiles a few generation programs. lm_eval's `batch_size` and
 `device` are ignored: sizes come from the model args below, devices are JAX's local devices. Single process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,16 +63,35 @@ class BLTHarnessLM(TemplateLM):
   without `=` and `,`, which `--model_args` reserve): how the params are stored and sharded (`blt_jax.placement`).
   """
 
-  def __init__(self, checkpoint: Union[str, loading.LoadedModel], *, row_bytes: Optional[int] = None,
-               min_context: Optional[int] = None, batch_bytes: int = 16384, gen_batch: int = 16, gen_chunk: int = 32,
-               max_gen_bytes: int = 256, seed: int = 0, batch_size: Any = None, max_batch_size: Any = None,
-               device: Any = None, dtype: Optional[str] = None, mesh: Optional[str] = None):
+  def __init__(
+      self,
+      checkpoint: Union[str, loading.LoadedModel],
+      *,
+      row_bytes: Optional[int] = None,
+      min_context: Optional[int] = None,
+      batch_bytes: int = 16384,
+      gen_batch: int = 16,
+      gen_chunk: int = 32,
+      max_gen_bytes: int = 256,
+      seed: int = 0,
+      batch_size: Any = None,
+      max_batch_size: Any = None,
+      device: Any = None,
+      dtype: Optional[str] = None,
+      mesh: Optional[str] = None,
+  ):
     super().__init__()
     del batch_size, max_batch_size, device  # lm_eval's torch-oriented knobs; see the module docstring
     mesh = placement.make_mesh(placement.parse_mesh(mesh)) if mesh else None
     self.model = loading.as_model(checkpoint, dtype, mesh)
-    self.scorer = Scorer(self.model, row_bytes=row_bytes, min_context=min_context, batch_bytes=batch_bytes,
-                         per_byte=True, per_byte_argmax=True)
+    self.scorer = Scorer(
+        self.model,
+        row_bytes=row_bytes,
+        min_context=min_context,
+        batch_bytes=batch_bytes,
+        per_byte=True,
+        per_byte_argmax=True,
+    )
     if gen_batch < 2:
       raise ValueError(f"gen_batch={gen_batch} must be at least 2 (one row may be the bucket's filler)")
     self.gen_batch, self.gen_chunk, self.seed = int(gen_batch), int(gen_chunk), int(seed)
@@ -107,8 +127,13 @@ class BLTHarnessLM(TemplateLM):
     return tokenizer.decode_bytes(tokens).decode("utf-8", "replace")
 
   def get_model_info(self) -> Dict[str, Any]:
-    return {"model_name": NAME, "checkpoint": self.model.path, "row_bytes": self.scorer.row_len,
-            "min_context": self.scorer.min_context, "patching": self.model.patching.mode}
+    return {
+        "model_name": NAME,
+        "checkpoint": self.model.path,
+        "row_bytes": self.scorer.row_len,
+        "min_context": self.scorer.min_context,
+        "patching": self.model.patching.mode,
+    }
 
   # -------------------------------------------------------------------------------------------------------------
   # Scoring.
@@ -123,8 +148,10 @@ class BLTHarnessLM(TemplateLM):
     return out
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
-    return self._loglikelihood_tokens([((c, x), self.tok_encode(c), self.tok_encode(x))
-                                       for c, x in (r.args for r in requests)], disable_tqdm=disable_tqdm)
+    return self._loglikelihood_tokens(
+        [((c, x), self.tok_encode(c), self.tok_encode(x)) for c, x in (r.args for r in requests)],
+        disable_tqdm=disable_tqdm,
+    )
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
     """(key, context ids, continuation ids) -> (log p(continuation | [BOS] context), is_greedy)."""
@@ -140,8 +167,10 @@ class BLTHarnessLM(TemplateLM):
     for i, s in zip(wanted, self._score(rows, disable_tqdm, "blt_jax loglikelihood")):
       continuation = np.asarray(requests[i][2], np.int32)
       n = len(continuation)
-      out[i] = (-float(np.sum(s.nll_per_byte[-n:], dtype=np.float64)),
-                bool(np.array_equal(s.greedy_per_byte[-n:], continuation)))
+      out[i] = (
+          -float(np.sum(s.nll_per_byte[-n:], dtype=np.float64)),
+          bool(np.array_equal(s.greedy_per_byte[-n:], continuation)),
+      )
     for (key, _, _), result in zip(requests, out):
       if key is not None:
         self.cache_hook.add_partial("loglikelihood", key, result)
@@ -176,8 +205,10 @@ class BLTHarnessLM(TemplateLM):
       log.warning("blt_jax: ignoring generation arguments %s", sorted(kwargs))
     limit = self.max_length - 2  # [BOS] and at least one prompt byte
     if not 1 <= max_bytes <= limit:
-      raise ValueError(f"max_gen_toks={max_bytes} bytes must be in [1, {limit}] (the model's byte context "
-                       f"max_encoder_seq_length={self.max_length}, less [BOS] and one prompt byte)")
+      raise ValueError(
+          f"max_gen_toks={max_bytes} bytes must be in [1, {limit}] (the model's byte context "
+          f"max_encoder_seq_length={self.max_length}, less [BOS] and one prompt byte)"
+      )
     return max_bytes, sampling, tuple(u.encode("utf-8") for u in until if u)
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
@@ -190,7 +221,7 @@ class BLTHarnessLM(TemplateLM):
       prompt = context.encode("utf-8")
       keep = self.max_length - 1 - settings[0]
       if len(prompt) > keep:
-        prompt, cut = prompt[len(prompt) - keep:], cut + 1
+        prompt, cut = prompt[len(prompt) - keep :], cut + 1
       prompts.append(prompt)
       groups.setdefault(settings, []).append(i)
     if cut:
@@ -201,15 +232,23 @@ class BLTHarnessLM(TemplateLM):
       members = sorted(members, key=lambda i: len(prompts[i]))
       keep = self.max_length - 1 - max_bytes
       for start in range(0, len(members), self.gen_batch - 1):
-        batch = members[start:start + self.gen_batch - 1]
+        batch = members[start : start + self.gen_batch - 1]
         rows = [prompts[i] for i in batch]
         longest = max(rows, key=len)
         filler = b" " * (_gen_bucket(len(longest) + 1, keep + 1) - 1 - len(longest)) + longest
         fillers = self.gen_batch - len(rows)
         rows += [filler] * fillers
         # Each request samples from the stream of its index in the whole list (a filler's output is discarded).
-        results = generate.generate(self.model, rows, max_bytes, sampling=sampling, seed=self.seed, stop=stop,
-                                    chunk=min(self.gen_chunk, max_bytes), streams=batch + [batch[-1]] * fillers)
+        results = generate.generate(
+            self.model,
+            rows,
+            max_bytes,
+            sampling=sampling,
+            seed=self.seed,
+            stop=stop,
+            chunk=min(self.gen_chunk, max_bytes),
+            streams=batch + [batch[-1]] * fillers,
+        )
         for i, res in zip(batch, results):
           if res.stopped in generate.ERRORS.values():
             log.warning("blt_jax: a generation stopped early: %s", res.stopped)
@@ -236,6 +275,7 @@ if NAME not in model_registry:  # a lazy entry naming the module, so `python -m 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """lm_eval's command line with `--model blt_jax` (and its `run` subcommand) filled in."""
   from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
+
   args = list(sys.argv[1:] if argv is None else argv)
   if not args or args[0] not in ("run", "ls", "validate"):
     args = ["run"] + args

@@ -5,6 +5,7 @@ modulo. We reproduce it bit-exactly without `jax_enable_x64`: every 64-bit
 quantity is held as four 16-bit limbs in uint32 lanes, so all partial sums
 stay far below 2**32 and no step can overflow silently.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -52,9 +53,7 @@ def _check_args(n: int, prime_index: int, vocab_size: int) -> None:
   if not 1 <= n <= MAX_NGRAM:
     raise ValueError(f"n-gram size must be in [1, {MAX_NGRAM}], got {n}")
   if not 0 <= prime_index < len(PRIMES):
-    raise ValueError(
-        f"prime_index must be in [0, {len(PRIMES)}), got {prime_index}"
-    )
+    raise ValueError(f"prime_index must be in [0, {len(PRIMES)}), got {prime_index}")
   if not 1 <= vocab_size <= MAX_HASH_VOCAB:
     raise ValueError(
         f"hash vocab size must be in [1, {MAX_HASH_VOCAB}] (2**24, the limit of"
@@ -65,8 +64,7 @@ def _check_args(n: int, prime_index: int, vocab_size: int) -> None:
 def _token_limbs(tokens_KBL: jnp.ndarray) -> list[jnp.ndarray]:
   """Two's complement 64-bit limbs of int32 tokens (sign-extended)."""
   bits_KBL = jax.lax.bitcast_convert_type(tokens_KBL, jnp.uint32)
-  high_fill_KBL = jnp.where(
-      tokens_KBL < 0, jnp.uint32(_LIMB_MASK), jnp.uint32(0))
+  high_fill_KBL = jnp.where(tokens_KBL < 0, jnp.uint32(_LIMB_MASK), jnp.uint32(0))
   return [
       bits_KBL & _LIMB_MASK,
       bits_KBL >> _LIMB_BITS,
@@ -75,9 +73,7 @@ def _token_limbs(tokens_KBL: jnp.ndarray) -> list[jnp.ndarray]:
   ]
 
 
-def _coefficient_limbs(
-    tables: Sequence[tuple[int, int]], window: int
-) -> np.ndarray:
+def _coefficient_limbs(tables: Sequence[tuple[int, int]], window: int) -> np.ndarray:
   """uint32 [limb, M, K]: limbs of the power of prime_f for window slot k.
 
   Table m = (n, f) hashes the last n of the K-slot window; slot K-n+i (the
@@ -105,9 +101,7 @@ def _windows(tokens_BL: jnp.ndarray, window: int) -> jnp.ndarray:
   return jnp.where(in_document_KBL, windows_KBL, tokenizer.BOE_ID)
 
 
-def _hash_limbs(
-    windows_KBL: jnp.ndarray, coeffs: np.ndarray
-) -> list[jnp.ndarray]:
+def _hash_limbs(windows_KBL: jnp.ndarray, coeffs: np.ndarray) -> list[jnp.ndarray]:
   """sum_k w_k * c_mk mod 2**64 as four normalized 16-bit limbs [M, B, L].
 
   Schoolbook product on 16-bit limbs; each 16x16-bit product (< 2**32) is
@@ -116,16 +110,17 @@ def _hash_limbs(
   """
   w_limbs = _token_limbs(windows_KBL)
   acc = [None] * _NUM_LIMBS
+
   def add(k, value_MBL):
     acc[k] = value_MBL if acc[k] is None else acc[k] + value_MBL
+
   for a in range(_NUM_LIMBS):
     for b in range(_NUM_LIMBS - a):
       c_MK11 = jnp.asarray(coeffs[b][:, :, None, None])
       prod_MKBL = w_limbs[a][None] * c_MK11
       add(a + b, jnp.sum(prod_MKBL & _LIMB_MASK, axis=1, dtype=jnp.uint32))
       if a + b + 1 < _NUM_LIMBS:  # Bits >= 2**64 wrap away.
-        add(a + b + 1, jnp.sum(prod_MKBL >> _LIMB_BITS, axis=1,
-                               dtype=jnp.uint32))
+        add(a + b + 1, jnp.sum(prod_MKBL >> _LIMB_BITS, axis=1, dtype=jnp.uint32))
   limbs = []
   carry = jnp.zeros_like(acc[0])
   for k in range(_NUM_LIMBS):
@@ -135,9 +130,7 @@ def _hash_limbs(
   return limbs
 
 
-def _floor_mod_signed(
-    limbs: Sequence[jnp.ndarray], vocab_size: int
-) -> jnp.ndarray:
+def _floor_mod_signed(limbs: Sequence[jnp.ndarray], vocab_size: int) -> jnp.ndarray:
   """Floor modulo of the signed int64 held in `limbs` by `vocab_size`."""
   v = jnp.uint32(vocab_size)
   residue = jnp.zeros_like(limbs[0])
@@ -179,9 +172,7 @@ def _hash_tables(
   return _hash_tables_jit(jnp.asarray(tokens_BL), tables, int(vocab_size))
 
 
-def hash_ngram_ids(
-    tokens_BL: jnp.ndarray, n: int, prime_index: int, vocab_size: int
-) -> jnp.ndarray:
+def hash_ngram_ids(tokens_BL: jnp.ndarray, n: int, prime_index: int, vocab_size: int) -> jnp.ndarray:
   """Hash ids of the n-gram ending at every position, int32 [B, L].
 
   Rows and documents are left-padded with n-1 zeros (BOE); the oldest byte of a window gets
@@ -199,9 +190,7 @@ def all_hash_ids(
 ) -> jnp.ndarray:
   """Hash ids for every table, int32 [M, B, L], m = f * len(sizes) + i_n."""
   if num_functions < 1 or not group_sizes:
-    raise ValueError(
-        f"need num_functions >= 1 and group sizes, got {num_functions},"
-        f" {group_sizes}")
+    raise ValueError(f"need num_functions >= 1 and group sizes, got {num_functions}," f" {group_sizes}")
   tables = [(n, f) for f in range(num_functions) for n in group_sizes]
   return _hash_tables(tokens_BL, tables, vocab_size)
 
@@ -222,9 +211,7 @@ def parse_ngram_to_size(spec: str) -> dict[int, int]:
   return sizes
 
 
-def load_ngram_tables(
-    directory: str | os.PathLike, sizes: Mapping[int, int]
-) -> dict[int, dict[tuple[int, ...], int]]:
+def load_ngram_tables(directory: str | os.PathLike, sizes: Mapping[int, int]) -> dict[int, dict[tuple[int, ...], int]]:
   """Loads `ngram-{n}.pickle` files, keeping the `size` most frequent n-grams.
 
   Each pickle holds a dict whose "counts" entry is a frequency-sorted list of
@@ -236,28 +223,21 @@ def load_ngram_tables(
     path = os.path.join(os.fspath(directory), f"ngram-{n}.pickle")
     with open(path, "rb") as f:
       counts = pickle.load(f)["counts"]
-    tables[n] = {
-        tuple(int(t) for t in entry[0]): rank
-        for rank, entry in enumerate(counts[:size])
-    }
+    tables[n] = {tuple(int(t) for t in entry[0]): rank for rank, entry in enumerate(counts[:size])}
   return tables
 
 
-def ngram_ids(
-    tokens_BL: np.ndarray, tables: Mapping[int, NgramTable]
-) -> np.ndarray:
+def ngram_ids(tokens_BL: np.ndarray, tables: Mapping[int, NgramTable]) -> np.ndarray:
   """Frequency n-gram ids [num_ngrams, B, L] (n ascending): rank+4, else 0."""
   tokens_BL = np.asarray(tokens_BL, dtype=np.int64)
   batch, length = tokens_BL.shape
   sizes = sorted(tables)
   if sizes and sizes[0] != 2:
-    raise ValueError(
-        f"the smallest n-gram size must be 2 (spec 4.3), got {sizes}")
+    raise ValueError(f"the smallest n-gram size must be 2 (spec 4.3), got {sizes}")
   out = np.zeros((len(sizes), batch, length), dtype=np.int32)
   for i, n in enumerate(sizes):
     table = tables[n]
-    padded_BL = np.pad(tokens_BL, ((0, 0), (n - 1, 0)),
-                       constant_values=tokenizer.BOE_ID)
+    padded_BL = np.pad(tokens_BL, ((0, 0), (n - 1, 0)), constant_values=tokenizer.BOE_ID)
     windows = np.lib.stride_tricks.sliding_window_view(padded_BL, n, axis=1)
     flat = windows.reshape(-1, n).tolist()
     ranks = np.asarray([table.get(tuple(w), -1) for w in flat], dtype=np.int64)

@@ -5,6 +5,7 @@ over attention's key blocks) counts as one layer. Here the matmuls (`dot`, and `
 for them) are summed over the call graph with each loop body times its trip count (read from the loop's condition)
 and each `conditional` at its costliest branch: what the program would run if every branch did its work.
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,8 +17,25 @@ import numpy as np
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
-_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s4": 1,
+    "u4": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(.*\) -> .* \{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
@@ -34,8 +52,11 @@ class Instruction:
 
 
 def _arrays(type_text: str) -> List[Tuple[str, List[int]]]:
-  return [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims in _ARRAY.findall(type_text)
-          if dtype in _DTYPE_BYTES]
+  return [
+      (dtype, [int(d) for d in dims.split(",") if d])
+      for dtype, dims in _ARRAY.findall(type_text)
+      if dtype in _DTYPE_BYTES
+  ]
 
 
 def _closing(text: str, start: int) -> int:
@@ -55,7 +76,7 @@ def _parse_instruction(line: str) -> Optional[Instruction]:
   match = _INSTRUCTION.match(line)
   if not match:
     return None
-  rest = line[match.end():]
+  rest = line[match.end() :]
   if rest.startswith("("):
     end = _closing(rest, 0)
   else:
@@ -67,7 +88,7 @@ def _parse_instruction(line: str) -> Optional[Instruction]:
   op = rest[:paren]
   close = _closing(rest, paren)
   operands = re.findall(r"%([\w.\-]+)", rest[paren:close])
-  return Instruction(match.group(1), type_text, op, operands, rest[paren + 1:close - 1], rest[close:])
+  return Instruction(match.group(1), type_text, op, operands, rest[paren + 1 : close - 1], rest[close:])
 
 
 def parse_module(hlo_text: str) -> Tuple[Dict[str, List[Instruction]], Optional[str]]:
@@ -128,8 +149,15 @@ class _FlopCounter:
       trips = self._trip_count(i, condition.group(1) if condition else None)
       return {k: trips * v for k, v in self.computation(body.group(1)).items()} if body else {}
     if i.op == "conditional":
-      branches = re.findall(r"%([\w.\-]+)", " ".join(re.findall(
-          r"(?:branch_computations=\{[^}]*\}|true_computation=%[\w.\-]+|false_computation=%[\w.\-]+)", i.attributes)))
+      branches = re.findall(
+          r"%([\w.\-]+)",
+          " ".join(
+              re.findall(
+                  r"(?:branch_computations=\{[^}]*\}|true_computation=%[\w.\-]+|false_computation=%[\w.\-]+)",
+                  i.attributes,
+              )
+          ),
+      )
       costs = [self.computation(b) for b in branches]
       return max(costs, key=lambda c: sum(c.values()), default={})
     out: Dict[str, float] = collections.defaultdict(float)
@@ -167,12 +195,23 @@ class _FlopCounter:
     for d, label in enumerate(sorted(c for c in out_labels if c.isdigit())):
       n, o = lhs_dims[lhs_labels.index(label)], out_dims[out_labels.index(label)]
       k = rhs_dims[rhs_labels.index(label)]
-      stride, (pad_lo, _), lhs_dilate, rhs_dilate = (w[d] if d < len(w) else default for w, default in (
-          (window["stride"], 1), (window["pad"], (0, 0)), (window["lhs_dilate"], 1), (window["rhs_dilate"], 1)))
+      stride, (pad_lo, _), lhs_dilate, rhs_dilate = (
+          w[d] if d < len(w) else default
+          for w, default in (
+              (window["stride"], 1),
+              (window["pad"], (0, 0)),
+              (window["lhs_dilate"], 1),
+              (window["rhs_dilate"], 1),
+          )
+      )
       extent = (n - 1) * lhs_dilate + 1
-      pairs *= sum(1 for x in range(o) for y in range(k)
-                   if 0 <= x * stride + y * rhs_dilate - pad_lo < extent
-                   and (x * stride + y * rhs_dilate - pad_lo) % lhs_dilate == 0)
+      pairs *= sum(
+          1
+          for x in range(o)
+          for y in range(k)
+          if 0 <= x * stride + y * rhs_dilate - pad_lo < extent
+          and (x * stride + y * rhs_dilate - pad_lo) % lhs_dilate == 0
+      )
     b, f = out_dims[out_labels.index("b")], out_dims[out_labels.index("f")]
     return 2.0 * b * f * rhs_dims[rhs_labels.index("i")] * pairs
 
@@ -253,12 +292,12 @@ def count_collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
     i = _parse_instruction(line)
     if i is None:
       continue
-    kind = i.op[:-len("-start")] if i.op.endswith("-start") else i.op
+    kind = i.op[: -len("-start")] if i.op.endswith("-start") else i.op
     if kind not in out:
       continue
     sizes = [_DTYPE_BYTES[dtype] * int(np.prod(dims)) for dtype, dims in _arrays(i.type)]
     if i.op.endswith("-start") and len(sizes) >= 2:
-      sizes = sizes[len(sizes) // 2:]
+      sizes = sizes[len(sizes) // 2 :]
     out[kind]["ops"] += 1
     out[kind]["bytes"] += int(sum(sizes))
   return out

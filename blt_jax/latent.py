@@ -1,4 +1,5 @@
 """The global (latent) transformer over patches (spec 8)."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ from blt_jax.config import BLTConfig
 
 class GlobalTransformer(nn.Module):
   """`[B, P, k*dE]` patch vectors -> `[B, P, dG]`; block-causal over patches, no final norm (Q8)."""
+
   config: BLTConfig
 
   @nn.compact
@@ -20,8 +22,9 @@ class GlobalTransformer(nn.Module):
     P = h_BPX.shape[1]
     h = layers.batch_sharded(h_BPX.astype(jnp.dtype(c.dtype)))
     if c.global_input_dim != c.dim_global:  # only then does the reference create and apply it (spec 8)
-      h = layers.Linear(c.dim_global, ("heads", "embed"), c.global_input_dim ** -0.5, c.dtype,
-                        name="token_embedding_projection")(h)
+      h = layers.Linear(
+          c.dim_global, ("heads", "embed"), c.global_input_dim**-0.5, c.dtype, name="token_embedding_projection"
+      )(h)
     if stack.document_mask:
       cos, sin = layers.stack_rope_at(stack, masks.patch_positions(patch_doc_BP))
     else:

@@ -14,6 +14,7 @@ where a model config says a scanned stack lives. `layers.run_blocks` runs either
 its boundaries (`init_from` and the export: per-layer; its own checkpoints hold the train state in the run's
 layout, and one written in the other layout is converted when restored).
 """
+
 from __future__ import annotations
 
 import re
@@ -43,18 +44,21 @@ def layer_keys(tree: Mapping[str, Any], prefix: str = PREFIX) -> Tuple[str, ...]
   pattern = re.compile(re.escape(prefix) + r"(\d+)$")
   found = sorted(int(m.group(1)) for m in (pattern.match(str(k)) for k in tree) if m)
   if found != list(range(len(found))):
-    raise ValueError(f"per-layer params {prefix}i: expected {prefix}0 ... {prefix}{len(found) - 1}, found layers "
-                     f"{found}")
+    raise ValueError(
+        f"per-layer params {prefix}i: expected {prefix}0 ... {prefix}{len(found) - 1}, found layers " f"{found}"
+    )
   return tuple(f"{prefix}{i}" for i in found)
 
 
 def _boxed(fn):
   """`fn` on plain leaves, lifted to flax `LogicallyPartitioned` boxes (whose names gain a leading "layers")."""
+
   def stack(*leaves):
     first = leaves[0]
     if _is_box(first):
       return first.replace(value=fn(*[leaf.value for leaf in leaves]), names=(LAYER_AXIS,) + tuple(first.names))
     return fn(*leaves)
+
   return stack
 
 
@@ -66,6 +70,7 @@ def _boxed_split(fn):
         raise ValueError(f"stacked param with logical axes {names}: expected {LAYER_AXIS!r} first")
       return [x.replace(value=v, names=names[1:]) for v in fn(x.value, n)]
     return fn(x, n)
+
   return split
 
 
@@ -187,8 +192,14 @@ def to_run_layout(params: Mapping[str, Any], config: Any) -> dict:
   return stack_params(params, config) if uses_stacked_layout(config) else unstack_params(params, config)
 
 
-def restack(tree: Any, params_like: Any, config: Any, stacked: bool, stack: Callable[..., Any] = _stack,
-            split: Callable[[Any, int], Any] = _split) -> Any:
+def restack(
+    tree: Any,
+    params_like: Any,
+    config: Any,
+    stacked: bool,
+    stack: Callable[..., Any] = _stack,
+    split: Callable[[Any, int], Any] = _split,
+) -> Any:
   """`tree` with every subtree shaped like `params_like` converted to the stacked (or per-layer) layout.
 
   `tree` is a train state or an optimizer state: its params and the optax moments that mirror them (same tree

@@ -3,6 +3,7 @@
 Params are float32 and annotated with logical axis names (mapped onto the mesh by `sharding.py`); compute runs in
 the stack's `dtype`. Parameter names mirror the reference state dict (`attention.wq`, `feed_forward.w1`, ...).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -49,6 +50,7 @@ low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
 
 class Linear(nn.Module):
   """Bias-free projection; kernel `[in, out]` (the transpose of torch's Linear weight)."""
+
   features: int
   axes: Tuple[str, str]
   std: float
@@ -56,8 +58,12 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kernel = self.param("kernel", nn.with_logical_partitioning(trunc_normal(self.std), self.axes),
-                        (x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(trunc_normal(self.std), self.axes),
+        (x.shape[-1], self.features),
+        jnp.float32,
+    )
     dtype = jnp.dtype(self.dtype)
     if dtype == jnp.float32:
       return jnp.dot(x.astype(dtype), kernel)
@@ -66,6 +72,7 @@ class Linear(nn.Module):
 
 class Embed(nn.Module):
   """Token embedding table `[num, dim]`."""
+
   num_embeddings: int
   features: int
   std: float
@@ -73,20 +80,26 @@ class Embed(nn.Module):
 
   @nn.compact
   def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-    table = self.param("embedding", nn.with_logical_partitioning(trunc_normal(self.std), self.axes),
-                       (self.num_embeddings, self.features), jnp.float32)
+    table = self.param(
+        "embedding",
+        nn.with_logical_partitioning(trunc_normal(self.std), self.axes),
+        (self.num_embeddings, self.features),
+        jnp.float32,
+    )
     return jnp.take(table, ids, axis=0)
 
 
 class RMSNorm(nn.Module):
   """`x / sqrt(mean(x^2) + eps) * w`, normalised and scaled in float32 then rounded once (spec 5.1)."""
+
   eps: float = 1e-5
   dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
-                       jnp.float32)
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), jnp.float32
+    )
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps) * scale
     return y.astype(jnp.dtype(self.dtype))
@@ -134,6 +147,7 @@ def apply_rope(x_BSHD: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.n
 
 class SelfAttention(nn.Module):
   """Multi-head (optionally grouped-query) self-attention with RoPE and the stack's mask (spec 5.2, 6)."""
+
   stack: StackConfig
   std: float
 
@@ -146,20 +160,22 @@ class SelfAttention(nn.Module):
     k = Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wk")(x_BSD).reshape(B, S, K, D)
     v = Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wv")(x_BSD).reshape(B, S, K, D)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attention.self_attention(q, k, v, doc_BS if c.document_mask else None, c.sliding_window,
-                                   impl=c.attention_impl)
+    out = attention.self_attention(
+        q, k, v, doc_BS if c.document_mask else None, c.sliding_window, impl=c.attention_impl
+    )
     return Linear(c.dim, ("heads", "embed"), self.std, c.dtype, name="wo")(out.reshape(B, S, H * D))
 
 
 class FeedForward(nn.Module):
   """SwiGLU: `w2(silu(w1 x) * w3 x)` (spec 5.3)."""
+
   stack: StackConfig
   factor: float
 
   @nn.compact
   def __call__(self, x):
     c = self.stack
-    std_in, std_out = c.dim ** -0.5 / self.factor, c.ffn_dim ** -0.5 / self.factor
+    std_in, std_out = c.dim**-0.5 / self.factor, c.ffn_dim**-0.5 / self.factor
     a = Linear(c.ffn_dim, ("embed", "mlp"), std_in, c.dtype, name="w1")(x)
     b = Linear(c.ffn_dim, ("embed", "mlp"), std_in, c.dtype, name="w3")(x)
     return Linear(c.dim, ("mlp", "embed"), std_out, c.dtype, name="w2")(jax.nn.silu(a) * b)
@@ -167,6 +183,7 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
   """Pre-norm block `h = x + attn(norm(x)); out = h + ffn(norm(h))` (spec 5.5)."""
+
   stack: StackConfig
   depth: int
 
@@ -174,15 +191,19 @@ class TransformerBlock(nn.Module):
   def __call__(self, x_BSD, cos, sin, doc_BS):
     c = self.stack
     factor = init_std_factor(c.init_std_factor, self.depth, c.n_layers, c.dim)
-    h = x_BSD + SelfAttention(c, c.dim ** -0.5 / factor, name="attention")(
-        RMSNorm(c.norm_eps, c.dtype, name="attention_norm")(x_BSD), cos, sin, doc_BS)
+    h = x_BSD + SelfAttention(c, c.dim**-0.5 / factor, name="attention")(
+        RMSNorm(c.norm_eps, c.dtype, name="attention_norm")(x_BSD), cos, sin, doc_BS
+    )
     return h + FeedForward(c, factor, name="feed_forward")(RMSNorm(c.norm_eps, c.dtype, name="ffn_norm")(h))
 
 
 def remat_policy(stack: StackConfig):
   """The `jax.checkpoint` policy of the stack's `remat_policy` (config.REMAT_POLICIES)."""
-  return {"full": None, "dots": jax.checkpoint_policies.dots_saveable,
-          "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[stack.remat_policy]
+  return {
+      "full": None,
+      "dots": jax.checkpoint_policies.dots_saveable,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[stack.remat_policy]
 
 
 def block(stack: StackConfig, depth: int, name: str) -> TransformerBlock:
@@ -220,7 +241,9 @@ def run_blocks(parent: nn.Module, stack: StackConfig, x_BSD, cos, sin, doc_BS, p
     for i in range(n):
       x_BSD = block(stack, i, f"{prefix}{i}")(x_BSD, cos, sin, doc_BS)
     return x_BSD
-  one_block = TransformerBlock(stack, 0, parent=None)  # unbound; the depth only sets init stds: every layer's apply is the same function
+  one_block = TransformerBlock(
+      stack, 0, parent=None
+  )  # unbound; the depth only sets init stds: every layer's apply is the same function
 
   def body(h, layer_params):
     return one_block.apply({"params": layer_params}, h, cos, sin, doc_BS), None
@@ -241,6 +264,7 @@ class CrossAttention(nn.Module):
   Callers add `x` again, so the net update is `2x + wo(attn)`: the double residual the released weights were
   trained with (quirk Q1).
   """
+
   dim: int
   n_heads: int
   std: float
@@ -263,7 +287,7 @@ class CrossAttention(nn.Module):
 
 def cross_attention_std(dim: int, mode: str, index: int, n_self_layers: int) -> float:
   """Init std of cross-attention projections: factor by cross-layer index (spec 13.2)."""
-  return dim ** -0.5 / init_std_factor(mode, index, n_self_layers, dim)
+  return dim**-0.5 / init_std_factor(mode, index, n_self_layers, dim)
 
 
 def stack_rope(stack: StackConfig, seq_len: int):
@@ -272,4 +296,3 @@ def stack_rope(stack: StackConfig, seq_len: int):
 
 def stack_rope_at(stack: StackConfig, positions_BS: jnp.ndarray):
   return rope_at(positions_BS, stack.hd, stack.rope_theta)
-

@@ -7,6 +7,7 @@ The model's own patcher comes along: its patching settings, and for entropy patc
 (`<ckpt>/entropy_model`). `dtype` and `mesh` say how the params are stored and laid out (`blt_jax.placement`):
 each array is restored cast and sharded in place, so no process reads more of the model than its devices hold.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,8 @@ class LoadedModel:
 jax.tree_util.register_pytree_node(
     LoadedModel,
     lambda m: ((m.params, m.entropy_params), (m.config, m.patching, m.entropy_config, m.path, m.mesh)),
-    lambda aux, leaves: LoadedModel(aux[0], leaves[0], aux[1], aux[2], leaves[1], aux[3], aux[4]))
+    lambda aux, leaves: LoadedModel(aux[0], leaves[0], aux[1], aux[2], leaves[1], aux[3], aux[4]),
+)
 
 
 def find_params_dir(path: paths.PathLike) -> paths.epath.Path:
@@ -58,17 +60,23 @@ def find_params_dir(path: paths.PathLike) -> paths.epath.Path:
     if (candidate / checkpoint.CONFIG_FILE).is_file():
       return candidate
   if (root / "checkpoints").is_dir():
-    raise CheckpointError(f"{root} is a training workdir without an export/ (the run writes it when it finishes); "
-                          f"finish or resume the run first")
-  raise CheckpointError(f"{root}: no {checkpoint.CONFIG_FILE} here or in {root / 'export'}; expected a converted "
-                        f"checkpoint (python -m blt_jax.convert) or a training workdir/export")
+    raise CheckpointError(
+        f"{root} is a training workdir without an export/ (the run writes it when it finishes); "
+        f"finish or resume the run first"
+    )
+  raise CheckpointError(
+      f"{root}: no {checkpoint.CONFIG_FILE} here or in {root / 'export'}; expected a converted "
+      f"checkpoint (python -m blt_jax.convert) or a training workdir/export"
+  )
 
 
 def _read_meta(directory) -> dict:
   meta = checkpoint.read_params_config(directory)
   if meta.get("format") != "blt_jax" or meta.get("model_type") not in ("blt", "entropy_model"):
-    raise CheckpointError(f"{directory / checkpoint.CONFIG_FILE}: not a blt_jax checkpoint (format="
-                          f"{meta.get('format')!r}, model_type={meta.get('model_type')!r})")
+    raise CheckpointError(
+        f"{directory / checkpoint.CONFIG_FILE}: not a blt_jax checkpoint (format="
+        f"{meta.get('format')!r}, model_type={meta.get('model_type')!r})"
+    )
   return meta
 
 
@@ -127,8 +135,9 @@ def load(path: paths.PathLike, dtype: str = "float32", mesh: Optional[Mesh] = No
   elif has_entropy:  # a converted source that states no patcher: the reference's default, entropy
     patching = PatchingConfig()
   else:
-    raise CheckpointError(f"{directory / checkpoint.CONFIG_FILE} names no patching mode and there is no "
-                          f"{ENTROPY_SUBDIR}/ beside it")
+    raise CheckpointError(
+        f"{directory / checkpoint.CONFIG_FILE} names no patching mode and there is no " f"{ENTROPY_SUBDIR}/ beside it"
+    )
   entropy_config = entropy_target = entropy_params = None
   if patching.mode == "entropy":
     if not has_entropy:
@@ -146,8 +155,9 @@ def load(path: paths.PathLike, dtype: str = "float32", mesh: Optional[Mesh] = No
   return LoadedModel(config, params, patching, entropy_config, entropy_params, str(directory), mesh)
 
 
-def as_model(checkpoint: Union[paths.PathLike, LoadedModel], dtype: Optional[str] = None,
-             mesh: Optional[Mesh] = None) -> LoadedModel:
+def as_model(
+    checkpoint: Union[paths.PathLike, LoadedModel], dtype: Optional[str] = None, mesh: Optional[Mesh] = None
+) -> LoadedModel:
   """What the inference entry points take: a path (loaded in `dtype`, default float32, onto `mesh`) or a
   LoadedModel (kept as it is unless a `dtype` or `mesh` is asked for, then placed accordingly)."""
   if not isinstance(checkpoint, LoadedModel):

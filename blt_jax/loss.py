@@ -1,4 +1,5 @@
 """Next-byte cross-entropy and bits-per-byte (spec 11)."""
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Self-attention masks are never stored for a whole sequence by the fast paths in `attention.py`; the dense builders
 here are what those paths are tested against, and what short sequences use directly.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -11,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from blt_jax import tokenizer
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The document rule. One definition, used by every stage (entropy model, hash n-grams, patching, the three
@@ -75,8 +75,13 @@ def patch_positions(patch_doc_BP: jnp.ndarray) -> jnp.ndarray:
   return positions_from_starts(changes_BP)
 
 
-def self_attention_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, q_doc: Optional[jnp.ndarray],
-                        k_doc: Optional[jnp.ndarray], window: Optional[int]) -> jnp.ndarray:
+def self_attention_mask(
+    q_pos: jnp.ndarray,
+    k_pos: jnp.ndarray,
+    q_doc: Optional[jnp.ndarray],
+    k_doc: Optional[jnp.ndarray],
+    window: Optional[int],
+) -> jnp.ndarray:
   """Causal mask, optionally windowed (`i - W < j <= i`) and split into documents. Broadcasts its inputs."""
   mask = k_pos <= q_pos
   if window is not None:
@@ -94,8 +99,9 @@ def dense_self_attention_mask(doc_BS: Optional[jnp.ndarray], seq_len: int, windo
   return self_attention_mask(pos[None, :, None], pos[None, None, :], doc_BS[:, :, None], doc_BS[:, None, :], window)
 
 
-def dense_encoder_cross_mask(patch_ids_BN: jnp.ndarray, num_patches: int, k: int,
-                             window: Optional[int] = None) -> jnp.ndarray:
+def dense_encoder_cross_mask(
+    patch_ids_BN: jnp.ndarray, num_patches: int, k: int, window: Optional[int] = None
+) -> jnp.ndarray:
   """[B, P*k, N]: slot `p*k + r` sees byte j iff pid(j) == p, or pid(j) <= p < pid(j) + w with a window."""
   p = jnp.repeat(jnp.arange(num_patches), k)[None, :, None]
   pid = patch_ids_BN[:, None, :]
@@ -104,8 +110,9 @@ def dense_encoder_cross_mask(patch_ids_BN: jnp.ndarray, num_patches: int, k: int
   return (pid <= p) & (p < pid + window)
 
 
-def dense_decoder_cross_mask(decoder_patch_ids_BN: jnp.ndarray, num_patches: int, k: int,
-                             window: Optional[int] = None) -> jnp.ndarray:
+def dense_decoder_cross_mask(
+    decoder_patch_ids_BN: jnp.ndarray, num_patches: int, k: int, window: Optional[int] = None
+) -> jnp.ndarray:
   """[B, N, P*k]: byte i sees slot `p*k + r` iff dpid(i) == p, or p <= dpid(i) < p + w with a window."""
   p = jnp.repeat(jnp.arange(num_patches), k)[None, None, :]
   dpid = decoder_patch_ids_BN[:, :, None]

@@ -10,6 +10,7 @@ A console line reads `step 120/1000 (12.0%) | elapsed 2m03s | eta 16m50s | loss 
 writer was made (the run's start) and the time the remaining steps will take at the pace measured since the first
 written step after the run's first one (so the first step's compilation does not inflate it).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,13 @@ def format_duration(seconds: float) -> str:
   return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def format_console_line(step: int, scalars: Mapping[str, Any], total_steps: Optional[int] = None,
-                        elapsed_s: Optional[float] = None, eta_s: Optional[float] = None) -> str:
+def format_console_line(
+    step: int,
+    scalars: Mapping[str, Any],
+    total_steps: Optional[int] = None,
+    elapsed_s: Optional[float] = None,
+    eta_s: Optional[float] = None,
+) -> str:
   """'step 120/1000 (12.0%) | elapsed 1m02s | eta 8m40s | loss 2.3456 | lr 4.000e-04' (keys in the given order)."""
   if total_steps:
     head = [f"step {step}/{total_steps} ({100.0 * step / total_steps:.1f}%)"]
@@ -75,9 +81,15 @@ class MetricsWriter:
   a URL (see the module docstring; `upload_secs` bounds how stale the URL's copy gets between flushes).
   """
 
-  def __init__(self, workdir: paths.PathLike, enabled: Optional[bool] = None,
-               total_steps: Optional[int] = None, print_fn: Callable[[str], Any] = _print_flushed,
-               clock: Callable[[], float] = time.perf_counter, upload_secs: float = 60.0):
+  def __init__(
+      self,
+      workdir: paths.PathLike,
+      enabled: Optional[bool] = None,
+      total_steps: Optional[int] = None,
+      print_fn: Callable[[str], Any] = _print_flushed,
+      clock: Callable[[], float] = time.perf_counter,
+      upload_secs: float = 60.0,
+  ):
     self.enabled = (jax.process_index() == 0) if enabled is None else bool(enabled)
     self.total_steps = total_steps
     self._print = print_fn
@@ -94,6 +106,7 @@ class MetricsWriter:
     self._last_upload = time.monotonic()
     if self.enabled:
       from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+
       logdir = paths.resolve(workdir)
       logdir.mkdir(parents=True, exist_ok=True)
       if paths.is_url(logdir):
@@ -111,11 +124,13 @@ class MetricsWriter:
       values.setdefault("steps_per_s", (step - self._last[0]) / (now - self._last[1]))
     self._last = (step, now)
     from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+
     for key, value in values.items():
       self._write_event(int(step), summary.scalar(key, value))
     self._events.flush()
-    line = format_console_line(int(step), values, self.total_steps, elapsed_s=now - self._start,
-                               eta_s=self._eta(int(step), now))
+    line = format_console_line(
+        int(step), values, self.total_steps, elapsed_s=now - self._start, eta_s=self._eta(int(step), now)
+    )
     if console:
       self._print(line)
     if self._remote is not None and time.monotonic() - self._last_upload >= self._upload_secs:
@@ -137,6 +152,7 @@ class MetricsWriter:
     """A text blob (e.g. the run config) shown in TensorBoard's text tab."""
     if self.enabled:
       from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+
       self._write_event(int(step), summary.text(tag, text))
       self._events.flush()
 
@@ -144,12 +160,14 @@ class MetricsWriter:
     """Scalars for TensorBoard only: no console line, and the ETA's pace is left alone (facts of the start-up)."""
     if self.enabled:
       from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+
       for key, value in scalars.items():
         self._write_event(int(step), summary.scalar(key, float(value)))
       self._events.flush()
 
   def _write_event(self, step: int, summary_proto) -> None:
     from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
     self._events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_proto))
 
   def flush(self) -> None:

@@ -10,6 +10,7 @@ sums micro-batch gradients and calls the optimizer once. The reference clips at 
 `clip_by_global_norm_torch` is exposed so the trainer can reproduce that, while `make_optimizer` clips the final
 accumulated gradient (identical when there is no accumulation).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -84,7 +85,7 @@ def lr_factor_fn(opt_cfg: Any, n_steps: Optional[int] = None) -> Callable[[Any],
     return jnp.where(step < warmup, warm(step), after)
 
   def inv_sqrt(step):
-    decayed = jnp.maximum(warmup ** exp_factor / jnp.maximum(step, 1.0) ** exp_factor, min_ratio)
+    decayed = jnp.maximum(warmup**exp_factor / jnp.maximum(step, 1.0) ** exp_factor, min_ratio)
     return jnp.where(step < warmup, warm(step), decayed)
 
   def cosine(step):
@@ -92,7 +93,7 @@ def lr_factor_fn(opt_cfg: Any, n_steps: Optional[int] = None) -> Callable[[Any],
     sign = jnp.where(jnp.floor(step / (n_steps * cycle)) % 2 == 1, -1.0, 1.0)
     s = (step - warmup) / decay_den
     s = jnp.clip(s, 0.0, None)  # keeps s**theta real in the masked warmup branch
-    decay = min_ratio + 0.5 * (1 - min_ratio) * (sign * jnp.cos(jnp.pi * s ** theta / cycle) + 1)
+    decay = min_ratio + 0.5 * (1 - min_ratio) * (sign * jnp.cos(jnp.pi * s**theta / cycle) + 1)
     after = jnp.where(step <= n_steps, decay, min_ratio)
     return jnp.where(step < warmup, warm(step), after)
 

@@ -9,6 +9,7 @@ into right-padded lengths with a fixed number of patch columns.
 Every public function is jitted; all arguments except the arrays are static
 (hashable Python values), so each configuration compiles once.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,9 +75,8 @@ def _scalar_in(value, dtype) -> jnp.ndarray:
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("threshold", "threshold_add", "monotonicity",
-                     "include_next_token", "compare_dtype"))
+    jax.jit, static_argnames=("threshold", "threshold_add", "monotonicity", "include_next_token", "compare_dtype")
+)
 def entropy_starts(
     entropies_BN: jnp.ndarray,
     threshold: float,
@@ -135,9 +135,7 @@ def _space_like(tokens_BN: jnp.ndarray) -> jnp.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("include_next_token",))
-def space_starts(
-    tokens_BN: jnp.ndarray, include_next_token: bool = True
-) -> jnp.ndarray:
+def space_starts(tokens_BN: jnp.ndarray, include_next_token: bool = True) -> jnp.ndarray:
   """SpaceByte-like starts, bool [B, T] (spec 3.4).
 
   The first byte of a run of space-like bytes ends its patch (`[BOS] [Hello ]
@@ -154,9 +152,8 @@ def space_starts(
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("batch", "num_tokens", "patch_size", "include_next_token",
-                     "first_patch_single_byte"))
+    jax.jit, static_argnames=("batch", "num_tokens", "patch_size", "include_next_token", "first_patch_single_byte")
+)
 def static_starts(
     batch: int,
     num_tokens: int,
@@ -172,11 +169,9 @@ def static_starts(
   splits position 1 off as the training packer does (spec 13.5). With
   `doc_pos_BT` (`document_positions`) the count restarts at every document.
   """
-  if (isinstance(patch_size, bool)
-      or not isinstance(patch_size, numbers.Integral) or patch_size < 1):
+  if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1:
     # The reference's float default 4.5 is broken (quirk Q15).
-    raise ValueError(
-        f"static patching needs an int patch_size >= 1, got {patch_size!r}")
+    raise ValueError(f"static patching needs an int patch_size >= 1, got {patch_size!r}")
   patch_size = int(patch_size)
   if doc_pos_BT is None:  # the row is one document
     doc_pos_BT = _row_positions(batch, _num_positions(num_tokens, include_next_token))
@@ -186,11 +181,8 @@ def static_starts(
   return starts_BT
 
 
-@functools.partial(
-    jax.jit, static_argnames=("batch", "num_tokens", "include_next_token"))
-def byte_starts(
-    batch: int, num_tokens: int, include_next_token: bool = True
-) -> jnp.ndarray:
+@functools.partial(jax.jit, static_argnames=("batch", "num_tokens", "include_next_token"))
+def byte_starts(batch: int, num_tokens: int, include_next_token: bool = True) -> jnp.ndarray:
   """Every position is its own patch, bool [B, T] (spec 3.4)."""
   num_positions = _num_positions(num_tokens, include_next_token)
   return jnp.ones((batch, num_positions), dtype=bool)
@@ -203,9 +195,7 @@ def _last_start_index(starts_BT: jnp.ndarray) -> jnp.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("max_patch_length",))
-def limit_patch_length(
-    starts_BT: jnp.ndarray, max_patch_length: int | None
-) -> jnp.ndarray:
+def limit_patch_length(starts_BT: jnp.ndarray, max_patch_length: int | None) -> jnp.ndarray:
   """Splits every patch longer than m into m, m, ..., remainder (spec 3.5)."""
   if max_patch_length is None:
     return starts_BT
@@ -245,9 +235,7 @@ def starts_to_patches(starts_BT: jnp.ndarray, max_patches: int) -> Patches:
 
 
 @functools.partial(jax.jit, static_argnames=("num_positions",))
-def patch_ids_from_lengths(
-    patch_lengths_BP: jnp.ndarray, num_positions: int
-) -> jnp.ndarray:
+def patch_ids_from_lengths(patch_lengths_BP: jnp.ndarray, num_positions: int) -> jnp.ndarray:
   """Patch id of every position, int32 [B, num_positions] (spec 10.2).
 
   With c = [0, cumsum(lengths)], id[j] = #{m : c_m <= j} - 1. Zero-length
@@ -256,9 +244,7 @@ def patch_ids_from_lengths(
   """
   lengths_BP = jnp.asarray(patch_lengths_BP).astype(jnp.int32)
   batch = lengths_BP.shape[0]
-  bounds_BC = jnp.concatenate(
-      [jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(lengths_BP, axis=1)], axis=1
-  )
+  bounds_BC = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(lengths_BP, axis=1)], axis=1)
   rows_BC = jnp.broadcast_to(jnp.arange(batch)[:, None], bounds_BC.shape)
   # Count patch boundaries at every position; those >= num_positions drop out.
   counts_BT = jnp.zeros((batch, num_positions), jnp.int32)
@@ -267,9 +253,7 @@ def patch_ids_from_lengths(
 
 
 @functools.partial(jax.jit, static_argnames=("num_tokens",))
-def decoder_patch_ids(
-    patch_lengths_BP: jnp.ndarray, num_tokens: int
-) -> jnp.ndarray:
+def decoder_patch_ids(patch_lengths_BP: jnp.ndarray, num_tokens: int) -> jnp.ndarray:
   """Decoder ids: patch ids of lengths[:, 1:] (spec 10.1 step 10, 10.3)."""
   return patch_ids_from_lengths(patch_lengths_BP[:, 1:], num_tokens)
 
@@ -306,24 +290,31 @@ def mode_starts(
     if entropies_BN is None:
       raise ValueError("mode 'entropy' needs entropies_BN")
     return entropy_starts(
-        entropies_BN, opts.threshold, threshold_add=opts.threshold_add,
-        monotonicity=opts.monotonicity, include_next_token=opts.include_next_token,
-        compare_dtype=opts.compare_dtype, doc_pos_BT=doc_pos_BT)
+        entropies_BN,
+        opts.threshold,
+        threshold_add=opts.threshold_add,
+        monotonicity=opts.monotonicity,
+        include_next_token=opts.include_next_token,
+        compare_dtype=opts.compare_dtype,
+        doc_pos_BT=doc_pos_BT,
+    )
   if opts.mode == "space":
     return space_starts(tokens_BN, include_next_token=opts.include_next_token)
   if opts.mode == "static":
     return static_starts(
-        batch, num_tokens, opts.patch_size, include_next_token=opts.include_next_token,
-        first_patch_single_byte=opts.first_patch_single_byte, doc_pos_BT=doc_pos_BT)
+        batch,
+        num_tokens,
+        opts.patch_size,
+        include_next_token=opts.include_next_token,
+        first_patch_single_byte=opts.first_patch_single_byte,
+        doc_pos_BT=doc_pos_BT,
+    )
   if opts.mode == "byte":
-    return byte_starts(
-        batch, num_tokens, include_next_token=opts.include_next_token)
+    return byte_starts(batch, num_tokens, include_next_token=opts.include_next_token)
   raise ValueError(f"unknown patching mode {opts.mode!r}; expected one of {MODES}")
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=ModeOptions._fields + ("max_patch_length", "max_patches"))
+@functools.partial(jax.jit, static_argnames=ModeOptions._fields + ("max_patch_length", "max_patches"))
 def patch(
     tokens_BN: jnp.ndarray,
     entropies_BN: jnp.ndarray | None = None,
@@ -370,17 +361,28 @@ def next_start(
   doc_pos_B3 = next_pos_B[:, None] + jnp.arange(-2, 1)[None, :]  # positions p-2, p-1, p
   if mode == "entropy":
     e_B2 = jnp.where(doc_pos_B3[:, :2] >= 0, entropies_B2, 0.0)
-    starts_B = entropy_starts(e_B2, threshold, threshold_add=threshold_add, monotonicity=monotonicity,
-                              include_next_token=True, compare_dtype=compare_dtype,
-                              doc_pos_BT=doc_pos_B3)[:, 2]
+    starts_B = entropy_starts(
+        e_B2,
+        threshold,
+        threshold_add=threshold_add,
+        monotonicity=monotonicity,
+        include_next_token=True,
+        compare_dtype=compare_dtype,
+        doc_pos_BT=doc_pos_B3,
+    )[:, 2]
   elif mode == "space":
     # space_starts reads a row; p-2 < 0 stands for "no byte", which is not space-like: a non-special byte id.
     t_B2 = jnp.where(doc_pos_B3[:, :2] >= 0, tokens_B2, ord("a") + tokenizer.OFFSET)
     starts_B = space_starts(t_B2, include_next_token=True)[:, 2]
   elif mode == "static":
-    starts_B = static_starts(batch, 1, patch_size, include_next_token=False,
-                             first_patch_single_byte=first_patch_single_byte,
-                             doc_pos_BT=next_pos_B[:, None])[:, 0]
+    starts_B = static_starts(
+        batch,
+        1,
+        patch_size,
+        include_next_token=False,
+        first_patch_single_byte=first_patch_single_byte,
+        doc_pos_BT=next_pos_B[:, None],
+    )[:, 0]
   elif mode == "byte":
     starts_B = jnp.ones((batch,), bool)
   else:

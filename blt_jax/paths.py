@@ -3,6 +3,7 @@
 Orbax and tensorstore refuse relative paths, and `os.path` cannot reach object stores; every CLI and library entry
 point turns what the user typed into an absolute `etils.epath.Path` here, once, and works with that.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,7 +66,7 @@ def _walk_files(top: epath.Path):
   bare = top_text.split("://", 1)[1] if is_url(top_text) else top_text
   for root, _, files in top.walk():
     root_text = str(root).rstrip("/")
-    rel = root_text[len(top_text):] if root_text.startswith(top_text) else root_text[len(bare):]
+    rel = root_text[len(top_text) :] if root_text.startswith(top_text) else root_text[len(bare) :]
     rel_parts = [p for p in rel.split("/") if p]
     for name in files:
       yield top.joinpath(*rel_parts, name), rel_parts + [name]
@@ -108,8 +109,9 @@ def kvstore_spec(path: PathLike) -> dict:
   try:
     return ts.KvStore.Spec(text).to_json()
   except ValueError as e:
-    raise ValueError(f"{path}: tensorstore cannot store arrays at this URL ({e}); use a local path, gs://, s3:// "
-                     "or memory://") from None
+    raise ValueError(
+        f"{path}: tensorstore cannot store arrays at this URL ({e}); use a local path, gs://, s3:// " "or memory://"
+    ) from None
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ Scoring, generation and the lm-eval model share one option pair, `--dtype` and `
 The sizes of the params are known before anything is allocated, so a model that cannot fit the devices stops with
 one line saying what it needs per device and which `--dtype` / `--mesh` would fit (`check_fits`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from jax.sharding import Mesh
 from blt_jax import sharding
 
 DTYPES = ("float32", "bfloat16")
-GIB = 2 ** 30
+GIB = 2**30
 # Room left on a device for activations, caches and the compiled program when judging whether params fit.
 HEADROOM = 0.9
 
@@ -55,8 +56,10 @@ def parse_mesh(text: Optional[str]) -> Optional[Dict[str, int]]:
   for part in re.split(r"[,+]", str(text)):
     match = re.fullmatch(r"\s*(\w+)\s*[=:]\s*(-?\d+)\s*", part)
     if not match:
-      raise PlacementError(f"mesh {text!r}: expected axis=size pairs separated by commas, e.g. fsdp=4,tensor=2; "
-                           f"could not read {part.strip()!r}")
+      raise PlacementError(
+          f"mesh {text!r}: expected axis=size pairs separated by commas, e.g. fsdp=4,tensor=2; "
+          f"could not read {part.strip()!r}"
+      )
     axis, size = match.group(1), int(match.group(2))
     if axis not in sharding.MESH_AXES:
       raise PlacementError(f"mesh {text!r}: unknown axis {axis!r}; the axes are {', '.join(sharding.MESH_AXES)}")
@@ -66,8 +69,9 @@ def parse_mesh(text: Optional[str]) -> Optional[Dict[str, int]]:
   return {axis: sizes.get(axis, 1) for axis in sharding.MESH_AXES}
 
 
-def make_mesh(spec: Optional[Mapping[str, int]], devices: Optional[Sequence[Any]] = None,
-              across_processes: bool = False) -> Mesh:
+def make_mesh(
+    spec: Optional[Mapping[str, int]], devices: Optional[Sequence[Any]] = None, across_processes: bool = False
+) -> Mesh:
   """The inference mesh over `devices` (default: this process's devices, or every process's with
   `across_processes`); `spec` None puts them all on `data`."""
   if devices is None:
@@ -112,7 +116,9 @@ def targets(abstract_boxed: Any, dtype: str, mesh: Optional[Mesh], rules=None) -
     shardings = sharding.logical_to_shardings(abstract_boxed, mesh, rules)
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, cast_dtype(x.dtype, dtype), sharding=s),
-      nn.meta.unbox(abstract_boxed), shardings)
+      nn.meta.unbox(abstract_boxed),
+      shardings,
+  )
 
 
 def place(params: Any, target: Any) -> Any:
@@ -148,8 +154,9 @@ def device_memory(device: Any) -> Optional[int]:
 
 
 def _total_bytes(target: Any, dtype: str) -> int:
-  return sum(math.prod(x.shape) * jnp.dtype(cast_dtype(x.dtype, dtype)).itemsize
-             for x in jax.tree_util.tree_leaves(target))
+  return sum(
+      math.prod(x.shape) * jnp.dtype(cast_dtype(x.dtype, dtype)).itemsize for x in jax.tree_util.tree_leaves(target)
+  )
 
 
 def suggestion(target: Any, num_devices: int, limit: int) -> str:
@@ -182,7 +189,8 @@ def check_fits(target: Any, what: str = "the model") -> None:
     dtype = jnp.dtype(leaves[0].dtype).name
     raise PlacementError(
         f"{what} needs {need / GIB:.1f} GiB of params per device in {dtype} as placed, the devices hold "
-        f"{limit / GIB:.1f} GiB each ({int(HEADROOM * 100)}% usable); try {suggestion(target, len(devices), limit)}")
+        f"{limit / GIB:.1f} GiB each ({int(HEADROOM * 100)}% usable); try {suggestion(target, len(devices), limit)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,14 +198,21 @@ def check_fits(target: Any, what: str = "the model") -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                      help="params on device and matmuls in this dtype; entropies, softmax statistics and the NLL "
-                           "stay float32 (default float32, the one that matches the reference to 1e-4)")
-  parser.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
-                      help="shard the params over a mesh of this process's devices by the training rules, e.g. "
-                           "fsdp=8 or fsdp=4,tensor=2 (one size may be -1); default: every device holds a replica")
+  parser.add_argument(
+      "--dtype",
+      default="float32",
+      choices=DTYPES,
+      help="params on device and matmuls in this dtype; entropies, softmax statistics and the NLL "
+      "stay float32 (default float32, the one that matches the reference to 1e-4)",
+  )
+  parser.add_argument(
+      "--mesh",
+      default=None,
+      metavar="AXIS=SIZE,...",
+      help="shard the params over a mesh of this process's devices by the training rules, e.g. "
+      "fsdp=8 or fsdp=4,tensor=2 (one size may be -1); default: every device holds a replica",
+  )
 
 
 def startup_line(dtype: str, mesh: Optional[Mesh]) -> str:
   return f"params in {dtype}, {describe(mesh)}"
-

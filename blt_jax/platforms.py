@@ -8,6 +8,7 @@ bus) and without a GPU plugin, `JAX_PLATFORMS=cpu` is set, unless the user set J
 (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES, JAX_FORCE_TPU_INIT). A TPU VM, a GPU machine and every explicit
 choice are left as they are.
 """
+
 from __future__ import annotations
 
 import glob

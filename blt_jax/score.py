@@ -16,6 +16,7 @@ Long documents (more than `row_bytes` tokens) are scored in overlapping windows:
 `[a, b)` and scores bytes `[c, b)` where `c - a >= min_context`; every byte is scored exactly once, each with at
 least `min_context` bytes of left context (all of it for bytes in the first window). Never truncated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,14 @@ class DocScore:
     return self.nll_nats / math.log(2) / self.n_bytes
 
   def to_json(self) -> Dict[str, Any]:
-    out = dict(index=self.index, id=self.id, n_bytes=self.n_bytes, nll_nats=self.nll_nats, bpb=self.bpb,
-               n_patches=self.n_patches)
+    out = dict(
+        index=self.index,
+        id=self.id,
+        n_bytes=self.n_bytes,
+        nll_nats=self.nll_nats,
+        bpb=self.bpb,
+        n_patches=self.n_patches,
+    )
     if self.nll_per_byte is not None:
       out["nll"] = [float(v) for v in self.nll_per_byte]
     if self.entropies is not None:
@@ -147,10 +154,21 @@ class Scorer:
   (`loading.as_model`); rows then go over the mesh's batch axes, and a mesh spanning processes runs one job.
   """
 
-  def __init__(self, checkpoint: Union[str, loading.LoadedModel], *, row_bytes: Optional[int] = None,
-               min_context: Optional[int] = None, batch_bytes: int = 16384, with_eos: bool = False,
-               per_byte: bool = False, pack: bool = True, devices: Optional[Sequence[Any]] = None,
-               per_byte_argmax: bool = False, dtype: Optional[str] = None, mesh: Optional[Mesh] = None):
+  def __init__(
+      self,
+      checkpoint: Union[str, loading.LoadedModel],
+      *,
+      row_bytes: Optional[int] = None,
+      min_context: Optional[int] = None,
+      batch_bytes: int = 16384,
+      with_eos: bool = False,
+      per_byte: bool = False,
+      pack: bool = True,
+      devices: Optional[Sequence[Any]] = None,
+      per_byte_argmax: bool = False,
+      dtype: Optional[str] = None,
+      mesh: Optional[Mesh] = None,
+  ):
     self.model = loading.as_model(checkpoint, dtype, mesh)
     cfg = self.model.config
     safe = min(cfg.max_encoder_seq_length, cfg.max_seqlen - 1)
@@ -182,8 +200,9 @@ class Scorer:
     if jax.tree.structure(params) != jax.tree.structure(self.model.params):
       raise ValueError("Scorer.set_params: the params do not have the loaded model's structure")
     # In the loaded model's dtype and layout.
-    params = placement.place(params, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.model.params))
+    params = placement.place(
+        params, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.model.params)
+    )
     self.model = dataclasses.replace(self.model, params=params)
     self._params = self._placed(params)
 
@@ -198,6 +217,7 @@ class Scorer:
     if not self.spans_processes:
       return np.asarray(x)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   def _placed(self, params):
@@ -221,7 +241,7 @@ class Scorer:
           entropies_BN = jnp.zeros(tokens_BN.shape, jnp.float32)
         patches = patching.patch(tokens_BN, entropies_BN, max_patches=N + 1, **model.patching.patch_kwargs())
         ids_BT = patches.patch_ids_BT
-        starts_BT = ids_BT != jnp.pad(ids_BT, ((0, 0), (1, 0)), constant_values=-1)[:, :N + 1]
+        starts_BT = ids_BT != jnp.pad(ids_BT, ((0, 0), (1, 0)), constant_values=-1)[:, : N + 1]
         # The padding after a row's last document is one patch: it costs one slot, not one per pad byte. Only
         # the slot after the last document's bytes changes, which no scored byte reads (spec 10.3).
         pos_1T = jnp.arange(N + 1)[None, :]
@@ -263,15 +283,16 @@ class Scorer:
     used = np.ones((R,), np.int32)
     for r, row in enumerate(rows):
       for piece, offset in row:
-        tokens[r, offset:offset + len(piece.tokens)] = piece.tokens
+        tokens[r, offset : offset + len(piece.tokens)] = piece.tokens
         used[r] = offset + len(piece.tokens)
     tokens_dev = self._to_rows(tokens)
-    entropies, lengths, num_patches, starts = self._patch_fn(N)(self._entropy_params, tokens_dev,
-                                                                self._to_rows(used))
+    entropies, lengths, num_patches, starts = self._patch_fn(N)(self._entropy_params, tokens_dev, self._to_rows(used))
     needed = int(np.max(self._to_host(num_patches)))
     if needed > self.model.config.max_seqlen:
-      raise ValueError(f"a row of {N} bytes needs {needed} patches, more than the model's max_seqlen="
-                       f"{self.model.config.max_seqlen}; use a smaller row_bytes (--row-bytes)")
+      raise ValueError(
+          f"a row of {N} bytes needs {needed} patches, more than the model's max_seqlen="
+          f"{self.model.config.max_seqlen}; use a smaller row_bytes (--row-bytes)"
+      )
     P = _slot_bucket(needed, min(N + 1, self.model.config.max_seqlen))  # rows may be longer than the patch context
     nll, greedy = self._nll_fn(N, P)(self._params, tokens_dev, lengths[:, :P])
     nll, greedy = self._to_host(nll), None if greedy is None else self._to_host(greedy)
@@ -283,16 +304,24 @@ class Scorer:
         # Targets score_from..L-1 are predicted at positions score_from-1..L-2.
         lo, hi = offset + piece.score_from - 1, offset + L - 1
         first = offset if piece.counts_bos_patch else offset + piece.score_from
-        out.append((piece, nll[r, lo:hi], entropies[r, lo:hi], int(starts[r, first:offset + L].sum()),
-                    None if greedy is None else greedy[r, lo:hi]))
+        out.append(
+            (
+                piece,
+                nll[r, lo:hi],
+                entropies[r, lo:hi],
+                int(starts[r, first : offset + L].sum()),
+                None if greedy is None else greedy[r, lo:hi],
+            )
+        )
     return out
 
   # -------------------------------------------------------------------------------------------------------------
   # Packing and streaming.
 
   def _pieces(self, key: int, tokens: np.ndarray) -> List[_Piece]:
-    return [_Piece(key, i, t, s, f) for i, (t, s, f) in enumerate(split_document(tokens, self.row_len,
-                                                                                   self.min_context))]
+    return [
+        _Piece(key, i, t, s, f) for i, (t, s, f) in enumerate(split_document(tokens, self.row_len, self.min_context))
+    ]
 
   def score_stream(self, documents: Iterable[Tuple[int, str, np.ndarray]]) -> Iterator[DocScore]:
     """(index, id, `[BOS] ...` ids) -> DocScore, yielded as documents complete (not in input order)."""
@@ -319,7 +348,7 @@ class Scorer:
     def ready():
       for N in list(queues):
         while len(queues[N]) >= self.rows_per_batch(N):
-          rows, queues[N] = queues[N][:self.rows_per_batch(N)], queues[N][self.rows_per_batch(N):]
+          rows, queues[N] = queues[N][: self.rows_per_batch(N)], queues[N][self.rows_per_batch(N) :]
           yield from run(N, rows)
 
     for key, (index, doc_id, tokens) in enumerate(documents):
@@ -339,17 +368,22 @@ class Scorer:
     yield from ready()
     for N in list(queues):
       for start in range(0, len(queues[N]), self.rows_per_batch(N)):
-        yield from run(N, queues[N][start:start + self.rows_per_batch(N)])
+        yield from run(N, queues[N][start : start + self.rows_per_batch(N)])
 
   def _finish(self, doc: _Pending) -> DocScore:
     parts = [doc.parts[i] for i in range(len(doc.parts))]
     nll = np.concatenate([p[0] for p in parts]).astype(np.float64)
     ent = np.concatenate([p[1] for p in parts])
-    return DocScore(index=doc.index, id=doc.id, n_bytes=int(nll.size), nll_nats=float(nll.sum()),
-                    n_patches=sum(p[2] for p in parts),
-                    nll_per_byte=nll.astype(np.float32) if self.per_byte else None,
-                    entropies=ent if self.per_byte and self.model.entropy_config is not None else None,
-                    greedy_per_byte=np.concatenate([p[3] for p in parts]) if self.per_byte_argmax else None)
+    return DocScore(
+        index=doc.index,
+        id=doc.id,
+        n_bytes=int(nll.size),
+        nll_nats=float(nll.sum()),
+        n_patches=sum(p[2] for p in parts),
+        nll_per_byte=nll.astype(np.float32) if self.per_byte else None,
+        entropies=ent if self.per_byte and self.model.entropy_config is not None else None,
+        greedy_per_byte=np.concatenate([p[3] for p in parts]) if self.per_byte_argmax else None,
+    )
 
   # -------------------------------------------------------------------------------------------------------------
   # Python API.
@@ -362,12 +396,14 @@ class Scorer:
 
   def score_texts(self, texts: Sequence[Union[str, bytes]], ids: Optional[Sequence[str]] = None) -> List[DocScore]:
     """Scores texts (str as UTF-8, bytes as they are) under the convention above; results in input order."""
-    return self.score_arrays([score_inputs.tokens_of(t if isinstance(t, bytes) else t.encode("utf-8"),
-                                                     self.with_eos) for t in texts], ids)
+    return self.score_arrays(
+        [score_inputs.tokens_of(t if isinstance(t, bytes) else t.encode("utf-8"), self.with_eos) for t in texts], ids
+    )
 
 
 def main(argv=None) -> int:
   from blt_jax import score_cli  # pylint: disable=g-import-not-at-top
+
   return score_cli.main(argv)
 
 

@@ -17,6 +17,7 @@ JAX_COORDINATOR_ADDRESS), so each task of a launcher scores its own share.
 stay float32); `--mesh fsdp=8` (or `fsdp=4,tensor=2`, ...) shards the params over this process's devices by the
 training rules instead of giving each device a replica (`blt_jax.placement`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,16 @@ from typing import Dict, Optional, Sequence, Set
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m blt_jax.score", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m blt_jax.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--checkpoint", required=True, help="converted checkpoint, or a training workdir / its export/")
-  p.add_argument("--input", action="append", required=True,
-                 help="a .jsonl / .txt / .parquet file or glob, or - for jsonl on stdin (repeatable)")
+  p.add_argument(
+      "--input",
+      action="append",
+      required=True,
+      help="a .jsonl / .txt / .parquet file or glob, or - for jsonl on stdin (repeatable)",
+  )
   p.add_argument("--output", required=True, help="output .jsonl (one line per document)")
   p.add_argument("--text-field", default="text", help="text field of jsonl records / parquet column (default text)")
   p.add_argument("--whole-file", action="store_true", help=".txt inputs: the whole file is one document")
@@ -42,13 +48,18 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--resume", action="store_true", help="continue a killed run: keep OUTPUT, skip its documents")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
   p.add_argument("--row-bytes", type=int, default=None, help="tokens per packed row (default: the safe maximum)")
-  p.add_argument("--min-context", type=int, default=None,
-                 help="left context (bytes) of every window of a document longer than a row (default row-bytes/2)")
+  p.add_argument(
+      "--min-context",
+      type=int,
+      default=None,
+      help="left context (bytes) of every window of a document longer than a row (default row-bytes/2)",
+  )
   p.add_argument("--batch-bytes", type=int, default=16384, help="tokens per batch")
   p.add_argument("--no-pack", action="store_true", help="one document per row (slower; for comparison)")
   p.add_argument("--process-index", type=int, default=None, help="this process's share (default: jax's)")
   p.add_argument("--process-count", type=int, default=None, help="number of shares (default: jax's)")
   from blt_jax import placement  # pylint: disable=g-import-not-at-top
+
   placement.add_arguments(p)
   return p
 
@@ -112,8 +123,9 @@ def summarize(path: str, errors: int) -> Dict[str, float]:
         n_bytes += record["n_bytes"]
         nats += record["nll_nats"]
   bits = nats / math.log(2)
-  return dict(documents=docs, bytes=n_bytes, total_bits=bits, bpb=bits / n_bytes if n_bytes else float("nan"),
-              errors=errors)
+  return dict(
+      documents=docs, bytes=n_bytes, total_bits=bits, bpb=bits / n_bytes if n_bytes else float("nan"), errors=errors
+  )
 
 
 def _write_json_atomic(path: str, value) -> None:
@@ -126,6 +138,7 @@ def _write_json_atomic(path: str, value) -> None:
 
 
 class _Progress:
+
   def __init__(self):
     self.start = self.last = time.perf_counter()
     self.docs = self.bytes = 0
@@ -146,9 +159,10 @@ def _all_processes_done(done: Set[int]) -> Set[int]:
   """The union of every process's done indices (each process holds its own part's)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(done)], np.int32)))
   padded = np.full((max(int(sizes.max()), 1),), -1, np.int32)
-  padded[:len(done)] = sorted(done)
+  padded[: len(done)] = sorted(done)
   everyone = np.asarray(multihost_utils.process_allgather(padded))
   return {int(i) for i in everyone.ravel() if i >= 0}
 
@@ -157,6 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   # Everything that can fail on the user's arguments fails here, before jax starts or anything is written.
   from blt_jax import loading, placement, score, score_inputs, sharding  # pylint: disable=g-import-not-at-top
+
   try:
     score_inputs.expand(args.input)
     mesh_spec = placement.parse_mesh(args.mesh)  # a bad flag fails before jax starts
@@ -166,12 +181,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     one_job = mesh_spec is not None and jax.process_count() > 1
     mesh = placement.make_mesh(mesh_spec, across_processes=one_job) if mesh_spec else None
     if one_job and (args.process_index is not None or args.process_count is not None):
-      raise ValueError("--process-index / --process-count split the documents between independent replicas; with "
-                       "--mesh over several processes they run one job: leave them unset")
+      raise ValueError(
+          "--process-index / --process-count split the documents between independent replicas; with "
+          "--mesh over several processes they run one job: leave them unset"
+      )
     model = loading.load(args.checkpoint, args.dtype, mesh)
-    scorer = score.Scorer(model, row_bytes=args.row_bytes, min_context=args.min_context,
-                          batch_bytes=args.batch_bytes, with_eos=args.with_eos, per_byte=args.per_byte,
-                          pack=not args.no_pack)
+    scorer = score.Scorer(
+        model,
+        row_bytes=args.row_bytes,
+        min_context=args.min_context,
+        batch_bytes=args.batch_bytes,
+        with_eos=args.with_eos,
+        per_byte=args.per_byte,
+        pack=not args.no_pack,
+    )
     print(f"scoring with {placement.startup_line(args.dtype, scorer.mesh)}", file=sys.stderr, flush=True)
     index = jax.process_index() if args.process_index is None else args.process_index
     count = jax.process_count() if args.process_count is None else args.process_count
@@ -209,8 +232,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       output.write(json.dumps(result.to_json()))
       progress.update(1, result.n_bytes)
       for program, shape in scorer.compiles[compiled:]:
-        print(f"compiled the {program} program for shape {shape} ({len(scorer.compiles)} so far)",
-              file=sys.stderr, flush=True)
+        print(
+            f"compiled the {program} program for shape {shape} ({len(scorer.compiles)} so far)",
+            file=sys.stderr,
+            flush=True,
+        )
       compiled = len(scorer.compiles)
     progress.update(0, 0, force=True)
   except ValueError as e:
@@ -221,10 +247,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if progress.tty:
     print(file=sys.stderr)
   summary = summarize(out_path, errors)
-  summary.update(seconds=time.perf_counter() - progress.start, compiled_programs=len(scorer.compiles),
-                 bytes_per_s_this_run=progress.bytes / max(time.perf_counter() - progress.start, 1e-9))
+  summary.update(
+      seconds=time.perf_counter() - progress.start,
+      compiled_programs=len(scorer.compiles),
+      bytes_per_s_this_run=progress.bytes / max(time.perf_counter() - progress.start, 1e-9),
+  )
   _write_json_atomic(f"{out_path}.summary.json", summary)
-  print(f"summary: {summary['documents']} documents, {summary['bytes']} bytes, {summary['total_bits']:.1f} bits, "
-        f"{summary['bpb']:.4f} bpb, {summary['errors']} errors ({len(scorer.compiles)} programs compiled; "
-        f"{out_path}.summary.json)", file=sys.stderr)
+  print(
+      f"summary: {summary['documents']} documents, {summary['bytes']} bytes, {summary['total_bits']:.1f} bits, "
+      f"{summary['bpb']:.4f} bpb, {summary['errors']} errors ({len(scorer.compiles)} programs compiled; "
+      f"{out_path}.summary.json)",
+      file=sys.stderr,
+  )
   return 0

@@ -5,6 +5,7 @@ a resumed or multi-process run can tell which documents are done. A bad record (
 empty text) becomes an `InputError` naming the file and line, and reading goes on; a missing input stops before
 anything is scored.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -123,6 +124,7 @@ PARQUET_BATCH_ROWS = 256
 
 def _parquet(path: str, text_field: str, start: int) -> Iterator[Record]:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
   with paths.resolve(path).open("rb") as f:
     parquet = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering a Python file object reads it whole
     names = parquet.schema_arrow.names
@@ -170,5 +172,5 @@ def read(inputs: Sequence[str], text_field: str = "text", whole_file: bool = Fal
 def tokens_of(data: bytes, with_eos: bool) -> List[int]:
   """The scoring convention: `[BOS] + bytes (+ [EOS])` as model ids."""
   from blt_jax import tokenizer  # pylint: disable=g-import-not-at-top
-  return tokenizer.encode(data, add_bos=True, add_eos=with_eos)
 
+  return tokenizer.encode(data, add_bos=True, add_eos=with_eos)

@@ -12,6 +12,7 @@ a priority*. After that, `fit_spec_to_shape` drops mesh axes that do not divide 
 shardings) and moves them to another dimension where they fit, so odd sizes (260 bytes, 500002 hash rows) never
 crash and large tables stay sharded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,12 +72,15 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> T
   known = math.prod(v for v in sizes.values() if v != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f"{desc}: the fixed sizes multiply to {known}, which does not divide the "
-                       f"{num_devices} available devices")
+      raise ValueError(
+          f"{desc}: the fixed sizes multiply to {known}, which does not divide the " f"{num_devices} available devices"
+      )
     sizes[fill[0]] = num_devices // known
   elif known != num_devices:
-    raise ValueError(f"{desc}: the product {known} must equal the number of devices ({num_devices}); "
-                     f"set one axis to -1 to fill the remaining devices")
+    raise ValueError(
+        f"{desc}: the product {known} must equal the number of devices ({num_devices}); "
+        f"set one axis to -1 to fill the remaining devices"
+    )
   return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
@@ -101,8 +105,9 @@ def make_mesh(mesh_cfg: Any, devices: Optional[Sequence[Any]] = None) -> Mesh:
   slices (DCN) and the other axes stay inside one.
   """
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape(_cfg_get(mesh_cfg, "data", 1), _cfg_get(mesh_cfg, "fsdp", 1),
-                             _cfg_get(mesh_cfg, "tensor", 1), len(devices))
+  shape = resolve_mesh_shape(
+      _cfg_get(mesh_cfg, "data", 1), _cfg_get(mesh_cfg, "fsdp", 1), _cfg_get(mesh_cfg, "tensor", 1), len(devices)
+  )
   axis_types = _auto_axis_types(len(MESH_AXES))
   # Explicit Auto: jax.make_mesh defaults to Explicit axes on newer jax, while flax's logical constraints and our
   # jit in/out shardings assume GSPMD-style Auto propagation.
@@ -111,9 +116,11 @@ def make_mesh(mesh_cfg: Any, devices: Optional[Sequence[Any]] = None) -> Mesh:
   slices = _num_slices(devices)
   if slices > 1:
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
     if shape[0] % slices:
-      raise ValueError(f"mesh data={shape[0]} must be a multiple of the number of slices ({slices}): the data axis "
-                       f"spans slices")
+      raise ValueError(
+          f"mesh data={shape[0]} must be a multiple of the number of slices ({slices}): the data axis " f"spans slices"
+      )
     ici = (shape[0] // slices, shape[1], shape[2])
     device_array = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
     return Mesh(device_array, MESH_AXES, **kwargs)
@@ -121,6 +128,7 @@ def make_mesh(mesh_cfg: Any, devices: Optional[Sequence[Any]] = None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, devices=devices, **kwargs)
   except TypeError:  # older jax without the `devices` / `axis_types` keywords
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
     return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES, **kwargs)
 
 
@@ -188,8 +196,10 @@ def parse_logical_axis_rules(rules: Optional[Iterable[Any]], mesh_axis_names: Se
         axes = None
     unknown = [a for a in _as_axes_tuple(axes) if a not in mesh_axis_names]
     if unknown:
-      raise ValueError(f"logical axis rule #{i} ({logical!r} -> {physical!r}) names unknown mesh axes {unknown}; "
-                       f"the mesh axes are {tuple(mesh_axis_names)}")
+      raise ValueError(
+          f"logical axis rule #{i} ({logical!r} -> {physical!r}) names unknown mesh axes {unknown}; "
+          f"the mesh axes are {tuple(mesh_axis_names)}"
+      )
     if len(set(_as_axes_tuple(axes))) != len(_as_axes_tuple(axes)):
       raise ValueError(f"logical axis rule #{i} ({logical!r} -> {physical!r}) repeats a mesh axis")
     out.append((logical, axes))
@@ -206,8 +216,14 @@ def logical_axis_rules_from_config(mesh_cfg: Any, mesh: Optional[Mesh] = None) -
 # Logical names -> shardings.
 
 
-def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, relocate: bool = True,
-                      name: str = "", keep_whole: Sequence[int] = ()) -> PartitionSpec:
+def fit_spec_to_shape(
+    spec: PartitionSpec,
+    shape: Sequence[int],
+    mesh: Mesh,
+    relocate: bool = True,
+    name: str = "",
+    keep_whole: Sequence[int] = (),
+) -> PartitionSpec:
   """`spec` with mesh axes that do not divide their dimension removed (replicated there).
 
   Per dimension, mesh axes are kept in order while the running product still divides the size. With `relocate`,
@@ -226,8 +242,10 @@ def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, rel
 
   unknown = [a for e in entries for a in _as_axes_tuple(e) if a not in sizes]
   if unknown:
-    raise ValueError(f"{name or 'array'}: partition spec {spec} names mesh axes {unknown} that are not in the "
-                     f"mesh {tuple(sizes)}")
+    raise ValueError(
+        f"{name or 'array'}: partition spec {spec} names mesh axes {unknown} that are not in the "
+        f"mesh {tuple(sizes)}"
+    )
   kept, dropped = [], []
   for dim, entry in zip(shape, entries):
     axes, prod = [], 1
@@ -259,8 +277,10 @@ def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, rel
   fitted = PartitionSpec(*[entry_of(axes) for axes in kept])
   if fitted != PartitionSpec(*entries):
     what = f"replicated over {dropped}" if dropped else "axes moved, none replicated"
-    _log_once(f"sharding of {name or 'array'} {shape}: {PartitionSpec(*entries)} does not divide the mesh "
-              f"{sizes}; using {fitted} ({what})")
+    _log_once(
+        f"sharding of {name or 'array'} {shape}: {PartitionSpec(*entries)} does not divide the mesh "
+        f"{sizes}; using {fitted} ({what})"
+    )
   return fitted
 
 
@@ -268,8 +288,9 @@ def _is_box(x: Any) -> bool:
   return isinstance(x, nn.meta.AxisMetadata)
 
 
-def logical_to_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Optional[Rules] = None,
-                         relocate: bool = True) -> Any:
+def logical_to_shardings(
+    abstract_boxed_tree: Any, mesh: Mesh, rules: Optional[Rules] = None, relocate: bool = True
+) -> Any:
   """NamedSharding tree (structure of the unboxed tree) for a tree of possibly boxed abstract arrays.
 
   Boxed leaves (`nn.LogicallyPartitioned`) map their logical names through `rules`; plain leaves (e.g. optax
@@ -299,8 +320,9 @@ def logical_to_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Optional[R
   return jax.tree_util.tree_map_with_path(one, abstract_boxed_tree, is_leaf=_is_box)
 
 
-def init_sharded(init_fn: Callable[..., Any], *args: Any, mesh: Mesh, rules: Optional[Rules] = None,
-                 relocate: bool = True) -> Tuple[Any, Any]:
+def init_sharded(
+    init_fn: Callable[..., Any], *args: Any, mesh: Mesh, rules: Optional[Rules] = None, relocate: bool = True
+) -> Tuple[Any, Any]:
   """Runs `init_fn(*args)` under jit with sharded outputs: (unboxed tree, its NamedSharding tree).
 
   `init_fn` may return boxed params (`model.init(...)["params"]`) or a whole train state whose optimizer state
@@ -320,7 +342,8 @@ def init_sharded(init_fn: Callable[..., Any], *args: Any, mesh: Mesh, rules: Opt
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings` (restore targets for checkpoints)."""
   return jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(tree), shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(tree), shardings
+  )
 
 
 def axis_rules_context(rules: Optional[Rules] = None):
@@ -403,9 +426,11 @@ def host_local_batch_to_global(batch: Mapping[str, Any], mesh: Mesh) -> Dict[str
     local_b = value.shape[0]
     global_b = local_b * count
     if local_b % local_shards:
-      raise ValueError(f"batch[{key!r}]: global batch {global_b} (local {local_b} x {count} process slices) is not "
-                       f"divisible by the {num_batch_shards(mesh)} data shards (data*fsdp = "
-                       f"{mesh.shape['data']}*{mesh.shape['fsdp']})")
+      raise ValueError(
+          f"batch[{key!r}]: global batch {global_b} (local {local_b} x {count} process slices) is not "
+          f"divisible by the {num_batch_shards(mesh)} data shards (data*fsdp = "
+          f"{mesh.shape['data']}*{mesh.shape['fsdp']})"
+      )
     out[key] = jax.make_array_from_process_local_data(sharding, value, (global_b,) + value.shape[1:])
   return out
 
@@ -442,6 +467,7 @@ def _distributed_is_initialized() -> bool:
   if fn is not None:
     return bool(fn())
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
   return distributed.global_state.client is not None
 
 
@@ -457,14 +483,19 @@ def maybe_initialize_distributed(cfg: Any = None) -> bool:
     return False
   address = _cfg_get(cfg, "coordinator_address", None)
   if address:
-    jax.distributed.initialize(coordinator_address=address,
-                               num_processes=_cfg_get(cfg, "num_processes", None),
-                               process_id=_cfg_get(cfg, "process_id", None),
-                               local_device_ids=_cfg_get(cfg, "local_device_ids", None))
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=_cfg_get(cfg, "num_processes", None),
+        process_id=_cfg_get(cfg, "process_id", None),
+        local_device_ids=_cfg_get(cfg, "local_device_ids", None),
+    )
     return True
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=_env_int("JAX_NUM_PROCESSES"), process_id=_env_int("JAX_PROCESS_ID"))
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=_env_int("JAX_NUM_PROCESSES"),
+        process_id=_env_int("JAX_PROCESS_ID"),
+    )
     return True
   if (_cfg_get(cfg, "num_processes", None) or 1) > 1 or _cluster_detected():
     jax.distributed.initialize()
@@ -475,6 +506,7 @@ def maybe_initialize_distributed(cfg: Any = None) -> bool:
 def default_mesh_config():
   """ConfigDict of the mesh and of the logical rules (None = `default_logical_axis_rules()`)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   cfg = ml_collections.ConfigDict()
   cfg.data = 1  # pure data parallel replicas
   cfg.fsdp = -1  # -1: all remaining devices; params and optimizer state are sharded along it

@@ -4,6 +4,7 @@ The kernel works on one sequence `[H, S, D]` with a static block-sparse mask; ba
 wrapped in `shard_map` over the batch axes (a Pallas call is opaque to the SPMD partitioner, which would otherwise
 gather the whole batch onto every chip). Off TPU the kernel runs in Pallas interpret mode (slow: for tests).
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,11 +36,24 @@ def _kernel(seq_len: int, n_heads: int, window: Optional[int], interpret: bool):
   else:
     one_head = mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0)
   b = _block(seq_len)
-  sizes = kernel_lib.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                                block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  sizes = kernel_lib.BlockSizes(
+      block_q=b,
+      block_kv=b,
+      block_kv_compute=b,
+      block_q_dkv=b,
+      block_kv_dkv=b,
+      block_kv_dkv_compute=b,
+      block_q_dq=b,
+      block_kv_dq=b,
+  )
   with jax.ensure_compile_time_eval():  # its block tables are constants, not tracers of the first caller's trace
-    return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([one_head] * n_heads), head_shards=1, q_seq_shards=1,
-                                      block_sizes=sizes, interpret=interpret)
+    return kernel_lib.make_splash_mha(
+        mask_lib.MultiHeadMask([one_head] * n_heads),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=sizes,
+        interpret=interpret,
+    )
 
 
 def _batch_axes(batch: int):
@@ -54,8 +68,14 @@ def _batch_axes(batch: int):
   return mesh, (axes if axes and batch % size == 0 else ())
 
 
-def self_attention(q_BSHD: jnp.ndarray, k_BSKD: jnp.ndarray, v_BSKD: jnp.ndarray, doc_BS: Optional[jnp.ndarray],
-                   window: Optional[int], interpret: bool = False) -> jnp.ndarray:
+def self_attention(
+    q_BSHD: jnp.ndarray,
+    k_BSKD: jnp.ndarray,
+    v_BSKD: jnp.ndarray,
+    doc_BS: Optional[jnp.ndarray],
+    window: Optional[int],
+    interpret: bool = False,
+) -> jnp.ndarray:
   """`attention.self_attention`'s mask and numbers through the splash kernel; S must be a multiple of 128.
   `interpret`: run the kernel in Pallas interpret mode (anywhere but a TPU)."""
   B, S, H, D = q_BSHD.shape
@@ -65,7 +85,7 @@ def self_attention(q_BSHD: jnp.ndarray, k_BSKD: jnp.ndarray, v_BSKD: jnp.ndarray
   k = k_BSKD if rep == 1 else jnp.repeat(k_BSKD, rep, axis=2)
   v = v_BSKD if rep == 1 else jnp.repeat(v_BSKD, rep, axis=2)
   kernel = _kernel(S, H, window, interpret)
-  scale = jnp.asarray(D ** -0.5, q_BSHD.dtype)
+  scale = jnp.asarray(D**-0.5, q_BSHD.dtype)
   to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # [B, S, H, D] <-> [B, H, S, D]
   docs = jnp.zeros((B, S), jnp.int32) if doc_BS is None else doc_BS.astype(jnp.int32)
 

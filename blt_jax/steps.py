@@ -4,6 +4,7 @@ A batch is a dict of `[B, N]` arrays: `tokens`, `targets`, `loss_mask` and optio
 For the BLT, patches are made inside the step (entropy model, space, static or byte patching), so the whole
 text -> ids -> entropies -> patches -> logits -> loss line runs in one compiled program with fixed shapes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +33,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Everything static that the steps close over."""
+
   model: Any  # BLTConfig or EntropyModelConfig
   patching: Optional[PatchingConfig] = None  # BLT only
   max_patches: int = 0  # BLT only
@@ -49,6 +51,7 @@ def make_init_fn(sc: StepConfig, tx: optax.GradientTransformation, rng: jax.Arra
   subtree, so the optimizer's moments are stacked too and the step neither stacks nor slices them. The values are
   those of the per-layer init with the same rng.
   """
+
   def init():
     if sc.is_blt:
       params = init_blt(rng, sc.model)
@@ -56,6 +59,7 @@ def make_init_fn(sc: StepConfig, tx: optax.GradientTransformation, rng: jax.Arra
       params = EntropyModel(sc.model).init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
     params = layer_stacking.to_run_layout(params, sc.model)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
   return init
 
 
@@ -71,8 +75,9 @@ def make_patches(sc: StepConfig, batch, entropy_params) -> patching.Patches:
     else:
       entropies = compute_entropies(entropy_params, tokens, sc.entropy_model)
     entropies = jax.lax.stop_gradient(entropies)
-  return patching.patch(tokens, entropies, include_next_token=True, max_patches=sc.max_patches,
-                        **sc.patching.patch_kwargs())
+  return patching.patch(
+      tokens, entropies, include_next_token=True, max_patches=sc.max_patches, **sc.patching.patch_kwargs()
+  )
 
 
 def loss_terms(sc: StepConfig, params, batch, entropy_params=None):
@@ -85,8 +90,10 @@ def loss_terms(sc: StepConfig, params, batch, entropy_params=None):
     # Rows without a counted byte are eval padding (e.g. a host past its share of the validation set): their
     # patches would deflate bytes-per-patch.
     real_B = jnp.any(batch["loss_mask"] > 0, axis=-1)
-    stats = dict(num_patches=jnp.sum(jnp.where(real_B, patches.num_patches_B, 0)).astype(jnp.float32),
-                 overflow_rows=jnp.sum(patches.overflow_B & real_B).astype(jnp.float32))
+    stats = dict(
+        num_patches=jnp.sum(jnp.where(real_B, patches.num_patches_B, 0)).astype(jnp.float32),
+        overflow_rows=jnp.sum(patches.overflow_B & real_B).astype(jnp.float32),
+    )
   else:
     logits = EntropyModel(sc.model).apply({"params": params}, tokens)
   loss_sum, count = loss_lib.cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
@@ -98,8 +105,14 @@ def _mesh_while_tracing(batch_sharding, rules):
   return sharding.mesh_while_tracing(getattr(batch_sharding, "mesh", None), rules)
 
 
-def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    micro_batch_sharding=None, grad_shardings=None, rules=None):
+def make_train_step(
+    sc: StepConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    micro_batch_sharding=None,
+    grad_shardings=None,
+    rules=None,
+):
   """`(state, batches_ABN, entropy_params) -> (state, metrics)`; A micro-batches are accumulated exactly.
 
   The loss is the masked sum over all micro-batches divided by the total number of counted bytes, so any
@@ -109,6 +122,7 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
   and the model's activations to the batch axes (through the logical `rules`, default `sharding`'s), so that FSDP
   all-gathers weights (rounded to the compute dtype first, `layers.low_precision_dot`) rather than activations.
   """
+
   def constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
@@ -121,6 +135,7 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     def f(p):
       s, n, stats = loss_terms(sc, p, batch, entropy_params)
       return s, (n, stats)
+
     (s, (n, stats)), g = jax.value_and_grad(f, has_aux=True)(params)
     return s, n, stats, g
 
@@ -134,11 +149,13 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     g = constrain(g, grad_shardings)
     num_micro = jax.tree_util.tree_leaves(batches)[0].shape[0]
     if num_micro > 1:
+
       def body(carry, batch):
         s_acc, n_acc, stats_acc, g_acc = carry
         s_i, n_i, stats_i, g_i = micro(state.params, constrain_batch(batch), entropy_params)
         g_sum = constrain(jax.tree_util.tree_map(jnp.add, g_acc, g_i), grad_shardings)
         return (s_acc + s_i, n_acc + n_i, jax.tree_util.tree_map(jnp.add, stats_acc, stats_i), g_sum), None
+
       rest = jax.tree_util.tree_map(lambda x: x[1:], batches)
       (s, n, stats, g), _ = jax.lax.scan(body, (s, n, stats, g), rest)
     denom = jnp.maximum(n, 1.0)
@@ -150,11 +167,19 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     def apply(old: TrainState) -> TrainState:
       updates, opt_state = tx.update(grads, old.opt_state, old.params)
       return TrainState(step=old.step + 1, params=optax.apply_updates(old.params, updates), opt_state=opt_state)
+
     # A branch, not `where(finite, new, old)` per leaf: with the state donated, a select that still reads the old
     # moments after the update has overwritten them in place makes XLA copy the whole optimizer state first.
     new_state = jax.lax.cond(finite, apply, lambda old: old, state)
-    metrics = dict(loss=loss, bpb=loss / loss_lib.LN2, grad_norm=grad_norm, lr=schedule(state.step),
-                   bytes=n, finite=finite, **stats)
+    metrics = dict(
+        loss=loss,
+        bpb=loss / loss_lib.LN2,
+        grad_norm=grad_norm,
+        lr=schedule(state.step),
+        bytes=n,
+        finite=finite,
+        **stats,
+    )
     return new_state, metrics
 
   return step
@@ -165,8 +190,10 @@ def make_eval_step(sc: StepConfig, batch_sharding=None, rules=None):
 
   `batch_sharding` (and `rules`): as `make_train_step`'s, to keep the activations batch-sharded on a mesh.
   """
+
   def step(params, batch, entropy_params=None):
     with _mesh_while_tracing(batch_sharding, rules):
       s, n, stats = loss_terms(sc, params, batch, entropy_params)
     return dict(loss_sum=s, count=n, **stats)
+
   return step

@@ -3,6 +3,7 @@
 This module is the single source of truth for the special token ids. Byte `b`
 becomes id `b + OFFSET`; ids below OFFSET are special.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -18,9 +19,7 @@ NUM_BYTES = 256
 VOCAB_SIZE = NUM_BYTES + OFFSET  # 260
 
 
-def encode(
-    text: str | bytes, add_bos: bool = True, add_eos: bool = True
-) -> np.ndarray:
+def encode(text: str | bytes, add_bos: bool = True, add_eos: bool = True) -> np.ndarray:
   """Encodes text (UTF-8) or raw bytes into int32 ids `[BOS] bytes+4 [EOS]`."""
   if isinstance(text, str):
     data = text.encode("utf-8")
@@ -49,16 +48,11 @@ def _byte_ids(ids: Iterable[int] | np.ndarray, cut_at_eos: bool) -> np.ndarray:
   # Drops BOE/BOS/EOS/BPE and the generation filler -1 (spec 1.3).
   ids_L = ids_L[ids_L >= OFFSET]
   if ids_L.size and ids_L.max() >= VOCAB_SIZE:
-    raise ValueError(
-        f"token id {int(ids_L.max())} is outside the byte vocabulary"
-        f" [0, {VOCAB_SIZE})"
-    )
+    raise ValueError(f"token id {int(ids_L.max())} is outside the byte vocabulary" f" [0, {VOCAB_SIZE})")
   return (ids_L - OFFSET).astype(np.uint8)
 
 
-def decode_bytes(
-    ids: Iterable[int] | np.ndarray, cut_at_eos: bool = False
-) -> bytes:
+def decode_bytes(ids: Iterable[int] | np.ndarray, cut_at_eos: bool = False) -> bytes:
   """Decodes ids to raw bytes (lossless for any byte sequence)."""
   return _byte_ids(ids, cut_at_eos).tobytes()
 

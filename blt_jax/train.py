@@ -6,6 +6,7 @@ status 0; before the first step has run (start-up, its compile included) it ends
 ends by writing `DIR/export/` (params + config.json, and the entropy model it patched with), which a later run can
 name as its `init_from`, or, for an entropy model, as a BLT's `entropy_checkpoint`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,11 @@ log = logging.getLogger("blt_jax.train")
 # Seconds jax has spent tracing, lowering and compiling in this process (its monitoring events), for the first
 # step's compile time.
 _COMPILE_SECONDS = [0.0]
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 
 
 def _count_compile_seconds(event: str, seconds: float, **_) -> None:
@@ -73,8 +77,10 @@ def _entropy_model_dir(path: str):
       meta = ckpt_lib.read_params_config(candidate)
       if meta.get("model_type") == "entropy_model":
         return candidate, meta
-  raise FileNotFoundError(f"entropy_checkpoint {path!r}: no entropy model found (looked for config.json with "
-                          f"model_type 'entropy_model' in {', '.join(map(str, candidates))})")
+  raise FileNotFoundError(
+      f"entropy_checkpoint {path!r}: no entropy model found (looked for config.json with "
+      f"model_type 'entropy_model' in {', '.join(map(str, candidates))})"
+  )
 
 
 def _entropy_config(meta: dict, run: Optional[ml_collections.ConfigDict]) -> EntropyModelConfig:
@@ -102,6 +108,7 @@ def load_entropy_model(path: str, run: Optional[ml_collections.ConfigDict] = Non
 @dataclasses.dataclass(frozen=True)
 class InitCheckpoint:
   """Where `init_from` points: a `save_params` dir (convert output or a run's export/) and its config.json."""
+
   path: Any  # epath.Path of the dir holding params/ and config.json
   meta: dict
   entropy_model: Optional[str]  # its entropy_model/ dir, if it ships one
@@ -116,18 +123,23 @@ def find_init_checkpoint(path: str) -> InitCheckpoint:
     if (candidate / ckpt_lib.CONFIG_FILE).is_file():
       break
   else:
-    raise FileNotFoundError(f"init_from {path!r}: no {ckpt_lib.CONFIG_FILE} in {root} or {root / 'export'}; expected "
-                            f"the output of `python -m blt_jax.convert` or a training workdir (or its export/)")
+    raise FileNotFoundError(
+        f"init_from {path!r}: no {ckpt_lib.CONFIG_FILE} in {root} or {root / 'export'}; expected "
+        f"the output of `python -m blt_jax.convert` or a training workdir (or its export/)"
+    )
   try:
     meta = ckpt_lib.read_params_config(candidate)
   except json.JSONDecodeError as e:
     raise ValueError(f"init_from {path!r}: {candidate / ckpt_lib.CONFIG_FILE} is not valid json ({e})") from None
   if meta.get("format") != "blt_jax" or meta.get("model_type") not in ("blt", "entropy_model"):
-    raise ValueError(f"init_from {path!r}: {candidate / ckpt_lib.CONFIG_FILE} is not a blt_jax checkpoint "
-                     f"(format={meta.get('format')!r}, model_type={meta.get('model_type')!r})")
+    raise ValueError(
+        f"init_from {path!r}: {candidate / ckpt_lib.CONFIG_FILE} is not a blt_jax checkpoint "
+        f"(format={meta.get('format')!r}, model_type={meta.get('model_type')!r})"
+    )
   if not (candidate / ckpt_lib.PARAMS_DIR).is_dir():
-    raise FileNotFoundError(f"init_from {path!r}: {candidate} has {ckpt_lib.CONFIG_FILE} but no "
-                            f"{ckpt_lib.PARAMS_DIR}/ directory")
+    raise FileNotFoundError(
+        f"init_from {path!r}: {candidate} has {ckpt_lib.CONFIG_FILE} but no " f"{ckpt_lib.PARAMS_DIR}/ directory"
+    )
   entropy = candidate / "entropy_model"
   has_entropy = meta["model_type"] == "blt" and (entropy / ckpt_lib.CONFIG_FILE).is_file()
   return InitCheckpoint(candidate, meta, str(entropy) if has_entropy else None)
@@ -173,8 +185,10 @@ class StopRequest:
     if jax.process_count() == 1:
       return self.received
     agreed = self._pending is not None and bool(jax.device_get(self._pending))
-    local = [jax.device_put(np.full((1,) * self._mesh.devices.ndim, self.received, np.int32), d)
-             for d in self._flags_sharding.addressable_devices]
+    local = [
+        jax.device_put(np.full((1,) * self._mesh.devices.ndim, self.received, np.int32), d)
+        for d in self._flags_sharding.addressable_devices
+    ]
     flags = jax.make_array_from_single_device_arrays(self._mesh.devices.shape, self._flags_sharding, local)
     self._pending = self._any(flags)
     return agreed
@@ -227,12 +241,15 @@ def _num_data_slices(mesh) -> int:
 
 def uses_entropy_model(cfg: ml_collections.ConfigDict) -> bool:
   """Whether the train step runs an entropy model in-graph (entropy patching without a `data.entropy_store`)."""
-  return (cfg.model_type == "blt" and train_config.patching_config(cfg).mode == "entropy"
-          and not cfg.data.entropy_store)
+  return cfg.model_type == "blt" and train_config.patching_config(cfg).mode == "entropy" and not cfg.data.entropy_store
 
 
-def fit_patching_threshold(cfg: ml_collections.ConfigDict, checkpointer: ckpt_lib.Checkpointer,
-                           entropy_cfg: Optional[EntropyModelConfig] = None, entropy_params=None) -> None:
+def fit_patching_threshold(
+    cfg: ml_collections.ConfigDict,
+    checkpointer: ckpt_lib.Checkpointer,
+    entropy_cfg: Optional[EntropyModelConfig] = None,
+    entropy_params=None,
+) -> None:
   """With `patching.target_bytes_per_patch`, sets `cfg.patching.threshold` for it, once per run.
 
   A run with checkpoints takes the threshold stored in them and never recalibrates (its model learnt those
@@ -249,24 +266,31 @@ def fit_patching_threshold(cfg: ml_collections.ConfigDict, checkpointer: ckpt_li
     except Exception:  # pylint: disable=broad-except  (a damaged step: an older one holds the same threshold)
       continue
     cfg.patching.threshold = float(stored["threshold"])
-    _say(f"patching.threshold={cfg.patching.threshold!r}: stored with the run (checkpoint step {step}; calibrated "
-         f"for {stored.get('target_bytes_per_patch')} bytes per patch when it started), not recalibrated")
+    _say(
+        f"patching.threshold={cfg.patching.threshold!r}: stored with the run (checkpoint step {step}; calibrated "
+        f"for {stored.get('target_bytes_per_patch')} bytes per patch when it started), not recalibrated"
+    )
     return
   rows = calibrate.sample_rows(cfg.data, cfg.seq_len, cfg.patching.calibration_rows, cfg.seed)
-  result = calibrate.calibrate(rows, train_config.patching_config(cfg), target, entropy_params=entropy_params,
-                               entropy_config=entropy_cfg)
+  result = calibrate.calibrate(
+      rows, train_config.patching_config(cfg), target, entropy_params=entropy_params, entropy_config=entropy_cfg
+  )
   threshold = result.threshold
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     threshold = float(multihost_utils.broadcast_one_to_all(np.float32(threshold)))
   cfg.patching.threshold = threshold
-  _say(f"patching.threshold={threshold!r}: calibrated for target_bytes_per_patch={target:g} on {result.rows} "
-       f"training rows (stored with the run)\n  " + calibrate.report(result).replace("\n", "\n  "))
+  _say(
+      f"patching.threshold={threshold!r}: calibrated for target_bytes_per_patch={target:g} on {result.rows} "
+      f"training rows (stored with the run)\n  " + calibrate.report(result).replace("\n", "\n  ")
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainStepParts:
   """The trainer's jitted steps and what they are built from: shared by `Trainer` and `blt_jax.aot`."""
+
   sc: steps.StepConfig
   rules: sharding.Rules
   schedule: Any  # optax schedule
@@ -280,8 +304,9 @@ class TrainStepParts:
   eval_step: Any  # jitted (params, batch_BN, entropy_params) -> sums
 
 
-def build_train_step(cfg: ml_collections.ConfigDict, mesh, entropy_cfg: Optional[EntropyModelConfig] = None
-                     ) -> TrainStepParts:
+def build_train_step(
+    cfg: ml_collections.ConfigDict, mesh, entropy_cfg: Optional[EntropyModelConfig] = None
+) -> TrainStepParts:
   """The steps of a validated `cfg` on `mesh`; `entropy_cfg`: the in-graph entropy model's, when it has one.
 
   Nothing is allocated: the state exists only as shapes, so the mesh may be made of devices this process cannot
@@ -290,8 +315,10 @@ def build_train_step(cfg: ml_collections.ConfigDict, mesh, entropy_cfg: Optional
   rules = sharding.logical_axis_rules_from_config(cfg.mesh, mesh)
   shards = sharding.num_batch_shards(mesh)
   if cfg.global_batch_size % shards:
-    raise ValueError(f"config.global_batch_size={cfg.global_batch_size} is not divisible by the {shards} batch "
-                     f"shards of mesh {dict(mesh.shape)} (data x fsdp)")
+    raise ValueError(
+        f"config.global_batch_size={cfg.global_batch_size} is not divisible by the {shards} batch "
+        f"shards of mesh {dict(mesh.shape)} (data x fsdp)"
+    )
   model_cfg = train_config.model_config(cfg)
   patch_cfg = train_config.patching_config(cfg) if isinstance(model_cfg, BLTConfig) else None
   sc = steps.StepConfig(model_cfg, patch_cfg, train_config.max_patches(cfg) if patch_cfg else 0, entropy_cfg)
@@ -303,13 +330,20 @@ def build_train_step(cfg: ml_collections.ConfigDict, mesh, entropy_cfg: Optional
   batch_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
   eval_sharding = sharding.data_sharding(mesh)
   rep = sharding.replicated(mesh)
-  train_step = jax.jit(steps.make_train_step(sc, tx, schedule, eval_sharding, state_shardings.params, rules),
-                       in_shardings=(state_shardings, batch_sharding, rep),
-                       out_shardings=(state_shardings, rep), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(sc, eval_sharding, rules),
-                      in_shardings=(state_shardings.params, eval_sharding, rep), out_shardings=rep)
-  return TrainStepParts(sc, rules, schedule, tx, init_fn, abstract, state_shardings, batch_sharding, eval_sharding,
-                        train_step, eval_step)
+  train_step = jax.jit(
+      steps.make_train_step(sc, tx, schedule, eval_sharding, state_shardings.params, rules),
+      in_shardings=(state_shardings, batch_sharding, rep),
+      out_shardings=(state_shardings, rep),
+      donate_argnums=0,
+  )
+  eval_step = jax.jit(
+      steps.make_eval_step(sc, eval_sharding, rules),
+      in_shardings=(state_shardings.params, eval_sharding, rep),
+      out_shardings=rep,
+  )
+  return TrainStepParts(
+      sc, rules, schedule, tx, init_fn, abstract, state_shardings, batch_sharding, eval_sharding, train_step, eval_step
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -329,6 +363,7 @@ def restack_live(tree, params_like, model, stacked: bool, free: bool):
   With `free`, every input array is deleted as soon as its converted copy exists, so converting a whole train state
   needs one weight's worth of memory beyond it (a jit of the whole conversion would hold both layouts at once).
   """
+
   def spec(x):
     return tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
 
@@ -358,9 +393,14 @@ class Trainer:
     self.init_from = find_init_checkpoint(cfg.init_from) if cfg.init_from else None
     if self.init_from is not None:
       changes = train_config.apply_checkpoint_config(cfg, self.init_from.meta, self.init_from.entropy_model)
-      _say(f"init_from {self.init_from.path}: its settings replace the config's"
-           + ("".join(f"\n  {field}: {old!r} -> {new!r}" for field, old, new in changes) if changes else
-              " (they already match)"))
+      _say(
+          f"init_from {self.init_from.path}: its settings replace the config's"
+          + (
+              "".join(f"\n  {field}: {old!r} -> {new!r}" for field, old, new in changes)
+              if changes
+              else " (they already match)"
+          )
+      )
     train_config.validate(cfg)
     self.cfg, self.workdir = cfg, paths.resolve(workdir)
     self.mesh = sharding.make_mesh(cfg.mesh)
@@ -369,9 +409,12 @@ class Trainer:
       entropy_cfg, params = load_entropy_model(cfg.entropy_checkpoint, run=cfg)
       params = layer_stacking.to_run_layout(params, entropy_cfg)  # stacked once here, not in every step
       self.entropy_params = jax.device_put(params, sharding.replicated(self.mesh))
-    self.checkpointer = ckpt_lib.Checkpointer(self.workdir, save_interval_steps=cfg.checkpoint_every,
-                                              max_to_keep=cfg.keep_checkpoints,
-                                              async_checkpointing=cfg.async_checkpointing)
+    self.checkpointer = ckpt_lib.Checkpointer(
+        self.workdir,
+        save_interval_steps=cfg.checkpoint_every,
+        max_to_keep=cfg.keep_checkpoints,
+        async_checkpointing=cfg.async_checkpointing,
+    )
     fit_patching_threshold(cfg, self.checkpointer, entropy_cfg, params)  # before the steps: it is static in them
     built = build_train_step(cfg, self.mesh, entropy_cfg)
     self.rules, self.sc, self.schedule, self.tx = built.rules, built.sc, built.schedule, built.tx
@@ -405,19 +448,28 @@ class Trainer:
   def _initial_state(self):
     """(state, data iterator, start step): the newest readable checkpoint, else init_from's params, else fresh."""
     cfg = self.cfg
-    iterator = data_lib.make_train_iterator(cfg.data, cfg.seq_len, cfg.global_batch_size, cfg.seed,
-                                            process_index=self.data_index, process_count=self.data_count)
+    iterator = data_lib.make_train_iterator(
+        cfg.data,
+        cfg.seq_len,
+        cfg.global_batch_size,
+        cfg.seed,
+        process_index=self.data_index,
+        process_count=self.data_count,
+    )
     self.bad_records = int(getattr(iterator, "bad_records", 0))
     target = sharding.abstract_with_shardings(self._abstract, self.state_shardings)
-    newest = self.checkpointer.restore_newest_readable(target, cfg.checkpoint_on_damaged, warn=self._warn,
-                                                       other_layouts=self._other_layouts())
+    newest = self.checkpointer.restore_newest_readable(
+        target, cfg.checkpoint_on_damaged, warn=self._warn, other_layouts=self._other_layouts()
+    )
     if newest is not None:
       step, state, data_state, _ = newest
       if data_state is not None:
         iterator.set_state(data_state)
       log.info("resumed from step %d of %s", step, self.workdir)
-      _say(f"resumed from checkpoint step {step} in {self.workdir}" +
-           (f" (init_from {self.init_from.path} is not loaded: resuming wins)" if self.init_from else ""))
+      _say(
+          f"resumed from checkpoint step {step} in {self.workdir}"
+          + (f" (init_from {self.init_from.path} is not loaded: resuming wins)" if self.init_from else "")
+      )
       return state, iterator, step
     if self.init_from is not None:
       return self._state_from_init_checkpoint(), iterator, 0
@@ -449,10 +501,15 @@ class Trainer:
 
     def convert(state):
       return jax.device_put(restack_live(state, state.params, model, stacked, free=True), run_shardings)
-    names = " and ".join(f"{'/'.join(path + (layer_stacking.stacked_name(prefix),))}"
-                         for path, prefix in layer_stacking.stackable(model))
-    name = (f"per-layer params ({names}_0 ...; written without scan_layers)" if stacked else
-            f"stacked params ({names} with a leading layer axis; written with scan_layers)")
+
+    names = " and ".join(
+        f"{'/'.join(path + (layer_stacking.stacked_name(prefix),))}" for path, prefix in layer_stacking.stackable(model)
+    )
+    name = (
+        f"per-layer params ({names}_0 ...; written without scan_layers)"
+        if stacked
+        else f"stacked params ({names} with a leading layer axis; written with scan_layers)"
+    )
     return (ckpt_lib.OtherLayout(name, sharding.abstract_with_shardings(abstract, shardings), convert),)
 
   def _per_layer_params(self):
@@ -471,13 +528,19 @@ class Trainer:
     try:
       params, _ = ckpt_lib.load_params(path, per_layer)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"init_from {path}: its params do not load into the model its {ckpt_lib.CONFIG_FILE} "
-                       f"describes ({ckpt_lib.short_reason(e)})") from None
-    params = jax.device_put(restack_live(params, params, self.sc.model, self._stacked, free=True),
-                            self.state_shardings.params)
-    fresh = jax.jit(lambda p: steps.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p)),
-                    in_shardings=(self.state_shardings.params,), out_shardings=self.state_shardings,
-                    donate_argnums=0)
+      raise ValueError(
+          f"init_from {path}: its params do not load into the model its {ckpt_lib.CONFIG_FILE} "
+          f"describes ({ckpt_lib.short_reason(e)})"
+      ) from None
+    params = jax.device_put(
+        restack_live(params, params, self.sc.model, self._stacked, free=True), self.state_shardings.params
+    )
+    fresh = jax.jit(
+        lambda p: steps.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p)),
+        in_shardings=(self.state_shardings.params,),
+        out_shardings=self.state_shardings,
+        donate_argnums=0,
+    )
     _say(f"initialised params from {path} (step 0, fresh optimizer state)")
     return fresh(params)
 
@@ -491,8 +554,9 @@ class Trainer:
     if not self.evaluates:
       return {}
     if self._eval_iterator is None:  # re-iterable; building it counts every validation token, so only once
-      self._eval_iterator = data_lib.make_eval_iterator(cfg.data, cfg.seq_len, cfg.global_batch_size,
-                                                        process_index=self.data_index, process_count=self.data_count)
+      self._eval_iterator = data_lib.make_eval_iterator(
+          cfg.data, cfg.seq_len, cfg.global_batch_size, process_index=self.data_index, process_count=self.data_count
+      )
     total, count, patches = 0.0, 0.0, 0.0
     for i, batch in enumerate(self._eval_iterator):
       if cfg.eval_batches and i >= cfg.eval_batches:
@@ -564,9 +628,14 @@ class Trainer:
     if not preempted:
       self._export(state.params)
     self.writer.flush()
-    return dict(start_step=start_step, final_step=step, history=self.history, preempted=preempted,
-                checkpoint_step=self.checkpointer.latest_step(),
-                final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()} if metrics else {})
+    return dict(
+        start_step=start_step,
+        final_step=step,
+        history=self.history,
+        preempted=preempted,
+        checkpoint_step=self.checkpointer.latest_step(),
+        final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()} if metrics else {},
+    )
 
   def _first_step(self, state, arrays):
     """The run's first step, timed: its compile time is logged (and written as `compile_s`)."""
@@ -583,13 +652,17 @@ class Trainer:
     now = time.perf_counter()
     elapsed = max(now - window["t"], 1e-9)
     rows_bytes = cfg.global_batch_size * cfg.grad_accum_steps * cfg.seq_len * window["steps"]
-    line = dict(loss=host["loss"], bpb=host["bpb"], grad_norm=host["grad_norm"], lr=host["lr"],
-                bytes_per_s=rows_bytes / elapsed)
+    line = dict(
+        loss=host["loss"], bpb=host["bpb"], grad_norm=host["grad_norm"], lr=host["lr"], bytes_per_s=rows_bytes / elapsed
+    )
     if self.sc.is_blt:
       positions = cfg.global_batch_size * cfg.grad_accum_steps * (cfg.seq_len + 1)
       mean_patch = positions / max(float(host["num_patches"]), 1.0)
-      line.update(mean_patch_length=mean_patch, patches_per_s=rows_bytes / elapsed / mean_patch,
-                  overflow_rows=host["overflow_rows"])
+      line.update(
+          mean_patch_length=mean_patch,
+          patches_per_s=rows_bytes / elapsed / mean_patch,
+          overflow_rows=host["overflow_rows"],
+      )
       self.flops_per_byte = self._flops_per_byte(mean_patch)
     line["mfu"] = flops_lib.mfu(self.flops_per_byte, line["bytes_per_s"], self.peak_flops)
     if self._compile_s is not None:
@@ -604,19 +677,25 @@ class Trainer:
     if not bool(host_metrics["finite"]) or applied != step:
       self.checkpointer.wait_until_finished()
       if bool(host_metrics["finite"]):
-        what = (f"{step - applied} step(s) before step {step} had a non-finite loss or gradient (not logged: "
-                f"log_every={self.cfg.log_every})")
+        what = (
+            f"{step - applied} step(s) before step {step} had a non-finite loss or gradient (not logged: "
+            f"log_every={self.cfg.log_every})"
+        )
       else:
-        what = (f"non-finite loss or gradient at step {step} (loss={float(host_metrics['loss'])}, grad_norm="
-                f"{float(host_metrics['grad_norm'])})")
+        what = (
+            f"non-finite loss or gradient at step {step} (loss={float(host_metrics['loss'])}, grad_norm="
+            f"{float(host_metrics['grad_norm'])})"
+        )
       raise TrainingError(
           f"{what}; those updates were not applied and the last good checkpoint "
-          f"(step {self.checkpointer.latest_step()}) in {self.workdir} is intact. Lower optimizer.lr or check data.")
+          f"(step {self.checkpointer.latest_step()}) in {self.workdir} is intact. Lower optimizer.lr or check data."
+      )
     if self.sc.is_blt and self.cfg.patching.on_overflow == "error" and float(host_metrics["overflow_rows"]) > 0:
       self.checkpointer.wait_until_finished()
       raise TrainingError(
           f"step {step}: {int(host_metrics['overflow_rows'])} row(s) needed more than patching.max_patches="
-          f"{self.sc.max_patches} patches; raise it or set patching.on_overflow='count'")
+          f"{self.sc.max_patches} patches; raise it or set patching.on_overflow='count'"
+      )
 
   def _meta(self, step: int) -> dict:
     return dict(step=step, config=json.loads(self.cfg.to_json_best_effort()))
@@ -631,10 +710,12 @@ class Trainer:
       params = restack_live(params, params, self.sc.model, stacked=False, free=False)
     ckpt_lib.save_params(export, params, meta, overwrite=True)
     if self.entropy_params is not None:  # the export scores and generates on its own (blt_jax.loading)
-      ckpt_lib.save_params(export / "entropy_model",
-                           layer_stacking.unstack_params(self.entropy_params, self.sc.entropy_model),
-                           {"format": "blt_jax", "model_type": "entropy_model", "model": self.sc.entropy_model.to_dict()},
-                           overwrite=True)
+      ckpt_lib.save_params(
+          export / "entropy_model",
+          layer_stacking.unstack_params(self.entropy_params, self.sc.entropy_model),
+          {"format": "blt_jax", "model_type": "entropy_model", "model": self.sc.entropy_model.to_dict()},
+          overwrite=True,
+      )
 
   def close(self) -> None:
     self.checkpointer.close()
@@ -643,6 +724,7 @@ class Trainer:
 
 def _unbox(tree):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
   return nn.meta.unbox(tree)
 
 
@@ -672,7 +754,7 @@ def _command_line_overrides(argv: List[str]):
     elif arg.startswith("--config="):
       path = arg.split("=", 1)[1]
     elif arg.startswith("--config."):
-      keys.append(arg[len("--config."):].split("=", 1)[0])
+      keys.append(arg[len("--config.") :].split("=", 1)[0])
   return path, keys
 
 
@@ -727,11 +809,15 @@ def end_of_run_line(summary: Dict[str, Any], workdir) -> str:
   if not summary["preempted"]:
     return f"done: steps {summary['start_step']} -> {step}; export in {workdir / 'export'}"
   if saved == step:
-    return (f"stopped by SIGTERM after step {step}: checkpoint saved in {workdir / 'checkpoints'}; re-run the same "
-            f"command to resume")
-  return (f"stopped by SIGTERM after step {step}, but no checkpoint of step {step} was saved in "
-          f"{workdir / 'checkpoints'}; re-running the same command resumes from "
-          f"{'the start' if saved is None else f'step {saved}'}")
+    return (
+        f"stopped by SIGTERM after step {step}: checkpoint saved in {workdir / 'checkpoints'}; re-run the same "
+        f"command to resume"
+    )
+  return (
+      f"stopped by SIGTERM after step {step}, but no checkpoint of step {step} was saved in "
+      f"{workdir / 'checkpoints'}; re-running the same command resumes from "
+      f"{'the start' if saved is None else f'step {saved}'}"
+  )
 
 
 def main(argv=None) -> None:
@@ -750,8 +836,13 @@ def main(argv=None) -> None:
   logging.basicConfig(level=logging.WARNING)
   try:
     summary = train(cfg, workdir)
-  except (ValueError, FileNotFoundError, TrainingError, ckpt_lib.DamagedCheckpointError,
-          ckpt_lib.CheckpointReadError) as e:
+  except (
+      ValueError,
+      FileNotFoundError,
+      TrainingError,
+      ckpt_lib.DamagedCheckpointError,
+      ckpt_lib.CheckpointReadError,
+  ) as e:
     raise SystemExit(f"error: {e}") from None
   _say(end_of_run_line(summary, paths.resolve(workdir)))
 

@@ -3,6 +3,7 @@
 `python -m blt_jax.train --config configs/tiny.py --config.optimizer.lr=1e-3` loads `get_config()` from the file;
 ml_collections rejects overrides of unknown keys, and `validate` rejects bad values before anything is built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,8 +115,13 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 def model_config(cfg: ml_collections.ConfigDict):
   """The typed model config of the run (compute dtype and remat folded in)."""
-  extra = dict(dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=cfg.get("scan_layers", False),
-               attention_impl=cfg.get("attention_impl", "auto"), remat_policy=cfg.get("remat_policy", "full"))
+  extra = dict(
+      dtype=cfg.compute_dtype,
+      remat=cfg.remat,
+      scan_layers=cfg.get("scan_layers", False),
+      attention_impl=cfg.get("attention_impl", "auto"),
+      remat_policy=cfg.get("remat_policy", "full"),
+  )
   if cfg.model_type == "blt":
     return BLTConfig.from_dict({**cfg.model.to_dict(), **extra})
   if cfg.model_type == "entropy_model":
@@ -142,42 +148,56 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.model_type == "blt":
     pc = patching_config(cfg)
     if pc.mode == "entropy" and not cfg.entropy_checkpoint and not cfg.data.entropy_store:
-      raise ValueError("config.patching.mode='entropy' needs config.entropy_checkpoint (a converted or trained "
-                       "entropy model dir) or config.data.entropy_store (precomputed entropies); or pick "
-                       "patching.mode in space/static/byte")
+      raise ValueError(
+          "config.patching.mode='entropy' needs config.entropy_checkpoint (a converted or trained "
+          "entropy model dir) or config.data.entropy_store (precomputed entropies); or pick "
+          "patching.mode in space/static/byte"
+      )
     if cfg.patching.on_overflow not in ("count", "error"):
       raise ValueError(f"config.patching.on_overflow={cfg.patching.on_overflow!r}: expected 'count' or 'error'")
     target = cfg.patching.get("target_bytes_per_patch", 0.0)
     if target and pc.mode != "entropy":
-      raise ValueError(f"config.patching.target_bytes_per_patch={target} calibrates an entropy threshold: it needs "
-                       f"patching.mode='entropy' (got {pc.mode!r}); set it to 0 for other modes")
+      raise ValueError(
+          f"config.patching.target_bytes_per_patch={target} calibrates an entropy threshold: it needs "
+          f"patching.mode='entropy' (got {pc.mode!r}); set it to 0 for other modes"
+      )
     if target and not 1.0 <= target <= cfg.seq_len:
-      raise ValueError(f"config.patching.target_bytes_per_patch={target}: a mean patch length lies between 1 and the "
-                       f"row length (seq_len={cfg.seq_len}); 0 uses patching.threshold")
+      raise ValueError(
+          f"config.patching.target_bytes_per_patch={target}: a mean patch length lies between 1 and the "
+          f"row length (seq_len={cfg.seq_len}); 0 uses patching.threshold"
+      )
     if target and cfg.patching.calibration_rows < 1:
       raise ValueError(f"config.patching.calibration_rows must be >= 1, got {cfg.patching.calibration_rows}")
     if cfg.patching.max_patches < 0:
       raise ValueError(f"config.patching.max_patches must be >= 0, got {cfg.patching.max_patches}")
     if cfg.seq_len > cfg.model.max_encoder_seq_length:
-      raise ValueError(f"config.seq_len={cfg.seq_len} exceeds model.max_encoder_seq_length="
-                       f"{cfg.model.max_encoder_seq_length} (the RoPE table bound, Q17)")
+      raise ValueError(
+          f"config.seq_len={cfg.seq_len} exceeds model.max_encoder_seq_length="
+          f"{cfg.model.max_encoder_seq_length} (the RoPE table bound, Q17)"
+      )
     if max_patches(cfg) > cfg.model.max_seqlen:
-      raise ValueError(f"config.patching.max_patches={max_patches(cfg)} (0 means seq_len + 1) exceeds "
-                       f"model.max_seqlen={cfg.model.max_seqlen} patches (the global RoPE table bound, Q17)")
+      raise ValueError(
+          f"config.patching.max_patches={max_patches(cfg)} (0 means seq_len + 1) exceeds "
+          f"model.max_seqlen={cfg.model.max_seqlen} patches (the global RoPE table bound, Q17)"
+      )
   elif cfg.seq_len > cfg.entropy_model.max_seqlen:
     raise ValueError(f"config.seq_len={cfg.seq_len} exceeds entropy_model.max_seqlen={cfg.entropy_model.max_seqlen}")
   for name in ("seq_len", "global_batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every"):
     if int(cfg[name]) < 1:
       raise ValueError(f"config.{name} must be >= 1, got {cfg[name]}")
   if cfg.keep_checkpoints < 1:  # unlike eval_batches=0, 0 cannot mean "all": orbax would delete every checkpoint
-    raise ValueError(f"config.keep_checkpoints={cfg.keep_checkpoints}: must be >= 1 (how many of the newest "
-                     f"checkpoints to keep; 0 would keep none)")
+    raise ValueError(
+        f"config.keep_checkpoints={cfg.keep_checkpoints}: must be >= 1 (how many of the newest "
+        f"checkpoints to keep; 0 would keep none)"
+    )
   if cfg.data.on_bad_record not in ("error", "skip"):
     raise ValueError(f"config.data.on_bad_record={cfg.data.on_bad_record!r}: expected 'error' or 'skip'")
   if cfg.checkpoint_on_damaged not in ("fallback", "error"):
     raise ValueError(f"config.checkpoint_on_damaged={cfg.checkpoint_on_damaged!r}: expected 'fallback' or 'error'")
   profile = tuple(cfg.profile_steps or ())
-  if profile and (len(profile) != 2 or not all(isinstance(s, int) for s in profile) or not 1 <= profile[0] < profile[1]):
+  if profile and (
+      len(profile) != 2 or not all(isinstance(s, int) for s in profile) or not 1 <= profile[0] < profile[1]
+  ):
     raise ValueError(f"config.profile_steps={cfg.profile_steps!r}: expected () or (start, stop) with 1 <= start < stop")
   # Params are always created in float32; accepting another value would silently ignore it.
   if cfg.param_dtype != "float32":
@@ -199,13 +219,20 @@ def patching_entropy_model_config(cfg: ml_collections.ConfigDict, model: Mapping
   is rematerialised (no gradient flows into it), and the kernel and scan follow this run's platform choices.
   """
   architecture = {k: v for k, v in model.items() if k not in _RUN_SETTINGS}
-  return EntropyModelConfig.from_dict({**architecture, "dtype": "float32", "remat": False,
-                                       "scan_layers": cfg.get("scan_layers", False),
-                                       "attention_impl": cfg.get("attention_impl", "auto")})
+  return EntropyModelConfig.from_dict(
+      {
+          **architecture,
+          "dtype": "float32",
+          "remat": False,
+          "scan_layers": cfg.get("scan_layers", False),
+          "attention_impl": cfg.get("attention_impl", "auto"),
+      }
+  )
 
 
-def apply_checkpoint_config(cfg: ml_collections.ConfigDict, meta: dict,
-                            entropy_checkpoint: Optional[str] = None) -> List[Tuple[str, Any, Any]]:
+def apply_checkpoint_config(
+    cfg: ml_collections.ConfigDict, meta: dict, entropy_checkpoint: Optional[str] = None
+) -> List[Tuple[str, Any, Any]]:
   """Makes `cfg` describe the model in a checkpoint's config.json (`init_from`); returns (field, old, new) changes.
 
   The model section (`model` or `entropy_model`, by the checkpoint's model_type), its patching settings and, when
@@ -216,8 +243,9 @@ def apply_checkpoint_config(cfg: ml_collections.ConfigDict, meta: dict,
 
   def assign(node, prefix: str, key: str, value: Any) -> None:
     if key not in node:
-      raise ValueError(f"init_from: the checkpoint's config has field {prefix}{key}, which this version of blt_jax "
-                       f"does not know")
+      raise ValueError(
+          f"init_from: the checkpoint's config has field {prefix}{key}, which this version of blt_jax " f"does not know"
+      )
     value = tuple(value) if isinstance(value, list) else value
     old = node[key]
     if (tuple(old) if isinstance(old, list) else old) != value:

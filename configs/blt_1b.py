@@ -3,6 +3,7 @@
 Patches with the released entropy model (convert facebook/blt's `entropy_model/` with `python -m blt_jax.convert`).
 Mesh for a pod slice: FSDP over all chips (the 3B hash-table params shard over fsdp x tensor).
 """
+
 from blt_jax.train_config import base_config
 
 

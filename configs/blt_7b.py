@@ -2,6 +2,7 @@
 8B-scale description and the HF note that the 7B needs the global input projection (k*dE != dG). When converting the
 released weights, dims are read from the checkpoint, not from here.
 """
+
 import os
 
 from blt_jax.train_config import load_config_file

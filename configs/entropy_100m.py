@@ -1,4 +1,5 @@
 """The released entropy model's shape ("transformer_100m", spec 2.1), trained as the reference's entropy_model.yaml."""
+
 from blt_jax.train_config import base_config
 
 

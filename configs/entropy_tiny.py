@@ -1,4 +1,5 @@
 """Tiny entropy model (byte LM) for CPU: train it, then patch configs/tiny_entropy.py with its export."""
+
 from blt_jax.train_config import base_config
 
 

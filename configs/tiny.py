@@ -3,6 +3,7 @@
 Space patching (SpaceByte-like, spec 3.4) needs no entropy model; see configs/tiny_entropy.py for the entropy-patched
 variant that uses an entropy model trained with configs/entropy_tiny.py.
 """
+
 from blt_jax.train_config import base_config
 
 

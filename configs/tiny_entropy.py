@@ -4,6 +4,7 @@
   python -m blt_jax.train --config configs/tiny_entropy.py --workdir runs/tiny_entropy \
       --config.entropy_checkpoint=runs/entropy_tiny
 """
+
 import os
 
 from blt_jax.train_config import load_config_file

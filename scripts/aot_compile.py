@@ -14,6 +14,7 @@ step does not fit. See blt_jax/aot.py.
 compiles the scorer's programs (`--step generate`: the generator's prefill and cached steps) with the params placed
 as `--dtype` / `--mesh` place them, and says per chip whether they fit. See blt_jax/aot_inference.py.
 """
+
 import os
 import pathlib
 import sys

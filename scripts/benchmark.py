@@ -16,6 +16,7 @@ Sections:
   --compare transformers   side by side with transformers' BltForCausalLM (the issue-13 config; torch on CPU)
 Prints a markdown table; paste it into BENCHMARKS.md with the device line.
 """
+
 import argparse
 import dataclasses
 import json
@@ -42,27 +43,59 @@ GPU_1B = BLTConfig(encoder_hash_byte_group_vocab=50002, dtype="bfloat16", scan_l
 PRESETS = {
     "cpu": dict(
         attn=dict(B=1, N=2048, P=512, k=2, H=4, D=32, W=128),
-        blt=BLTConfig(dim_local_encoder=128, n_layers_local_encoder=1, n_heads_local_encoder=4, dim_global=256,
-                      n_layers_global=4, n_heads_global=4, dim_local_decoder=128, n_layers_local_decoder=2,
-                      n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4,
-                      encoder_hash_byte_group_vocab=4096, local_attention_window_len=128, max_seqlen=1024,
-                      max_encoder_seq_length=1024),
+        blt=BLTConfig(
+            dim_local_encoder=128,
+            n_layers_local_encoder=1,
+            n_heads_local_encoder=4,
+            dim_global=256,
+            n_layers_global=4,
+            n_heads_global=4,
+            dim_local_decoder=128,
+            n_layers_local_decoder=2,
+            n_heads_local_decoder=4,
+            cross_attn_k=2,
+            cross_attn_nheads=4,
+            encoder_hash_byte_group_vocab=4096,
+            local_attention_window_len=128,
+            max_seqlen=1024,
+            max_encoder_seq_length=1024,
+        ),
         entropy=EntropyModelConfig(dim=128, n_layers=2, n_heads=4, sliding_window=128, max_seqlen=1024),
-        batch=4, seq_len=1024, max_patches=342, steps=5),
+        batch=4,
+        seq_len=1024,
+        max_patches=342,
+        steps=5,
+    ),
     "gpu": dict(
         attn=dict(B=2, N=8192, P=2048, k=2, H=16, D=64, W=512),
         # The released 1B shapes with 50002-row hash tables (the 500002-row tables plus AdamW state exceed one
         # 80 GB card in fp32; they change no FLOPs).
         # Global and decoder depths cut to 8 and 3 layers to keep XLA's compile inside the device time we have.
-        blt=BLTConfig(encoder_hash_byte_group_vocab=50002, n_layers_global=8, n_layers_local_decoder=3,
-                      dtype="bfloat16", remat=False),
+        blt=BLTConfig(
+            encoder_hash_byte_group_vocab=50002,
+            n_layers_global=8,
+            n_layers_local_decoder=3,
+            dtype="bfloat16",
+            remat=False,
+        ),
         entropy=EntropyModelConfig(dtype="bfloat16"),
-        batch=4, seq_len=8192, max_patches=2730, steps=10),
+        batch=4,
+        seq_len=8192,
+        max_patches=2730,
+        steps=10,
+    ),
     "gpu1b": dict(
         attn=dict(B=2, N=8192, P=2048, k=2, H=16, D=64, W=512),
-        blt=GPU_1B, entropy=EntropyModelConfig(dtype="bfloat16"),
+        blt=GPU_1B,
+        entropy=EntropyModelConfig(dtype="bfloat16"),
         # `loop`: batches tried in order until one does not fit (two compiles each: donated and not).
-        batch=4, seq_len=8192, max_patches=2730, steps=10, loop_batches=(4, 8, 16), loop_remat=(False,)),
+        batch=4,
+        seq_len=8192,
+        max_patches=2730,
+        steps=10,
+        loop_batches=(4, 8, 16),
+        loop_remat=(False,),
+    ),
 }
 PRESETS["cpu"].update(loop_batches=(2, 4), loop_remat=(False,))
 
@@ -91,29 +124,48 @@ def bench_attention(p):
   rows = []
   fast = jax.jit(lambda q, kv, i: attention.encoder_cross_attention(q, kv, kv, i, P, k))
   dense = jax.jit(lambda q, kv, i: attention.masked_attention(q, kv, kv, masks.dense_encoder_cross_mask(i, P, k)))
-  rows.append(("encoder cross-attention (segment softmax vs dense)", timeit(fast, q_slots, bytes_kv, ids),
-               timeit(dense, q_slots, bytes_kv, ids)))
+  rows.append(
+      (
+          "encoder cross-attention (segment softmax vs dense)",
+          timeit(fast, q_slots, bytes_kv, ids),
+          timeit(dense, q_slots, bytes_kv, ids),
+      )
+  )
   fast = jax.jit(lambda q, kv, i: attention.decoder_cross_attention(q, kv, kv, i, k))
   dense = jax.jit(lambda q, kv, i: attention.masked_attention(q, kv, kv, masks.dense_decoder_cross_mask(i, P, k)))
-  rows.append(("decoder cross-attention (gather vs dense)", timeit(fast, bytes_kv, q_slots, dec_ids),
-               timeit(dense, bytes_kv, q_slots, dec_ids)))
+  rows.append(
+      (
+          "decoder cross-attention (gather vs dense)",
+          timeit(fast, bytes_kv, q_slots, dec_ids),
+          timeit(dense, bytes_kv, q_slots, dec_ids),
+      )
+  )
   doc = masks.document_ids(jnp.zeros((B, N), jnp.int32))
   fast = jax.jit(lambda x, d: attention.self_attention(x, x, x, d, W))
   dense = jax.jit(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(d, N, W)))
-  rows.append((f"window-{W} self-attention (blocked vs dense)", timeit(fast, bytes_kv, doc),
-               timeit(dense, bytes_kv, doc)))
+  rows.append(
+      (f"window-{W} self-attention (blocked vs dense)", timeit(fast, bytes_kv, doc), timeit(dense, bytes_kv, doc))
+  )
   fast = jax.jit(lambda x, d: attention.self_attention(x, x, x, d, None))
   dense = jax.jit(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(d, N, None)))
-  rows.append(("causal self-attention, documents (blocked vs dense)", timeit(fast, bytes_kv, doc),
-               timeit(dense, bytes_kv, doc)))
+  rows.append(
+      ("causal self-attention, documents (blocked vs dense)", timeit(fast, bytes_kv, doc), timeit(dense, bytes_kv, doc))
+  )
   # Its own q @ k matmuls: the [S, S] scores of every head, no mask, no softmax (the roofline of the kernel).
   qk = jax.jit(lambda x: jnp.einsum("bqhd,bkhd->bhqk", x, x))
   qk_s = timeit(qk, bytes_kv)
   grad = lambda fn: jax.jit(jax.grad(lambda x, d: jnp.sum(fn(x, d).astype(jnp.float32))))
-  rows.append(("causal self-attention, forward + backward (blocked vs dense)",
-               timeit(grad(lambda x, d: attention.self_attention(x, x, x, d, None)), bytes_kv, doc),
-               timeit(grad(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(
-                   d, N, None))), bytes_kv, doc)))
+  rows.append(
+      (
+          "causal self-attention, forward + backward (blocked vs dense)",
+          timeit(grad(lambda x, d: attention.self_attention(x, x, x, d, None)), bytes_kv, doc),
+          timeit(
+              grad(lambda x, d: attention.masked_attention(x, x, x, masks.dense_self_attention_mask(d, N, None))),
+              bytes_kv,
+              doc,
+          ),
+      )
+  )
   out = [dict(name=n, fast_s=f, dense_s=d, speedup=d / f) for n, f, d in rows]
   for r in out[2:4]:  # the self-attention forwards
     r.update(qk_matmul_s=qk_s, over_qk=r["fast_s"] / qk_s)
@@ -136,8 +188,12 @@ def _random_params(abstract):
 def _text_batch(B, N, seed=0):
   """Bytes of this repository's Python sources (real text), as [BOS] bytes rows."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  blob = b"".join(open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(os.path.join(root, "blt_jax"))
-                  for f in sorted(fs) if f.endswith(".py"))
+  blob = b"".join(
+      open(os.path.join(d, f), "rb").read()
+      for d, _, fs in os.walk(os.path.join(root, "blt_jax"))
+      for f in sorted(fs)
+      if f.endswith(".py")
+  )
   stream = np.frombuffer(blob * (1 + B * (N + 1) // len(blob)), np.uint8).astype(np.int32) + 4
   rows = stream[: B * (N + 1)].reshape(B, N + 1)
   rows[:, 0] = 1
@@ -147,8 +203,13 @@ def _text_batch(B, N, seed=0):
 def bench_train(preset):
   blt_cfg, ent_cfg = preset["blt"], preset["entropy"]
   B, N = preset["batch"], preset["seq_len"]
-  ent_params = _random_params(jax.eval_shape(lambda: nn.meta.unbox(
-      steps.EntropyModel(ent_cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"])))
+  ent_params = _random_params(
+      jax.eval_shape(
+          lambda: nn.meta.unbox(
+              steps.EntropyModel(ent_cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
+          )
+      )
+  )
   tx = optax.adamw(1e-4)
   schedule = lambda s: 1e-4
   batch = {k: jnp.asarray(v)[None] for k, v in _text_batch(B, N).items()}
@@ -184,14 +245,22 @@ def bench_train(preset):
   peak = flops.device_peak_flops(jax.devices()[0])
   # The in-graph step also runs the entropy model forward: count it for MFU of that step.
   ent_fpb = flops.entropy_model_train_flops_per_byte(ent_cfg, N) / 3
-  return dict(params=int(n_params), batch=B, seq_len=N, mean_patch_length=mean_patch,
-              overflow_rows=float(m["overflow_rows"]),
-              step_s_in_graph=t_graph, step_s_precomputed=t_pre, precomputed_speedup=t_graph / t_pre,
-              bytes_per_s_precomputed=B * N / t_pre, patches_per_s_precomputed=B * (N + 1) / mean_patch / t_pre,
-              bytes_per_s_in_graph=B * N / t_graph,
-              mfu_precomputed=flops.mfu(fpb, B * N / t_pre, peak),
-              mfu_in_graph=flops.mfu(fpb + ent_fpb, B * N / t_graph, peak),
-              loss=float(m["loss"]))
+  return dict(
+      params=int(n_params),
+      batch=B,
+      seq_len=N,
+      mean_patch_length=mean_patch,
+      overflow_rows=float(m["overflow_rows"]),
+      step_s_in_graph=t_graph,
+      step_s_precomputed=t_pre,
+      precomputed_speedup=t_graph / t_pre,
+      bytes_per_s_precomputed=B * N / t_pre,
+      patches_per_s_precomputed=B * (N + 1) / mean_patch / t_pre,
+      bytes_per_s_in_graph=B * N / t_graph,
+      mfu_precomputed=flops.mfu(fpb, B * N / t_pre, peak),
+      mfu_in_graph=flops.mfu(fpb + ent_fpb, B * N / t_graph, peak),
+      loss=float(m["loss"]),
+  )
 
 
 def _out_of_memory(e: Exception) -> bool:
@@ -211,8 +280,9 @@ def bench_loop(preset):
   for remat in preset["loop_remat"]:
     cfg = dataclasses.replace(base_cfg, remat=remat)
     sc = steps.StepConfig(cfg, PatchingConfig(mode="static", patch_size=4), preset["max_patches"], None)
-    abstract = jax.eval_shape(lambda: layer_stacking.to_run_layout(
-        nn.meta.unbox(steps.init_blt(jax.random.PRNGKey(0), cfg)), cfg))
+    abstract = jax.eval_shape(
+        lambda: layer_stacking.to_run_layout(nn.meta.unbox(steps.init_blt(jax.random.PRNGKey(0), cfg)), cfg)
+    )
     fpb = flops.blt_train_flops_per_byte(cfg, N, 4.0)
     train_step = steps.make_train_step(sc, tx, lambda s: 1e-4)
     for B in preset["loop_batches"]:
@@ -242,13 +312,20 @@ def bench_loop(preset):
           size = lambda name, memory=memory: int(getattr(memory, name, 0) or 0)
           stats = jax.devices()[0].memory_stats() or {}  # None on CPU; the allocator's high-water mark on GPU/TPU
           row["donated" if donate else "not_donated"] = dict(
-              step_s=step_s, runs_s=list(runs[donate]), bytes_per_s=B * N / step_s,
-              mfu=flops.mfu(fpb, B * N / step_s, peak), compile_s=compile_s, loss=float(m["loss"]),
+              step_s=step_s,
+              runs_s=list(runs[donate]),
+              bytes_per_s=B * N / step_s,
+              mfu=flops.mfu(fpb, B * N / step_s, peak),
+              compile_s=compile_s,
+              loss=float(m["loss"]),
               temp_bytes=size("temp_size_in_bytes"),
               # The compiled step's own peak: inputs + outputs + temporaries, less outputs aliased onto donated inputs.
-              program_bytes=size("argument_size_in_bytes") + size("output_size_in_bytes")
-              + size("temp_size_in_bytes") - size("alias_size_in_bytes"),
-              device_peak_bytes=stats.get("peak_bytes_in_use"))
+              program_bytes=size("argument_size_in_bytes")
+              + size("output_size_in_bytes")
+              + size("temp_size_in_bytes")
+              - size("alias_size_in_bytes"),
+              device_peak_bytes=stats.get("peak_bytes_in_use"),
+          )
           del state, m
       except Exception as e:  # pylint: disable=broad-except
         if not _out_of_memory(e):
@@ -264,9 +341,11 @@ def bench_loop(preset):
 def _stdlib_corpus(path, target_bytes):
   """A jsonl corpus of real text: the running Python's standard-library sources, one paragraph per document."""
   import sysconfig  # pylint: disable=g-import-not-at-top
+
   root = sysconfig.get_paths()["stdlib"]
-  files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) if "site-packages" not in d
-                 for f in fs if f.endswith(".py"))
+  files = sorted(
+      os.path.join(d, f) for d, _, fs in os.walk(root) if "site-packages" not in d for f in fs if f.endswith(".py")
+  )
   total = 0
   with open(path, "w") as out:
     for name in files:
@@ -287,16 +366,32 @@ def bench_scoring(preset, workdir, corpus_bytes):
   import subprocess  # pylint: disable=g-import-not-at-top
   from blt_jax import checkpoint, entropy_model  # pylint: disable=g-import-not-at-top
   from blt_jax.model import init_blt  # pylint: disable=g-import-not-at-top
+
   os.makedirs(workdir, exist_ok=True)
   corpus = os.path.join(workdir, "corpus.jsonl")
   n_bytes = _stdlib_corpus(corpus, corpus_bytes)
-  tiny = dict(dim_local_encoder=64, n_layers_local_encoder=1, n_heads_local_encoder=4, dim_global=128,
-              n_layers_global=2, n_heads_global=4, dim_local_decoder=64, n_layers_local_decoder=2,
-              n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4, 5, 6),
-              encoder_hash_byte_group_vocab=8192, max_seqlen=512, max_encoder_seq_length=512,
-              local_attention_window_len=128)
-  models = {"tiny (configs/tiny.py shapes, space patching)": (BLTConfig(**tiny), PatchingConfig(mode="space"), None),
-            "mid (cpu preset, entropy patching)": (preset["blt"], None, preset["entropy"])}
+  tiny = dict(
+      dim_local_encoder=64,
+      n_layers_local_encoder=1,
+      n_heads_local_encoder=4,
+      dim_global=128,
+      n_layers_global=2,
+      n_heads_global=4,
+      dim_local_decoder=64,
+      n_layers_local_decoder=2,
+      n_heads_local_decoder=4,
+      cross_attn_k=2,
+      cross_attn_nheads=4,
+      encoder_hash_byte_group_size=(3, 4, 5, 6),
+      encoder_hash_byte_group_vocab=8192,
+      max_seqlen=512,
+      max_encoder_seq_length=512,
+      local_attention_window_len=128,
+  )
+  models = {
+      "tiny (configs/tiny.py shapes, space patching)": (BLTConfig(**tiny), PatchingConfig(mode="space"), None),
+      "mid (cpu preset, entropy patching)": (preset["blt"], None, preset["entropy"]),
+  }
   results = []
   for name, (cfg, patch_cfg, ent_cfg) in models.items():
     path = os.path.join(workdir, name.split()[0])
@@ -308,23 +403,51 @@ def bench_scoring(preset, workdir, corpus_bytes):
         ent = np.asarray(entropy_model.compute_entropies(ent_params, sample, ent_cfg))
         # Random weights: a threshold at the 75th percentile gives ~4 bytes per patch, like the trained 1B.
         patch_cfg = PatchingConfig(mode="entropy", threshold=float(np.quantile(ent, 0.75)))
-      checkpoint.save_params(path, params, {"format": "blt_jax", "model_type": "blt", "model": cfg.to_dict(),
-                                            "patching": patch_cfg.to_dict()})
+      checkpoint.save_params(
+          path,
+          params,
+          {"format": "blt_jax", "model_type": "blt", "model": cfg.to_dict(), "patching": patch_cfg.to_dict()},
+      )
       if ent_cfg is not None:
-        checkpoint.save_params(os.path.join(path, "entropy_model"), ent_params,
-                               {"format": "blt_jax", "model_type": "entropy_model", "model": ent_cfg.to_dict()})
+        checkpoint.save_params(
+            os.path.join(path, "entropy_model"),
+            ent_params,
+            {"format": "blt_jax", "model_type": "entropy_model", "model": ent_cfg.to_dict()},
+        )
     row = dict(model=name, corpus_bytes=n_bytes)
-    for mode, extra in (("packed", []), ("one document per row", ["--no-pack"]),
-                        ("packed, bfloat16", ["--dtype", "bfloat16"])):
+    for mode, extra in (
+        ("packed", []),
+        ("one document per row", ["--no-pack"]),
+        ("packed, bfloat16", ["--dtype", "bfloat16"]),
+    ):
       out = os.path.join(workdir, f"{name.split()[0]}-{mode.split()[0]}.jsonl")
       t0 = time.perf_counter()
-      subprocess.run([sys.executable, "-m", "blt_jax.score", "--checkpoint", path, "--input", corpus, "--output", out,
-                      "--overwrite", *extra], check=True, capture_output=True)
+      subprocess.run(
+          [
+              sys.executable,
+              "-m",
+              "blt_jax.score",
+              "--checkpoint",
+              path,
+              "--input",
+              corpus,
+              "--output",
+              out,
+              "--overwrite",
+              *extra,
+          ],
+          check=True,
+          capture_output=True,
+      )
       seconds = time.perf_counter() - t0
       with open(out + ".summary.json") as f:
         summary = json.load(f)
-      row[mode] = dict(seconds=seconds, bytes_per_s=summary["bytes"] / seconds, programs=summary["compiled_programs"],
-                       bpb=summary["bpb"])
+      row[mode] = dict(
+          seconds=seconds,
+          bytes_per_s=summary["bytes"] / seconds,
+          programs=summary["compiled_programs"],
+          bpb=summary["bpb"],
+      )
     row["packing_speedup"] = row["packed"]["bytes_per_s"] / row["one document per row"]["bytes_per_s"]
     row["bfloat16_speedup"] = row["packed, bfloat16"]["bytes_per_s"] / row["packed"]["bytes_per_s"]
     row["bfloat16_bpb_change"] = row["packed, bfloat16"]["bpb"] / row["packed"]["bpb"] - 1
@@ -336,22 +459,38 @@ def bench_generation():
   """Cached generation vs the full recompute per byte (greedy, batch 1), and per-byte cost against prompt length."""
   from blt_jax import entropy_model, generate, loading  # pylint: disable=g-import-not-at-top
   from blt_jax.model import init_blt  # pylint: disable=g-import-not-at-top
-  cfg = BLTConfig(dim_local_encoder=64, n_layers_local_encoder=1, n_heads_local_encoder=4, dim_global=128,
-                  n_layers_global=2, n_heads_global=4, dim_local_decoder=64, n_layers_local_decoder=2,
-                  n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4, 5, 6),
-                  encoder_hash_byte_group_vocab=8192, max_seqlen=4096, max_encoder_seq_length=4096,
-                  local_attention_window_len=128)
+
+  cfg = BLTConfig(
+      dim_local_encoder=64,
+      n_layers_local_encoder=1,
+      n_heads_local_encoder=4,
+      dim_global=128,
+      n_layers_global=2,
+      n_heads_global=4,
+      dim_local_decoder=64,
+      n_layers_local_decoder=2,
+      n_heads_local_decoder=4,
+      cross_attn_k=2,
+      cross_attn_nheads=4,
+      encoder_hash_byte_group_size=(3, 4, 5, 6),
+      encoder_hash_byte_group_vocab=8192,
+      max_seqlen=4096,
+      max_encoder_seq_length=4096,
+      local_attention_window_len=128,
+  )
   ent_cfg = EntropyModelConfig(dim=64, n_layers=1, n_heads=4, sliding_window=128, max_seqlen=8192)
   params = nn.meta.unbox(init_blt(jax.random.PRNGKey(0), cfg))
   # Random weights: pin the EOS logit to 0 (others are in the hundreds) so every row runs to max_bytes.
   params["local_decoder"]["output"]["kernel"] = params["local_decoder"]["output"]["kernel"].at[:, 2].set(0.0)
   ent_params = nn.meta.unbox(entropy_model.init_entropy_model(jax.random.PRNGKey(1), ent_cfg))
-  sample = jnp.asarray(np.frombuffer(b"The quick brown fox jumps over the lazy dog. " * 20, np.uint8)[None] + 4,
-                       jnp.int32)
+  sample = jnp.asarray(
+      np.frombuffer(b"The quick brown fox jumps over the lazy dog. " * 20, np.uint8)[None] + 4, jnp.int32
+  )
   threshold = float(np.quantile(np.asarray(entropy_model.compute_entropies(ent_params, sample, ent_cfg)), 0.75))
-  m = loading.LoadedModel(cfg, params, PatchingConfig(mode="entropy", threshold=threshold), ent_cfg, ent_params,
-                          "random")
-  text = (b"def generate(model, prompts, max_bytes):\n    return [model(p) for p in prompts]\n" * 64)
+  m = loading.LoadedModel(
+      cfg, params, PatchingConfig(mode="entropy", threshold=threshold), ent_cfg, ent_params, "random"
+  )
+  text = b"def generate(model, prompts, max_bytes):\n    return [model(p) for p in prompts]\n" * 64
   results = dict(speed=[], prompt_scaling=[])
 
   def timed(fn):
@@ -365,22 +504,31 @@ def bench_generation():
     cached_s, cached = timed(lambda: generate.generate(m, [prompt], gen))
     uncached_s, uncached = timed(lambda: generate.generate_uncached(m, [prompt], gen))
     assert cached[0].continuation == uncached[0].continuation, "cached and full-recompute outputs differ"
-    results["speed"].append(dict(prompt=64, generated=gen, cached_bytes_per_s=gen / cached_s,
-                                 uncached_bytes_per_s=gen / uncached_s, speedup=uncached_s / cached_s))
+    results["speed"].append(
+        dict(
+            prompt=64,
+            generated=gen,
+            cached_bytes_per_s=gen / cached_s,
+            uncached_bytes_per_s=gen / uncached_s,
+            speedup=uncached_s / cached_s,
+        )
+    )
   for plen in (64, 512, 2048):
     # Per generated byte: the decoding loop alone, timed between its chunks of 32 bytes (prefill and the first
     # chunk excluded), so a slow prefill cannot hide in the difference of two runs.
     stamps = []
-    run = lambda: generate.generate(m, [text[:plen]], 288, chunk=32, on_bytes=lambda row, b: stamps.append(
-        (time.perf_counter(), len(b))))
+    run = lambda: generate.generate(
+        m, [text[:plen]], 288, chunk=32, on_bytes=lambda row, b: stamps.append((time.perf_counter(), len(b)))
+    )
     run()  # compile
     stamps.clear()
     prefill_s, _ = timed(lambda: generate.generate(m, [text[:plen]], 1))
     stamps.clear()
     run()
     per_byte = (stamps[-1][0] - stamps[0][0]) / sum(n for _, n in stamps[1:])
-    results["prompt_scaling"].append(dict(prompt=plen, generated=288, ms_per_byte=per_byte * 1e3,
-                                          prefill_ms=prefill_s * 1e3))
+    results["prompt_scaling"].append(
+        dict(prompt=plen, generated=288, ms_per_byte=per_byte * 1e3, prefill_ms=prefill_s * 1e3)
+    )
   return results
 
 
@@ -388,7 +536,7 @@ def matmul_rate(n=2048, dtype=jnp.float32, repeats=5):
   """This machine's achievable FLOP/s: a jitted `[n, n] @ [n, n]` (the roofline every kernel is judged against)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   mm = jax.jit(lambda x, y: x @ y)
-  return 2 * n ** 3 / timeit(mm, a, a, repeats=repeats)
+  return 2 * n**3 / timeit(mm, a, a, repeats=repeats)
 
 
 def _compile_seconds(jitted, *args):
@@ -419,34 +567,83 @@ def bench_compile(preset, depths=(4, 25), rounds=2):
         params = jax.eval_shape(lambda: nn.meta.unbox(steps.init_blt(jax.random.PRNGKey(0), cfg)))
         if stacked:  # the train state's layout (steps.make_init_fn)
           params = jax.eval_shape(lambda p: layer_stacking.stack_params(p, cfg), params)
-        state = steps.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                                 opt_state=jax.eval_shape(tx.init, params))
-        seconds, cpu, compiled = _compile_seconds(jax.jit(steps.make_train_step(sc, tx, lambda s: 1e-4)), state,
-                                                  batch, None)
+        state = steps.TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params)
+        )
+        seconds, cpu, compiled = _compile_seconds(
+            jax.jit(steps.make_train_step(sc, tx, lambda s: 1e-4)), state, batch, None
+        )
         grad_only = jax.jit(jax.grad(lambda p, b: steps.loss_terms(sc, p, jax.tree.map(lambda x: x[0], b))[0]))
         grad_seconds, _, _ = _compile_seconds(grad_only, params, batch)
         hlo_ops = sum(" = " in line for line in compiled.as_text().splitlines())
-        best = rows.setdefault((depth, blocks), dict(global_layers=depth, blocks=blocks, compile_s=seconds,
-                                                     compile_cpu_s=cpu, grad_compile_s=grad_seconds, hlo_ops=hlo_ops))
-        best.update(compile_s=min(best["compile_s"], seconds), compile_cpu_s=min(best["compile_cpu_s"], cpu),
-                    grad_compile_s=min(best["grad_compile_s"], grad_seconds))
+        best = rows.setdefault(
+            (depth, blocks),
+            dict(
+                global_layers=depth,
+                blocks=blocks,
+                compile_s=seconds,
+                compile_cpu_s=cpu,
+                grad_compile_s=grad_seconds,
+                hlo_ops=hlo_ops,
+            ),
+        )
+        best.update(
+            compile_s=min(best["compile_s"], seconds),
+            compile_cpu_s=min(best["compile_cpu_s"], cpu),
+            grad_compile_s=min(best["grad_compile_s"], grad_seconds),
+        )
   return list(rows.values())
 
 
 # The issue's side-by-side config: entropy 2x128; encoder 1x256; global 4x512; decoder 2x256; hash 3..8 @ 50002;
 # k 2; window 512; every FFN width stated on both sides.
 COMPARE_HF = dict(
-    vocab_size=260, max_position_embeddings=1024, local_attention_window_len=512, cross_attn_k=2,
-    encoder_hash_byte_group_size=[3, 4, 5, 6, 7, 8], encoder_hash_byte_group_vocab=50002,
-    encoder_hash_byte_group_nb_functions=1, patching_mode="entropy", patch_size=4, max_patch_length=None,
-    patcher_config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
-                        sliding_window=512, max_position_embeddings=8192),
-    encoder_config=dict(hidden_size=256, num_attention_heads=4, num_hidden_layers=1, cross_attn_all_layers=False,
-                        cross_attn_k=2, hidden_size_global=512, intermediate_size=768, max_position_embeddings=2048),
-    decoder_config=dict(hidden_size=256, num_attention_heads=4, num_hidden_layers=2, cross_attn_all_layers=True,
-                        cross_attn_k=2, hidden_size_global=512, intermediate_size=768, max_position_embeddings=2048),
-    global_config=dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=4, intermediate_size=1536,
-                       max_position_embeddings=1024))
+    vocab_size=260,
+    max_position_embeddings=1024,
+    local_attention_window_len=512,
+    cross_attn_k=2,
+    encoder_hash_byte_group_size=[3, 4, 5, 6, 7, 8],
+    encoder_hash_byte_group_vocab=50002,
+    encoder_hash_byte_group_nb_functions=1,
+    patching_mode="entropy",
+    patch_size=4,
+    max_patch_length=None,
+    patcher_config=dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        sliding_window=512,
+        max_position_embeddings=8192,
+    ),
+    encoder_config=dict(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        cross_attn_all_layers=False,
+        cross_attn_k=2,
+        hidden_size_global=512,
+        intermediate_size=768,
+        max_position_embeddings=2048,
+    ),
+    decoder_config=dict(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        cross_attn_all_layers=True,
+        cross_attn_k=2,
+        hidden_size_global=512,
+        intermediate_size=768,
+        max_position_embeddings=2048,
+    ),
+    global_config=dict(
+        hidden_size=512,
+        num_attention_heads=8,
+        num_hidden_layers=4,
+        intermediate_size=1536,
+        max_position_embeddings=1024,
+    ),
+)
 
 
 def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repeats=5):
@@ -466,8 +663,15 @@ def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repea
 
   def hf_patcher(threshold):
     with torch.no_grad():
-      return hf_model.model.patcher(ids_t, patch_size=hf_model.config.patch_size, threshold=threshold,
-                                    max_patch_length=None, patching_batch_size=1, device=None)
+      return hf_model.model.patcher(
+          ids_t,
+          patch_size=hf_model.config.patch_size,
+          threshold=threshold,
+          max_patch_length=None,
+          patching_batch_size=1,
+          device=None,
+      )
+
   entropies, _, _ = hf_patcher(0.0)
   # The threshold that gives `bytes_per_patch` on these bytes (both sides patch with it).
   threshold = float(np.quantile(entropies.numpy()[:, 1:], 1 - 1 / bytes_per_patch))
@@ -479,6 +683,7 @@ def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repea
   ckpt = os.path.join(root, "blt_jax")
   if os.path.exists(ckpt):
     import shutil  # pylint: disable=import-outside-toplevel
+
     shutil.rmtree(ckpt)
   convert.convert_dir(os.path.join(root, "hf"), ckpt, format="hf")
   model = loading.load(ckpt)
@@ -494,46 +699,82 @@ def bench_compare_transformers(workdir, B=4, N=1024, bytes_per_patch=1.74, repea
   tokens = jnp.asarray(ids_BN, jnp.int32)
   lengths = jnp.asarray(lengths_BP)
   ent_fn = jax.jit(lambda p, t: compute_entropies(p, t, model.entropy_config))
-  patch_fn = jax.jit(lambda p, t: patching.patch(t, compute_entropies(p, t, model.entropy_config),
-                                                 max_patches=N + 1, **model.patching.patch_kwargs()).patch_lengths_BP)
+  patch_fn = jax.jit(
+      lambda p, t: patching.patch(
+          t, compute_entropies(p, t, model.entropy_config), max_patches=N + 1, **model.patching.patch_kwargs()
+      ).patch_lengths_BP
+  )
   fwd = jax.jit(lambda p, t, l: BLT(model.config).apply({"params": p}, t, l))
   ours_lengths = np.asarray(patch_fn(model.entropy_params, tokens))
   scorer = Scorer(model, row_bytes=N, batch_bytes=B * N)
   rows_np = [r.astype(np.int32) for r in ids_BN]
   score_ours = lambda: scorer.score_arrays(rows_np)
   # Same patches: every byte in the same patch (the next-token position may close a patch or open its own).
-  same_lengths = bool(np.array_equal(np.asarray(patching.patch_ids_from_lengths(jnp.asarray(ours_lengths), N)),
-                                     np.asarray(patching.patch_ids_from_lengths(jnp.asarray(lengths_BP), N))))
+  same_lengths = bool(
+      np.array_equal(
+          np.asarray(patching.patch_ids_from_lengths(jnp.asarray(ours_lengths), N)),
+          np.asarray(patching.patch_ids_from_lengths(jnp.asarray(lengths_BP), N)),
+      )
+  )
   # Parity check of the forward given the same lengths, so the timings compare the same computation.
   ours_logits = np.asarray(fwd(model.params, tokens, lengths))
   with torch.no_grad():
     theirs_logits = hf_model(input_ids=ids_t, patch_lengths=lengths_t, use_cache=False).logits.float().numpy()
-  result = dict(config=COMPARE_HF, batch=B, seq_len=N, threshold=threshold,
-                bytes_per_patch=B * (N + 1) / float((lengths_BP > 0).sum()), same_patch_lengths=same_lengths,
-                max_logit_diff=float(np.max(np.abs(ours_logits - theirs_logits))), torch_threads=torch.get_num_threads())
+  result = dict(
+      config=COMPARE_HF,
+      batch=B,
+      seq_len=N,
+      threshold=threshold,
+      bytes_per_patch=B * (N + 1) / float((lengths_BP > 0).sum()),
+      same_patch_lengths=same_lengths,
+      max_logit_diff=float(np.max(np.abs(ours_logits - theirs_logits))),
+      torch_threads=torch.get_num_threads(),
+  )
+
   def no_grad(fn):
     def call():
       with torch.no_grad():
         return fn()
+
     return call
 
   pairs = [
-      ("entropy model (patcher)", lambda: jax.block_until_ready(ent_fn(model.entropy_params, tokens)),
-       no_grad(lambda: hf_patcher(threshold))),
-      ("BLT forward given patch lengths", lambda: jax.block_until_ready(fwd(model.params, tokens, lengths)),
-       no_grad(lambda: hf_model(input_ids=ids_t, patch_lengths=lengths_t, use_cache=False))),
+      (
+          "entropy model (patcher)",
+          lambda: jax.block_until_ready(ent_fn(model.entropy_params, tokens)),
+          no_grad(lambda: hf_patcher(threshold)),
+      ),
+      (
+          "BLT forward given patch lengths",
+          lambda: jax.block_until_ready(fwd(model.params, tokens, lengths)),
+          no_grad(lambda: hf_model(input_ids=ids_t, patch_lengths=lengths_t, use_cache=False)),
+      ),
       ("whole scoring path (patcher + forward + NLL)", score_ours, no_grad(hf_nll)),
   ]
   rows = []
   for name, ours, theirs in pairs:
     t_ours, t_theirs, ratios = _interleaved(ours, theirs, repeats)
-    rows.append(dict(name=name, blt_jax_s=t_ours, transformers_s=t_theirs, speedup=t_theirs / t_ours,
-                     pair_ratio_min=min(ratios), pair_ratio_max=max(ratios),
-                     blt_jax_bytes_per_s=B * N / t_ours, transformers_bytes_per_s=B * N / t_theirs))
+    rows.append(
+        dict(
+            name=name,
+            blt_jax_s=t_ours,
+            transformers_s=t_theirs,
+            speedup=t_theirs / t_ours,
+            pair_ratio_min=min(ratios),
+            pair_ratio_max=max(ratios),
+            blt_jax_bytes_per_s=B * N / t_ours,
+            transformers_bytes_per_s=B * N / t_theirs,
+        )
+    )
   rows += _compare_stages(model, hf_model, fwd, tokens, lengths, ids_t, lengths_t, repeats)
   a = torch.randn(2048, 2048)
-  rows.append(dict(name="f32 matmul 2048^3 (GFLOP/s)", blt_jax_gflops=matmul_rate() / 1e9,
-                   transformers_gflops=2 * 2048 ** 3 / torch_time(lambda: a @ a) / 1e9))
+  rows.append(
+      dict(
+          name="f32 matmul 2048^3 (GFLOP/s)",
+          blt_jax_gflops=matmul_rate() / 1e9,
+          transformers_gflops=2 * 2048**3 / torch_time(lambda: a @ a) / 1e9,
+      )
+  )
   result["rows"] = rows
   return result
 
@@ -555,34 +796,54 @@ def _compare_stages(model, hf_model, forward, tokens, lengths, ids_t, lengths_t,
   global_in = inter["local_encoder_patch_h"][0].reshape(tokens.shape[0], lengths.shape[1], -1)
   patch_doc = masks.patch_document_ids(masks.document_ids(tokens), lengths)
   run_global = jax.jit(lambda gp, x, d: GlobalTransformer(c).apply({"params": gp}, x, d))
-  run_decoder = jax.jit(lambda dp, h, g, t, l: LocalDecoder(c).apply(
-      {"params": dp}, h, g, t, patching.decoder_patch_ids(l, N)))
-  ours = dict(whole=timeit(forward, p, tokens, lengths, repeats=repeats),
-              global_=timeit(run_global, p["global_transformer"], global_in, patch_doc, repeats=repeats),
-              decoder=timeit(run_decoder, p["local_decoder"], inter["local_encoder_h"][0], inter["global_h"][0],
-                             tokens, lengths, repeats=repeats))
+  run_decoder = jax.jit(
+      lambda dp, h, g, t, l: LocalDecoder(c).apply({"params": dp}, h, g, t, patching.decoder_patch_ids(l, N))
+  )
+  ours = dict(
+      whole=timeit(forward, p, tokens, lengths, repeats=repeats),
+      global_=timeit(run_global, p["global_transformer"], global_in, patch_doc, repeats=repeats),
+      decoder=timeit(
+          run_decoder,
+          p["local_decoder"],
+          inter["local_encoder_h"][0],
+          inter["global_h"][0],
+          tokens,
+          lengths,
+          repeats=repeats,
+      ),
+  )
 
   spent = {"global_": [], "decoder": []}
   starts = {}
   hooks = []
   for key, module in (("global_", hf_model.model.global_transformer), ("decoder", hf_model.model.local_decoder)):
     hooks.append(module.register_forward_pre_hook(lambda *_, k=key: starts.__setitem__(k, time.perf_counter())))
-    hooks.append(module.register_forward_hook(
-        lambda *_, k=key: spent[k].append(time.perf_counter() - starts[k])))
+    hooks.append(module.register_forward_hook(lambda *_, k=key: spent[k].append(time.perf_counter() - starts[k])))
   with torch.no_grad():
     whole = _median_seconds(lambda: hf_model(input_ids=ids_t, patch_lengths=lengths_t, use_cache=False), repeats)
   for h in hooks:
     h.remove()
-  theirs = dict(whole=whole, global_=float(np.median(spent["global_"][1:])),
-                decoder=float(np.median(spent["decoder"][1:])))
+  theirs = dict(
+      whole=whole, global_=float(np.median(spent["global_"][1:])), decoder=float(np.median(spent["decoder"][1:]))
+  )
   for side in (ours, theirs):
     side["rest"] = side["whole"] - side["global_"] - side["decoder"]
-  names = dict(global_="stage: global transformer (4 x 512 over the patch slots)",
-               decoder="stage: local decoder (2 x 256, cross-attention, output)",
-               rest="stage: rest of the forward (embeddings, local encoder, patch ids)")
-  return [dict(name=names[k], blt_jax_s=ours[k], transformers_s=theirs[k], speedup=theirs[k] / ours[k],
-               blt_jax_bytes_per_s=N * tokens.shape[0] / ours[k],
-               transformers_bytes_per_s=N * tokens.shape[0] / theirs[k]) for k in ("global_", "decoder", "rest")]
+  names = dict(
+      global_="stage: global transformer (4 x 512 over the patch slots)",
+      decoder="stage: local decoder (2 x 256, cross-attention, output)",
+      rest="stage: rest of the forward (embeddings, local encoder, patch ids)",
+  )
+  return [
+      dict(
+          name=names[k],
+          blt_jax_s=ours[k],
+          transformers_s=theirs[k],
+          speedup=theirs[k] / ours[k],
+          blt_jax_bytes_per_s=N * tokens.shape[0] / ours[k],
+          transformers_bytes_per_s=N * tokens.shape[0] / theirs[k],
+      )
+      for k in ("global_", "decoder", "rest")
+  ]
 
 
 def _lengths_with_next_token(hf_lengths_BP):
@@ -627,8 +888,12 @@ def main():
   parser.add_argument("--json", default="", help="also write the results here")
   parser.add_argument("--workdir", default="runs/benchmark", help="scoring: corpus and random checkpoints go here")
   parser.add_argument("--corpus-bytes", type=int, default=1_000_000, help="scoring: corpus size")
-  parser.add_argument("--compare", choices=["transformers"], default=None,
-                      help="also run the side-by-side against transformers' BltForCausalLM (torch on CPU)")
+  parser.add_argument(
+      "--compare",
+      choices=["transformers"],
+      default=None,
+      help="also run the side-by-side against transformers' BltForCausalLM (torch on CPU)",
+  )
   args = parser.parse_args()
   preset = PRESETS[args.preset]
   dev = jax.devices()[0]
@@ -643,21 +908,33 @@ def main():
       print(f"| {r['name']} | {r['fast_s'] * 1e3:.2f} | {r['dense_s'] * 1e3:.2f} | {r['speedup']:.1f}x | {over} |")
   if "train" in args.sections:
     r = results["train"] = bench_train(preset)
-    print(f"\nBLT train step: {r['params'] / 1e6:.1f}M params, batch {r['batch']} x {r['seq_len']} bytes, "
-          f"{r['mean_patch_length']:.2f} bytes/patch")
+    print(
+        f"\nBLT train step: {r['params'] / 1e6:.1f}M params, batch {r['batch']} x {r['seq_len']} bytes, "
+        f"{r['mean_patch_length']:.2f} bytes/patch"
+    )
     print("| patching | step (ms) | bytes/s | MFU |\n|---|---|---|---|")
-    print(f"| entropy model in the step | {r['step_s_in_graph'] * 1e3:.1f} | {r['bytes_per_s_in_graph']:.0f} | "
-          f"{r['mfu_in_graph'] * 100:.1f}% |")
-    print(f"| precomputed entropies | {r['step_s_precomputed'] * 1e3:.1f} | {r['bytes_per_s_precomputed']:.0f} | "
-          f"{r['mfu_precomputed'] * 100:.1f}% |")
-    print(f"precomputed / in-graph speedup: {r['precomputed_speedup']:.2f}x; "
-          f"patches/s (precomputed): {r['patches_per_s_precomputed']:.0f}")
+    print(
+        f"| entropy model in the step | {r['step_s_in_graph'] * 1e3:.1f} | {r['bytes_per_s_in_graph']:.0f} | "
+        f"{r['mfu_in_graph'] * 100:.1f}% |"
+    )
+    print(
+        f"| precomputed entropies | {r['step_s_precomputed'] * 1e3:.1f} | {r['bytes_per_s_precomputed']:.0f} | "
+        f"{r['mfu_precomputed'] * 100:.1f}% |"
+    )
+    print(
+        f"precomputed / in-graph speedup: {r['precomputed_speedup']:.2f}x; "
+        f"patches/s (precomputed): {r['patches_per_s_precomputed']:.0f}"
+    )
   if "loop" in args.sections:
     results["loop"] = bench_loop(preset)
-    print(f"\ntrain loop, steps dispatched back to back, state donated vs not ({jax.devices()[0].device_kind}; "
-          f"MFU against {results['loop'][0].get('peak', 'no peak')})")
-    print("| remat | batch | donated step (ms) | not donated (ms) | donated / not | bytes/s (donated) | MFU (donated) "
-          "| compile (s) | step memory, donated / not (GiB) | donated runs (ms) |")
+    print(
+        f"\ntrain loop, steps dispatched back to back, state donated vs not ({jax.devices()[0].device_kind}; "
+        f"MFU against {results['loop'][0].get('peak', 'no peak')})"
+    )
+    print(
+        "| remat | batch | donated step (ms) | not donated (ms) | donated / not | bytes/s (donated) | MFU (donated) "
+        "| compile (s) | step memory, donated / not (GiB) | donated runs (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["loop"]:
       if "error" in r:
@@ -665,56 +942,76 @@ def main():
         print(f"| {r['remat']} | {r['batch']} | {done} | does not fit: {r['error']} | | | | | | |")
         continue
       d, n = r["donated"], r["not_donated"]
-      print(f"| {r['remat']} | {r['batch']} | {d['step_s'] * 1e3:.1f} | {n['step_s'] * 1e3:.1f} | "
-            f"{r['donated_over_not']:.2f}x | {d['bytes_per_s']:.0f} | {d['mfu'] * 100:.1f}% | {d['compile_s']:.0f} | "
-            f"{d['program_bytes'] / 2**30:.2f} / {n['program_bytes'] / 2**30:.2f} | "
-            f"{', '.join(f'{t * 1e3:.0f}' for t in d['runs_s'])} |")
+      print(
+          f"| {r['remat']} | {r['batch']} | {d['step_s'] * 1e3:.1f} | {n['step_s'] * 1e3:.1f} | "
+          f"{r['donated_over_not']:.2f}x | {d['bytes_per_s']:.0f} | {d['mfu'] * 100:.1f}% | {d['compile_s']:.0f} | "
+          f"{d['program_bytes'] / 2**30:.2f} / {n['program_bytes'] / 2**30:.2f} | "
+          f"{', '.join(f'{t * 1e3:.0f}' for t in d['runs_s'])} |"
+      )
   if "scoring" in args.sections:
     results["scoring"] = bench_scoring(preset, args.workdir, args.corpus_bytes)
-    print(f"\nscoring CLI (python -m blt_jax.score, whole process incl. start-up and compiles), "
-          f"{results['scoring'][0]['corpus_bytes']} bytes of stdlib sources")
+    print(
+        f"\nscoring CLI (python -m blt_jax.score, whole process incl. start-up and compiles), "
+        f"{results['scoring'][0]['corpus_bytes']} bytes of stdlib sources"
+    )
     print("| model | packed bytes/s | one doc per row bytes/s | packing speedup | programs compiled (packed) | bpb |")
     print("|---|---|---|---|---|---|")
     for r in results["scoring"]:
-      print(f"| {r['model']} | {r['packed']['bytes_per_s']:.0f} | {r['one document per row']['bytes_per_s']:.0f} | "
-            f"{r['packing_speedup']:.2f}x | {r['packed']['programs']} | {r['packed']['bpb']:.3f} |")
+      print(
+          f"| {r['model']} | {r['packed']['bytes_per_s']:.0f} | {r['one document per row']['bytes_per_s']:.0f} | "
+          f"{r['packing_speedup']:.2f}x | {r['packed']['programs']} | {r['packed']['bpb']:.3f} |"
+      )
   if "generation" in args.sections:
     r = results["generation"] = bench_generation()
     print("\ngeneration (greedy, batch 1, random tiny BLT + entropy model, entropy patching; outputs checked equal)")
     print("| prompt | generated | cached bytes/s | full recompute bytes/s | cached speedup |\n|---|---|---|---|---|")
     for x in r["speed"]:
-      print(f"| {x['prompt']} | {x['generated']} | {x['cached_bytes_per_s']:.0f} | {x['uncached_bytes_per_s']:.1f} | "
-            f"{x['speedup']:.1f}x |")
+      print(
+          f"| {x['prompt']} | {x['generated']} | {x['cached_bytes_per_s']:.0f} | {x['uncached_bytes_per_s']:.1f} | "
+          f"{x['speedup']:.1f}x |"
+      )
     print("| prompt | cached ms per generated byte | prefill ms |\n|---|---|---|")
     for x in r["prompt_scaling"]:
       print(f"| {x['prompt']} | {x['ms_per_byte']:.2f} | {x['prefill_ms']:.0f} |")
   if "compile" in args.sections:
     results["compile"] = bench_compile(preset)
     print("\ntrain-step compile time against global depth (batch 2 x 256 bytes, static patches)")
-    print("| global layers | blocks | train step compile (s) | its CPU s | loss gradient alone compile (s) "
-          "| compiled step HLO ops |\n|---|---|---|---|---|---|")
+    print(
+        "| global layers | blocks | train step compile (s) | its CPU s | loss gradient alone compile (s) "
+        "| compiled step HLO ops |\n|---|---|---|---|---|---|"
+    )
     for r in results["compile"]:
-      print(f"| {r['global_layers']} | {r['blocks']} | {r['compile_s']:.1f} | {r['compile_cpu_s']:.1f} | "
-            f"{r['grad_compile_s']:.1f} | {r['hlo_ops']} |")
+      print(
+          f"| {r['global_layers']} | {r['blocks']} | {r['compile_s']:.1f} | {r['compile_cpu_s']:.1f} | "
+          f"{r['grad_compile_s']:.1f} | {r['hlo_ops']} |"
+      )
     for blocks in sorted({r["blocks"] for r in results["compile"]}):
       by_depth = {r["global_layers"]: r for r in results["compile"] if r["blocks"] == blocks}
       if len(by_depth) == 2:
         lo, hi = sorted(by_depth)
         ratio = {k: by_depth[hi][k] / by_depth[lo][k] for k in ("compile_s", "compile_cpu_s", "grad_compile_s")}
-        print(f"{blocks}: train step {hi} vs {lo} layers {ratio['compile_s']:.2f}x (CPU "
-              f"{ratio['compile_cpu_s']:.2f}x), gradient {ratio['grad_compile_s']:.2f}x")
+        print(
+            f"{blocks}: train step {hi} vs {lo} layers {ratio['compile_s']:.2f}x (CPU "
+            f"{ratio['compile_cpu_s']:.2f}x), gradient {ratio['grad_compile_s']:.2f}x"
+        )
   if args.compare == "transformers":
     r = results["compare_transformers"] = bench_compare_transformers(args.workdir)
-    print(f"\nblt_jax vs transformers BltForCausalLM (torch {r['torch_threads']} threads), {r['batch']} x "
-          f"{r['seq_len']} random bytes, {r['bytes_per_patch']:.2f} bytes/patch, same patch lengths: "
-          f"{r['same_patch_lengths']}, max |logit diff| {r['max_logit_diff']:.1e}")
-    print("| path | blt_jax (ms) | transformers (ms) | blt_jax bytes/s | transformers bytes/s | ratio | pairs' "
-          "ratios |")
+    print(
+        f"\nblt_jax vs transformers BltForCausalLM (torch {r['torch_threads']} threads), {r['batch']} x "
+        f"{r['seq_len']} random bytes, {r['bytes_per_patch']:.2f} bytes/patch, same patch lengths: "
+        f"{r['same_patch_lengths']}, max |logit diff| {r['max_logit_diff']:.1e}"
+    )
+    print(
+        "| path | blt_jax (ms) | transformers (ms) | blt_jax bytes/s | transformers bytes/s | ratio | pairs' "
+        "ratios |"
+    )
     print("|---|---|---|---|---|---|---|")
     for x in r["rows"][:-1]:
       spread = f"{x['pair_ratio_min']:.2f}-{x['pair_ratio_max']:.2f}x" if "pair_ratio_min" in x else ""
-      print(f"| {x['name']} | {x['blt_jax_s'] * 1e3:.0f} | {x['transformers_s'] * 1e3:.0f} | "
-            f"{x['blt_jax_bytes_per_s']:.0f} | {x['transformers_bytes_per_s']:.0f} | {x['speedup']:.2f}x | {spread} |")
+      print(
+          f"| {x['name']} | {x['blt_jax_s'] * 1e3:.0f} | {x['transformers_s'] * 1e3:.0f} | "
+          f"{x['blt_jax_bytes_per_s']:.0f} | {x['transformers_bytes_per_s']:.0f} | {x['speedup']:.2f}x | {spread} |"
+      )
     x = r["rows"][-1]
     print(f"| {x['name']} | {x['blt_jax_gflops']:.0f} | {x['transformers_gflops']:.0f} | | | | |")
   if args.json:

@@ -9,6 +9,7 @@ in the released models; small stacks), converts it in a child process and reads 
 
 The checkpoint is generated tensor by tensor in row blocks, so the generator itself stays small.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,19 @@ from blt_jax.convert import hf, mapping, safetensors_io  # noqa: E402
 def write_random_checkpoint(out: pathlib.Path, dim: int, tables: int, hash_vocab: int, dtype: str) -> int:
   """A transformers-layout BLT (+ patcher) with random weights; returns the bytes written."""
   config = config_lib.BLTConfig(
-      dim_local_encoder=dim, n_layers_local_encoder=1, n_heads_local_encoder=max(1, dim // 64),
-      dim_global=2 * dim, n_layers_global=2, n_heads_global=max(1, dim // 32), dim_local_decoder=dim,
-      n_layers_local_decoder=2, n_heads_local_decoder=max(1, dim // 64), cross_attn_nheads=max(1, dim // 64),
-      encoder_hash_byte_group_size=tuple(range(3, 3 + tables)), encoder_hash_byte_group_vocab=hash_vocab)
+      dim_local_encoder=dim,
+      n_layers_local_encoder=1,
+      n_heads_local_encoder=max(1, dim // 64),
+      dim_global=2 * dim,
+      n_layers_global=2,
+      n_heads_global=max(1, dim // 32),
+      dim_local_decoder=dim,
+      n_layers_local_decoder=2,
+      n_heads_local_decoder=max(1, dim // 64),
+      cross_attn_nheads=max(1, dim // 64),
+      encoder_hash_byte_group_size=tuple(range(3, 3 + tables)),
+      encoder_hash_byte_group_vocab=hash_vocab,
+  )
   entropy = config_lib.EntropyModelConfig(dim=128, n_layers=2, n_heads=2)
   shapes, ent_shapes = mapping.expected_shapes(config), mapping.expected_shapes(entropy)
   targets = hf.hf_export_targets(config, shapes, ent_shapes)
@@ -48,6 +58,7 @@ def write_random_checkpoint(out: pathlib.Path, dim: int, tables: int, hash_vocab
       for start in range(0, shape[0], rows):
         block = (min(rows, shape[0] - start),) + tuple(shape[1:])
         yield (rng.standard_normal(block, np.float32) * 0.02).astype(np_dtype)
+
     return produce
 
   specs = {}
@@ -87,21 +98,51 @@ def main() -> int:
   t = time.time()
   size = write_random_checkpoint(work / "hf", args.dim, args.tables, args.hash_vocab, args.dtype)
   f32 = size * (4 // np.dtype(hf.dtype_of(args.dtype)).itemsize)
-  print(f"checkpoint: {args.tables} x {args.hash_vocab} x {args.dim} hash tables, {args.dtype}: {gib(size)} on disk "
-        f"({gib(f32)} as float32 params), written in {time.time() - t:.0f}s")
+  print(
+      f"checkpoint: {args.tables} x {args.hash_vocab} x {args.dim} hash tables, {args.dtype}: {gib(size)} on disk "
+      f"({gib(f32)} as float32 params), written in {time.time() - t:.0f}s"
+  )
   base, _, _ = peak_rss([sys.executable, "-c", "import blt_jax.convert, blt_jax.checkpoint, jax; jax.devices()"])
   print(f"baseline (python + jax + orbax imported): peak RSS {gib(base)}")
 
-  rss, secs, code = peak_rss([sys.executable, "-m", "blt_jax.convert", "--format", "hf", "--src", str(work / "hf"),
-                              "--out", str(work / "ckpt")])
+  rss, secs, code = peak_rss(
+      [
+          sys.executable,
+          "-m",
+          "blt_jax.convert",
+          "--format",
+          "hf",
+          "--src",
+          str(work / "hf"),
+          "--out",
+          str(work / "ckpt"),
+      ]
+  )
   assert code == 0, f"convert failed ({code})"
-  print(f"convert --format hf: peak RSS {gib(rss)} in {secs:.0f}s = {rss / size:.2f} x the checkpoint on disk, "
-        f"{rss / f32:.2f} x its float32 params; above the baseline {gib(rss - base)} = {(rss - base) / f32:.2f} x")
-  rss, secs, code = peak_rss([sys.executable, "-m", "blt_jax.export", "--format", "hf", "--checkpoint",
-                              str(work / "ckpt"), "--out", str(work / "export"), "--dtype", args.dtype])
+  print(
+      f"convert --format hf: peak RSS {gib(rss)} in {secs:.0f}s = {rss / size:.2f} x the checkpoint on disk, "
+      f"{rss / f32:.2f} x its float32 params; above the baseline {gib(rss - base)} = {(rss - base) / f32:.2f} x"
+  )
+  rss, secs, code = peak_rss(
+      [
+          sys.executable,
+          "-m",
+          "blt_jax.export",
+          "--format",
+          "hf",
+          "--checkpoint",
+          str(work / "ckpt"),
+          "--out",
+          str(work / "export"),
+          "--dtype",
+          args.dtype,
+      ]
+  )
   assert code == 0, f"export failed ({code})"
-  print(f"export --format hf --dtype {args.dtype}: peak RSS {gib(rss)} in {secs:.0f}s = {rss / size:.2f} x the "
-        f"file it writes, {rss / f32:.2f} x the float32 params it loads; above the baseline {gib(rss - base)}")
+  print(
+      f"export --format hf --dtype {args.dtype}: peak RSS {gib(rss)} in {secs:.0f}s = {rss / size:.2f} x the "
+      f"file it writes, {rss / f32:.2f} x the float32 params it loads; above the baseline {gib(rss - base)}"
+  )
   if not args.keep:
     shutil.rmtree(work)
   return 0

@@ -16,6 +16,7 @@ blt_jax/study/runner.py); the report covers every finished run in OUT, whatever 
 The Debian packages python3.11-doc and debian-handbook are read from --debs (fetched there with `apt-get
 download` when absent); everything else is offline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,16 +35,35 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--budget-minutes", type=float, default=50.0, help="wall time the whole study may take")
   p.add_argument("--smoke", action="store_true", help="tiny models and data, every variant a few steps")
   p.add_argument("--debs", default="", help="dir with (or for) the .deb files; default OUT/debs")
-  p.add_argument("--seeds", default="0", help="run seeds, comma-separated: seed K inits the params with K and "
-                 "orders the training documents with --data-seed + K; each seed's runs go to their own directory")
-  p.add_argument("--data-seed", type=int, default=0,
-                 help="corpus selection, training document order (plus the run seed), held-out noise")
-  p.add_argument("--variants", default="all", help="'all' or comma-separated variant names to run: "
-                 + ",".join(v.name for v in variants.VARIANTS))
-  p.add_argument("--noise", default="all", help="'all', 'none' or comma-separated noise types to score every "
-                 "selected run under: " + ",".join(n.name for n in noise.NOISES))
-  p.add_argument("--budget-scale", type=float, default=1.0,
-                 help="train the selected runs at this multiple of the plan's training FLOPs (e.g. 3)")
+  p.add_argument(
+      "--seeds",
+      default="0",
+      help="run seeds, comma-separated: seed K inits the params with K and "
+      "orders the training documents with --data-seed + K; each seed's runs go to their own directory",
+  )
+  p.add_argument(
+      "--data-seed",
+      type=int,
+      default=0,
+      help="corpus selection, training document order (plus the run seed), held-out noise",
+  )
+  p.add_argument(
+      "--variants",
+      default="all",
+      help="'all' or comma-separated variant names to run: " + ",".join(v.name for v in variants.VARIANTS),
+  )
+  p.add_argument(
+      "--noise",
+      default="all",
+      help="'all', 'none' or comma-separated noise types to score every "
+      "selected run under: " + ",".join(n.name for n in noise.NOISES),
+  )
+  p.add_argument(
+      "--budget-scale",
+      type=float,
+      default=1.0,
+      help="train the selected runs at this multiple of the plan's training FLOPs (e.g. 3)",
+  )
   p.add_argument("--bpe-merges", type=int, default=None, help="BPE merges (default 4000; smoke 200)")
   return p.parse_args(argv)
 
@@ -72,8 +92,13 @@ def settings(args: argparse.Namespace) -> runner.Settings:
     s = runner.smoke_settings(args.out, args.budget_minutes, args.debs)
   else:
     s = runner.Settings(out=args.out, budget_minutes=args.budget_minutes, debs_dir=args.debs)
-  extra = dict(seeds=_seeds(args.seeds), data_seed=args.data_seed, budget_scale=args.budget_scale,
-               noise=tuple(n.name for n in noise.parse(args.noise)), variants=_variants(args.variants))
+  extra = dict(
+      seeds=_seeds(args.seeds),
+      data_seed=args.data_seed,
+      budget_scale=args.budget_scale,
+      noise=tuple(n.name for n in noise.parse(args.noise)),
+      variants=_variants(args.variants),
+  )
   if args.bpe_merges is not None:
     extra["bpe_merges"] = args.bpe_merges
   return dataclasses.replace(s, **extra)

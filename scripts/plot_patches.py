@@ -8,6 +8,7 @@ and generation): entropy H(x_t), the entropy model's uncertainty about byte x_t 
 at byte x_t; byte x_t starts a patch when H(x_t) exceeds the threshold (for the plain global-threshold rule; the plot
 names the rule in use). Needs matplotlib (`pip install matplotlib`).
 """
+
 import argparse
 import os
 import sys
@@ -22,12 +23,13 @@ def patch_data(model, text: bytes):
 
   from blt_jax import patching, tokenizer  # pylint: disable=g-import-not-at-top
   from blt_jax.entropy_model import compute_entropies  # pylint: disable=g-import-not-at-top
+
   tokens = jnp.asarray(tokenizer.encode(text, add_eos=False))[None]
   entropies = None
   if model.entropy_config is not None:
     entropies = compute_entropies(model.entropy_params, tokens, model.entropy_config)
   patches = patching.patch(tokens, entropies, max_patches=tokens.shape[1] + 1, **model.patching.patch_kwargs())
-  ids = np.asarray(patches.patch_ids_BT[0, :tokens.shape[1]])
+  ids = np.asarray(patches.patch_ids_BT[0, : tokens.shape[1]])
   starts = np.concatenate([[True], ids[1:] != ids[:-1]])
   # Position t's entropy is that of predicting byte t+1: draw it at the byte it predicts.
   ent = None if entropies is None else np.asarray(entropies[0, :-1])
@@ -36,8 +38,10 @@ def patch_data(model, text: bytes):
 
 def plot(text: bytes, entropies, starts, threshold, rule: str, out: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   n = len(text)
   fig, ax = plt.subplots(figsize=(max(8, n * 0.22), 3.6))
   x = range(n)
@@ -68,6 +72,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="patches.png")
   args = parser.parse_args(argv)
   from blt_jax import loading  # pylint: disable=g-import-not-at-top
+
   try:
     model = loading.load(args.checkpoint)
   except (OSError, ValueError) as e:
@@ -82,9 +87,17 @@ def main(argv=None) -> int:
     print("error: empty text", file=sys.stderr)
     return 2
   p = model.patching
-  rule = p.mode if p.mode != "entropy" else (
-      "monotonicity" if p.monotonicity else "threshold + threshold_add" if p.threshold_add is not None
-      else "global threshold")
+  rule = (
+      p.mode
+      if p.mode != "entropy"
+      else (
+          "monotonicity"
+          if p.monotonicity
+          else "threshold + threshold_add"
+          if p.threshold_add is not None
+          else "global threshold"
+      )
+  )
   if p.max_patch_length:
     rule += f", max_patch_length {p.max_patch_length}"
   data, ent, starts = patch_data(model, text)

@@ -9,6 +9,7 @@ Scores the train and validation documents of the config's data section (the whol
 `--config.data.entropy_store=runs/entropies_stdlib` patches from the stored values instead of running the entropy
 model inside every step (see BENCHMARKS.md for which is faster).
 """
+
 import argparse
 import pathlib
 import sys
@@ -36,8 +37,10 @@ def main():
   report = lambda done, total: print(f"\r{done}/{total} documents", end="", flush=True)
   summary = entropy_store.write_corpus_store(out, cfg.data, params, ent_cfg, progress=report)
   dt = time.perf_counter() - t0
-  print(f"\nwrote {summary['tokens']} entropies of {summary['documents']} documents to {out} in {dt:.1f}s "
-        f"({summary['tokens'] / dt:.0f} tokens/s)")
+  print(
+      f"\nwrote {summary['tokens']} entropies of {summary['documents']} documents to {out} in {dt:.1f}s "
+      f"({summary['tokens'] / dt:.0f} tokens/s)"
+  )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Test setup: eight emulated CPU devices, set before jax is imported anywhere."""
+
 import os
 
 # Low backend optimisation: tests are dominated by XLA compile time, not by run time.

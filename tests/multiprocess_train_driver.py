@@ -9,6 +9,7 @@ and process_id among them), trains, and prints one json line: {"process": i, "da
 SIGTERM stops the run at a step every process agrees on (see `blt_jax.train.StopRequest`); the line is printed then
 too, with "preempted": true.
 """
+
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ if ROOT not in sys.path:  # run as a script, only tests/ is on the path
 def load_config(name: str):
   """`get_config()` of configs/<name>.py."""
   from blt_jax.train_config import load_config_file  # pylint: disable=g-import-not-at-top
+
   return load_config_file(os.path.join(CONFIGS, f"{name}.py"))
 
 
@@ -51,10 +53,22 @@ def main(workdir: str, overrides_json: str) -> None:
     trainer.close()
   losses = {str(step): m["loss"] for step, m in summary["history"] if "loss" in m}
   evals = {str(step): m for step, m in summary["history"] if "val_loss" in m}
-  print(json.dumps(dict(process=jax.process_index(), process_count=jax.process_count(),
-                        device_count=jax.device_count(), data_shard=[trainer.data_index, trainer.data_count],
-                        start_step=summary["start_step"], final_step=summary["final_step"],
-                        preempted=summary["preempted"], losses=losses, evals=evals)), flush=True)
+  print(
+      json.dumps(
+          dict(
+              process=jax.process_index(),
+              process_count=jax.process_count(),
+              device_count=jax.device_count(),
+              data_shard=[trainer.data_index, trainer.data_count],
+              start_step=summary["start_step"],
+              final_step=summary["final_step"],
+              preempted=summary["preempted"],
+              losses=losses,
+              evals=evals,
+          )
+      ),
+      flush=True,
+  )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Ahead-of-time TPU compiles on a CPU machine (libtpu, no TPU): the trainer's step for a small v5e slice."""
+
 import pathlib
 import subprocess
 import sys
@@ -26,8 +27,15 @@ def _config(name: str, **overrides):
 
 def _small_tiny():
   """configs/tiny.py with one block per stack and 128-byte rows: the same step, less for XLA to compile."""
-  return _config("tiny.py", **{"model.n_layers_global": 1, "model.n_layers_local_decoder": 1, "seq_len": 128,
-                               "model.encoder_hash_byte_group_size": (3, 4)})
+  return _config(
+      "tiny.py",
+      **{
+          "model.n_layers_global": 1,
+          "model.n_layers_local_decoder": 1,
+          "seq_len": 128,
+          "model.encoder_hash_byte_group_size": (3, 4),
+      },
+  )
 
 
 def test_tiny_step_compiles_for_a_v5e_slice():
@@ -43,7 +51,8 @@ def test_tiny_step_compiles_for_a_v5e_slice():
   # Space patching runs the global stack over all seq_len + 1 slots: flops.py's every-slot count is what runs.
   expected = report.model_flops["every_patch_slot"]
   assert report.model_flops["model"] == pytest.approx(
-      flops.blt_train_flops_per_byte(train_config.model_config(cfg), 128, 4.5) * 8 * 128 / 4)
+      flops.blt_train_flops_per_byte(train_config.model_config(cfg), 128, 4.5) * 8 * 128 / 4
+  )
   assert 0.5 < report.matmul_flops / expected < 4, (report.matmul_flops, expected)
   assert report.uncounted_loops == 0 and 0 < report.xla_flops
   # FSDP over 4 chips: weights are all-gathered for the forward and gradients reduced across the batch shards.
@@ -164,8 +173,19 @@ ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
 
 
 def test_command_line_reports_a_bad_override_in_one_line():
-  result = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--config",
-                           str(ROOT / "configs" / "tiny.py"), "--topology=v5e:2x2", "--config.optimizer.lrr=1"],
-                          capture_output=True, text=True, timeout=120, check=False)
+  result = subprocess.run(
+      [
+          sys.executable,
+          str(ROOT / "scripts" / "aot_compile.py"),
+          "--config",
+          str(ROOT / "configs" / "tiny.py"),
+          "--topology=v5e:2x2",
+          "--config.optimizer.lrr=1",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "optimizer.lr" in result.stderr

@@ -1,4 +1,5 @@
 """Ahead-of-time TPU compiles of the inference programs (the scorer's, the generator's) on a CPU machine."""
+
 import pathlib
 
 import pytest
@@ -37,10 +38,18 @@ def test_scoring_programs_compile_with_params_sharded_in_bfloat16():
 
 
 def test_generation_programs_compile():
-  report = aot_inference.compile_inference(_tiny_entropy(), TOPOLOGY, "generate",
-                                           entropy_config=str(ROOT / "configs" / "entropy_tiny.py"),
-                                           dtype="bfloat16", mesh="fsdp=4", batch=4, prompt_bytes=32, max_bytes=16,
-                                           chunk=4)
+  report = aot_inference.compile_inference(
+      _tiny_entropy(),
+      TOPOLOGY,
+      "generate",
+      entropy_config=str(ROOT / "configs" / "entropy_tiny.py"),
+      dtype="bfloat16",
+      mesh="fsdp=4",
+      batch=4,
+      prompt_bytes=32,
+      max_bytes=16,
+      chunk=4,
+  )
   assert report.fits and [p.name for p in report.programs] == ["prefill", "decode"]
   assert all(p.total_bytes > 0 for p in report.programs)
 

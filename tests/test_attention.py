@@ -1,4 +1,5 @@
 """Fast attention paths equal dense masked attention; hand-checked masks."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,11 @@ decoder_cross = jax.jit(attention.decoder_cross_attention, static_argnums=(4, 5)
 
 def _qkv(key, B, S, T, H, D, K=None):
   kq, kk, kv = jax.random.split(key, 3)
-  return (jax.random.normal(kq, (B, S, H, D)), jax.random.normal(kk, (B, T, K or H, D)),
-          jax.random.normal(kv, (B, T, K or H, D)))
+  return (
+      jax.random.normal(kq, (B, S, H, D)),
+      jax.random.normal(kk, (B, T, K or H, D)),
+      jax.random.normal(kv, (B, T, K or H, D)),
+  )
 
 
 def test_document_ids_end_at_and_include_eos():
@@ -33,8 +37,10 @@ def test_window_mask_hand_case():
 blocked = jax.jit(attention.blocked_self_attention, static_argnums=(4, 5))
 
 
-@pytest.mark.parametrize("S,window,kv_heads,block,with_docs", [(37, 8, 2, 8, True), (50, None, 2, 8, True),
-                                                               (70, None, 4, 16, False), (33, 7, 4, 8, False)])
+@pytest.mark.parametrize(
+    "S,window,kv_heads,block,with_docs",
+    [(37, 8, 2, 8, True), (50, None, 2, 8, True), (70, None, 4, 16, False), (33, 7, 4, 8, False)],
+)
 def test_blocked_self_attention_equals_dense(S, window, kv_heads, block, with_docs):
   """Values and gradients, causal or windowed, with documents (segment ids) or without, GQA, ragged last block."""
   q, k, v = _qkv(jax.random.PRNGKey(0), 2, S, S, 4, 8, kv_heads)
@@ -45,10 +51,15 @@ def test_blocked_self_attention_equals_dense(S, window, kv_heads, block, with_do
   np.testing.assert_allclose(fast, dense, atol=1e-5)
   weights = jax.random.normal(jax.random.PRNGKey(2), fast.shape)
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
-  g_fast = jax.jit(jax.grad(loss(lambda q, k, v: attention.blocked_self_attention(q, k, v, doc, window, block)),
-                            argnums=(0, 1, 2)))(q, k, v)
-  g_dense = jax.jit(jax.grad(loss(lambda q, k, v: attention.masked_attention(
-      q, k, v, masks.dense_self_attention_mask(doc, S, window))), argnums=(0, 1, 2)))(q, k, v)
+  g_fast = jax.jit(
+      jax.grad(loss(lambda q, k, v: attention.blocked_self_attention(q, k, v, doc, window, block)), argnums=(0, 1, 2))
+  )(q, k, v)
+  g_dense = jax.jit(
+      jax.grad(
+          loss(lambda q, k, v: attention.masked_attention(q, k, v, masks.dense_self_attention_mask(doc, S, window))),
+          argnums=(0, 1, 2),
+      )
+  )(q, k, v)
   for a, b in zip(g_fast, g_dense):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
@@ -58,8 +69,11 @@ def test_self_attention_picks_the_blocked_path_for_long_sequences():
   q, k, v = _qkv(jax.random.PRNGKey(3), 1, S, S, 2, 8)
   hlo = jax.jit(lambda q, k, v: attention.self_attention(q, k, v, None, None)).lower(q, k, v).as_text()
   assert f"{S}x{S}" not in hlo  # no [S, S] score matrix
-  np.testing.assert_allclose(self_attention(q, k, v, None, None),
-                             masked_attention(q, k, v, masks.dense_self_attention_mask(None, S, None)), atol=1e-5)
+  np.testing.assert_allclose(
+      self_attention(q, k, v, None, None),
+      masked_attention(q, k, v, masks.dense_self_attention_mask(None, S, None)),
+      atol=1e-5,
+  )
 
 
 def _random_patches(seed, B, N, max_len, P):
@@ -102,8 +116,9 @@ def test_cross_attention_gradients_match_dense():
   ids = patching.patch_ids_from_lengths(patches.patch_lengths_BP, N)
   q, kk, v = _qkv(jax.random.PRNGKey(4), B, P * k, N, H, D)
   mask = masks.dense_encoder_cross_mask(ids, P, k)
-  g_fast = jax.jit(jax.grad(lambda *a: jnp.sum(attention.encoder_cross_attention(*a, ids, P, k) ** 2),
-                            (0, 1, 2)))(q, kk, v)
+  g_fast = jax.jit(jax.grad(lambda *a: jnp.sum(attention.encoder_cross_attention(*a, ids, P, k) ** 2), (0, 1, 2)))(
+      q, kk, v
+  )
   g_dense = jax.jit(jax.grad(lambda *a: jnp.sum(attention.masked_attention(*a, mask) ** 2), (0, 1, 2)))(q, kk, v)
   for a, b in zip(g_fast, g_dense):
     np.testing.assert_allclose(a, b, atol=1e-4)
@@ -112,12 +127,14 @@ def test_cross_attention_gradients_match_dense():
 
 def test_cross_attention_cost_is_linear_in_bytes():
   """No [P*k, N] score tensor: the largest intermediate grows linearly with N."""
+
   def largest_intermediate(N):
     P, slots, H, D = N // 2, 2, 2, 8
     ids = jnp.minimum(jnp.arange(N)[None] // 2, P - 1)
     q, kk, v = _qkv(jax.random.PRNGKey(0), 1, P * slots, N, H, D)
     jaxpr = jax.make_jaxpr(lambda q, k, v: attention.encoder_cross_attention(q, k, v, ids, P, slots))(q, kk, v)
     return max(int(np.prod(var.aval.shape)) for eqn in jaxpr.eqns for var in eqn.outvars)
+
   assert largest_intermediate(2048) <= 2.1 * largest_intermediate(1024)
 
 
@@ -142,7 +159,7 @@ def test_encoder_cross_attention_sums_a_long_patch_in_float32():
   assert out.dtype == jnp.bfloat16
   ref = encoder_cross(*_f32(q, kk, v), ids, P, k, None)
   rel = np.abs(np.asarray(out.astype(jnp.float32) - ref)) / np.abs(np.asarray(ref))
-  assert rel.max() <= 2.0 ** -8, rel.max()
+  assert rel.max() <= 2.0**-8, rel.max()
 
 
 def test_bf16_self_and_decoder_cross_attention_stay_within_bf16_rounding():
@@ -153,11 +170,13 @@ def test_bf16_self_and_decoder_cross_attention_stay_within_bf16_rounding():
   q, kk, v = _bf16_qkv(jax.random.PRNGKey(6), B, N, N, H, D)
   out = self_attention(q, kk, v, None, 256)  # blocked path: 600 > 2 * 256
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(out.astype(jnp.float32), self_attention(*_f32(q, kk, v), None, 256),
-                             rtol=2.0 ** -7, atol=2.0 ** -7)
+  np.testing.assert_allclose(
+      out.astype(jnp.float32), self_attention(*_f32(q, kk, v), None, 256), rtol=2.0**-7, atol=2.0**-7
+  )
   dec_ids = jnp.minimum(jnp.arange(N)[None] // 16, P - 1)
   q, kk, v = _bf16_qkv(jax.random.PRNGKey(7), B, N, P * k, H, D)
   out = decoder_cross(q, kk, v, dec_ids, k, None)
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(out.astype(jnp.float32), decoder_cross(*_f32(q, kk, v), dec_ids, k, None),
-                             rtol=2.0 ** -7, atol=2.0 ** -7)
+  np.testing.assert_allclose(
+      out.astype(jnp.float32), decoder_cross(*_f32(q, kk, v), dec_ids, k, None), rtol=2.0**-7, atol=2.0**-7
+  )

@@ -3,6 +3,7 @@
 A random tiny entropy model on the stdlib corpus (the default) keeps it cheap: its entropies still vary from byte
 to byte, which is all that fitting a threshold needs.
 """
+
 import dataclasses
 import json
 import pathlib
@@ -30,8 +31,9 @@ def entropy_model():
 @pytest.fixture(scope="module")
 def entropy_dir(entropy_model, tmp_path_factory):
   path = tmp_path_factory.mktemp("entropy") / "model"
-  checkpoint.save_params(path, entropy_model, {"format": "blt_jax", "model_type": "entropy_model",
-                                               "model": ENTROPY.to_dict()})
+  checkpoint.save_params(
+      path, entropy_model, {"format": "blt_jax", "model_type": "entropy_model", "model": ENTROPY.to_dict()}
+  )
   return path
 
 
@@ -71,14 +73,17 @@ def trainer_patch_counts(tokens, entropies, patching):
   return np.asarray(make(dict(tokens=tokens, entropies=entropies)))
 
 
-@pytest.mark.parametrize("patching", [PatchingConfig(mode="entropy"),
-                                      PatchingConfig(mode="entropy", monotonicity=True, max_patch_length=8)],
-                         ids=["plain", "monotonic_max_length_8"])
+@pytest.mark.parametrize(
+    "patching",
+    [PatchingConfig(mode="entropy"), PatchingConfig(mode="entropy", monotonicity=True, max_patch_length=8)],
+    ids=["plain", "monotonic_max_length_8"],
+)
 def test_calibration_holds_on_held_out_rows(entropy_model, seen, held_out, patching):
   target, overflow = 4.5, 0.05
   rows = seen
-  result = calibrate.calibrate(rows, patching, target, entropy_params=entropy_model, entropy_config=ENTROPY,
-                               overflow=overflow)
+  result = calibrate.calibrate(
+      rows, patching, target, entropy_params=entropy_model, entropy_config=ENTROPY, overflow=overflow
+  )
   assert result.rows == 512 and abs(result.bytes_per_patch / target - 1) < 0.01
   assert result.patches_per_row["p50"] <= result.patches_per_row["p90"] <= result.max_patches
   assert result.max_patches <= result.patches_per_row["max"]
@@ -105,8 +110,24 @@ def test_slots_bound_the_overflow_rate():
 def test_command_prints_and_writes_the_numbers(entropy_dir, tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(calibrate, "SAMPLE_SPAN_BYTES", 256 << 10)  # rows from the first 256 KiB: quick to read
   out = tmp_path / "deep" / "calibration.json"
-  calibrate.main(["--checkpoint", str(entropy_dir), "--bytes-per-patch", "3", "--seq-len", str(SEQ_LEN),
-                  "--max-rows", "32", "--overflow", "0.05", "--multiple-of", "8", "--json", str(out)])
+  calibrate.main(
+      [
+          "--checkpoint",
+          str(entropy_dir),
+          "--bytes-per-patch",
+          "3",
+          "--seq-len",
+          str(SEQ_LEN),
+          "--max-rows",
+          "32",
+          "--overflow",
+          "0.05",
+          "--multiple-of",
+          "8",
+          "--json",
+          str(out),
+      ]
+  )
   printed = capsys.readouterr().out
   saved = json.loads(out.read_text())
   assert saved["rows"] == 32 and saved["max_patches"] % 8 == 0 and abs(saved["bytes_per_patch"] / 3 - 1) < 0.02
@@ -117,18 +138,22 @@ def test_command_prints_and_writes_the_numbers(entropy_dir, tmp_path, capsys, mo
   assert list(tmp_path.joinpath("deep").iterdir()) == [out]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--bytes-per-patch", "0.5"], "out of range.*between 1 and the row length"),
-    (["--bytes-per-patch", "300"], "out of range.*between 1 and the row length"),
-    (["--input", "EMPTY"], "--input .*no .*documents"),
-    (["--checkpoint", "NO_MODEL"], "--checkpoint .*no entropy model"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--bytes-per-patch", "0.5"], "out of range.*between 1 and the row length"),
+        (["--bytes-per-patch", "300"], "out of range.*between 1 and the row length"),
+        (["--input", "EMPTY"], "--input .*no .*documents"),
+        (["--checkpoint", "NO_MODEL"], "--checkpoint .*no entropy model"),
+    ],
+)
 def test_command_errors_are_one_line(entropy_dir, tmp_path, args, match):
   (tmp_path / "empty.jsonl").write_text("")
   (tmp_path / "no_model").mkdir()
   argv = ["--checkpoint", str(entropy_dir), "--bytes-per-patch", "4", "--seq-len", str(SEQ_LEN), "--max-rows", "8"]
-  argv += [a.replace("EMPTY", str(tmp_path / "empty.jsonl")).replace("NO_MODEL", str(tmp_path / "no_model"))
-           for a in args]
+  argv += [
+      a.replace("EMPTY", str(tmp_path / "empty.jsonl")).replace("NO_MODEL", str(tmp_path / "no_model")) for a in args
+  ]
   with pytest.raises(SystemExit) as e:
     calibrate.main(argv)
   message = str(e.value)
@@ -140,23 +165,45 @@ def test_command_errors_are_one_line(entropy_dir, tmp_path, args, match):
 # The trainer: patching.target_bytes_per_patch.
 
 MICRO_BLT = {
-    "model.dim_local_encoder": 32, "model.dim_local_decoder": 32, "model.n_heads_local_encoder": 2,
-    "model.n_heads_local_decoder": 2, "model.n_layers_local_decoder": 1, "model.dim_global": 64,
-    "model.n_layers_global": 1, "model.n_heads_global": 2, "model.cross_attn_nheads": 2,
-    "model.encoder_hash_byte_group_size": (3, 4), "model.encoder_hash_byte_group_vocab": 512,
-    "model.multiple_of": 32, "model.max_seqlen": 128, "model.max_encoder_seq_length": 128,
-    "model.local_attention_window_len": 32, "seq_len": 64, "num_steps": 1, "checkpoint_every": 1,
-    "async_checkpointing": False, "data.validation_fraction": 0.0, "data.num_threads": 1, "data.prefetch": 0,
-    "mesh.fsdp": 1, "mesh.data": -1,
+    "model.dim_local_encoder": 32,
+    "model.dim_local_decoder": 32,
+    "model.n_heads_local_encoder": 2,
+    "model.n_heads_local_decoder": 2,
+    "model.n_layers_local_decoder": 1,
+    "model.dim_global": 64,
+    "model.n_layers_global": 1,
+    "model.n_heads_global": 2,
+    "model.cross_attn_nheads": 2,
+    "model.encoder_hash_byte_group_size": (3, 4),
+    "model.encoder_hash_byte_group_vocab": 512,
+    "model.multiple_of": 32,
+    "model.max_seqlen": 128,
+    "model.max_encoder_seq_length": 128,
+    "model.local_attention_window_len": 32,
+    "seq_len": 64,
+    "num_steps": 1,
+    "checkpoint_every": 1,
+    "async_checkpointing": False,
+    "data.validation_fraction": 0.0,
+    "data.num_threads": 1,
+    "data.prefetch": 0,
+    "mesh.fsdp": 1,
+    "mesh.data": -1,
 }
 
 
 def test_trainer_calibrates_once_and_a_resume_reuses_the_threshold(entropy_dir, tmp_path, capsys, monkeypatch):
   from blt_jax import train, train_config  # pylint: disable=g-import-not-at-top
+
   cfg = train_config.load_config_file(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny_entropy.py"))
-  overrides = {**MICRO_BLT, "entropy_checkpoint": str(entropy_dir), "patching.threshold": 99.0,
-               "patching.target_bytes_per_patch": 3.0, "patching.calibration_rows": 64,
-               "patching.max_patch_length": 8}
+  overrides = {
+      **MICRO_BLT,
+      "entropy_checkpoint": str(entropy_dir),
+      "patching.threshold": 99.0,
+      "patching.target_bytes_per_patch": 3.0,
+      "patching.calibration_rows": 64,
+      "patching.max_patch_length": 8,
+  }
   for key, value in overrides.items():
     section, _, leaf = key.rpartition(".")
     (cfg[section] if section else cfg)[leaf] = value
@@ -168,9 +215,13 @@ def test_trainer_calibrates_once_and_a_resume_reuses_the_threshold(entropy_dir, 
 
   train.train(cfg, str(workdir))
   printed = capsys.readouterr().out
-  expected = calibrate.calibrate(calibrate.sample_rows(cfg.data, 64, 64, cfg.seed), train_config.patching_config(cfg),
-                                 3.0, entropy_params=nn.meta.unbox(checkpoint.load_params(entropy_dir)[0]),
-                                 entropy_config=ENTROPY).threshold
+  expected = calibrate.calibrate(
+      calibrate.sample_rows(cfg.data, 64, 64, cfg.seed),
+      train_config.patching_config(cfg),
+      3.0,
+      entropy_params=nn.meta.unbox(checkpoint.load_params(entropy_dir)[0]),
+      entropy_config=ENTROPY,
+  ).threshold
   assert f"patching.threshold={expected!r}: calibrated for target_bytes_per_patch=3" in printed
   assert exported_threshold() == expected
   with checkpoint.Checkpointer(workdir) as ckpt:
@@ -178,6 +229,7 @@ def test_trainer_calibrates_once_and_a_resume_reuses_the_threshold(entropy_dir, 
 
   def no_recalibration(*args, **kwargs):
     raise AssertionError("a resumed run recalibrated")
+
   monkeypatch.setattr(calibrate, "calibrate", no_recalibration)
   cfg.num_steps = 2
   trainer = train.Trainer(cfg, str(workdir))  # the threshold is fixed here, before the steps are built
@@ -188,14 +240,18 @@ def test_trainer_calibrates_once_and_a_resume_reuses_the_threshold(entropy_dir, 
   assert f"patching.threshold={expected!r}: stored with the run (checkpoint step 1" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"patching.mode": "space"}, "target_bytes_per_patch=4.5 calibrates an entropy threshold.*mode='entropy'"),
-    ({"patching.target_bytes_per_patch": 0.5}, "between 1 and the row length"),
-    ({"patching.target_bytes_per_patch": 300.0}, "between 1 and the row length"),
-    ({"patching.calibration_rows": 0}, "calibration_rows must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"patching.mode": "space"}, "target_bytes_per_patch=4.5 calibrates an entropy threshold.*mode='entropy'"),
+        ({"patching.target_bytes_per_patch": 0.5}, "between 1 and the row length"),
+        ({"patching.target_bytes_per_patch": 300.0}, "between 1 and the row length"),
+        ({"patching.calibration_rows": 0}, "calibration_rows must be >= 1"),
+    ],
+)
 def test_config_target_errors(overrides, match):
   from blt_jax import train_config  # pylint: disable=g-import-not-at-top
+
   cfg = train_config.load_config_file(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny_entropy.py"))
   cfg.patching.target_bytes_per_patch = 4.5
   for key, value in overrides.items():
@@ -206,6 +262,7 @@ def test_config_target_errors(overrides, match):
 
 def test_init_from_a_blt_keeps_its_threshold():
   from blt_jax import train_config  # pylint: disable=g-import-not-at-top
+
   cfg = train_config.base_config()
   cfg.patching.target_bytes_per_patch = 4.5
   meta = {"model_type": "blt", "model": {}, "patching": PatchingConfig(threshold=1.25).to_dict()}

@@ -1,4 +1,5 @@
 """Training checkpoints (sharded state, iterator state, keep-N, crash safety) and standalone params."""
+
 import json
 import os
 
@@ -32,8 +33,11 @@ def _state(mesh, seed):
   for name, shape in SHAPES.items():
     value = np.asarray(seed, np.int32) if name == "step" else rng.normal(size=shape).astype(np.float32)
     out[name] = jax.device_put(value, NamedSharding(mesh, SPECS[name]))
-  return {"params": {k: out[k] for k in ("w", "table", "scale", "emb")}, "opt": {"mu": out["w"] * 0 + 1.0},
-          "step": out["step"]}
+  return {
+      "params": {k: out[k] for k in ("w", "table", "scale", "emb")},
+      "opt": {"mu": out["w"] * 0 + 1.0},
+      "step": out["step"],
+  }
 
 
 def _abstract(state):
@@ -67,8 +71,9 @@ def test_restore_into_other_shardings(tmp_path, mesh):
     ckpt.save(3, state, {"epoch": 1}, force=True)
   # A fresh process with another layout: everything replicated on a (1, 8, 1) mesh, params sharded by fsdp.
   other = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                  sharding=NamedSharding(other, P())), state)
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(other, P())), state
+  )
   target["params"]["w"] = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(other, P("fsdp")))
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     restored, data_state, meta = ckpt.restore(None, target)
@@ -209,9 +214,19 @@ def no_retry_pause(monkeypatch):
   monkeypatch.setattr(checkpoint, "RETRY_PAUSE_S", 0.0)
 
 
-@pytest.mark.parametrize("damage", [helpers.truncate_state_arrays, _delete_arrays, _bad_meta_json, _bad_data_json,
-                                    _bad_state_metadata, _delete_one_array_file, _truncate_one_array_file,
-                                    _delete_state_metadata])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        helpers.truncate_state_arrays,
+        _delete_arrays,
+        _bad_meta_json,
+        _bad_data_json,
+        _bad_state_metadata,
+        _delete_one_array_file,
+        _truncate_one_array_file,
+        _delete_state_metadata,
+    ],
+)
 def test_damaged_latest_falls_back_and_is_kept_aside(tmp_path, mesh, damage):
   states, step_dir = _two_steps(tmp_path, mesh)
   damage(step_dir)
@@ -236,9 +251,14 @@ def test_damaged_latest_falls_back_and_is_kept_aside(tmp_path, mesh, damage):
   assert (tmp_path / "checkpoints" / "20.damaged").is_dir()
 
 
-@pytest.mark.parametrize("damage,reason", [(helpers.truncate_state_arrays, "ValueError: OUT_OF_RANGE"),
-                                          (_truncate_one_array_file, "ValueError: OUT_OF_RANGE: Error reading"),
-                                          (_delete_one_array_file, "ValueError: FAILED_PRECONDITION: Error reading")])
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (helpers.truncate_state_arrays, "ValueError: OUT_OF_RANGE"),
+        (_truncate_one_array_file, "ValueError: OUT_OF_RANGE: Error reading"),
+        (_delete_one_array_file, "ValueError: FAILED_PRECONDITION: Error reading"),
+    ],
+)
 def test_damaged_latest_in_error_mode_names_step_and_path(tmp_path, mesh, damage, reason):
   states, step_dir = _two_steps(tmp_path, mesh)
   damage(step_dir)
@@ -269,6 +289,7 @@ def _failing_reads(monkeypatch, text, times, wrapped=True):
     if len(calls) <= times:
       raise _read_error(text, wrapped)
     return original(self, *args, **kwargs)
+
   monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", restore)
   return calls
 
@@ -300,12 +321,15 @@ def test_lasting_storage_error_is_not_damage(tmp_path, mesh, monkeypatch):
   assert "\n" not in message and "nothing was moved" in message
 
 
-@pytest.mark.parametrize("here,there,expected", [
-    ("intact", "damaged", "fallback"),
-    ("intact", "failed", "CheckpointReadError"),
-    ("damaged", "failed", "CheckpointReadError"),
-    ("changed model", "intact", "CheckpointMismatchError"),
-])
+@pytest.mark.parametrize(
+    "here,there,expected",
+    [
+        ("intact", "damaged", "fallback"),
+        ("intact", "failed", "CheckpointReadError"),
+        ("damaged", "failed", "CheckpointReadError"),
+        ("changed model", "intact", "CheckpointMismatchError"),
+    ],
+)
 def test_processes_agree_on_each_step(tmp_path, mesh, monkeypatch, here, there, expected):
   """Every process shares what it found for a step, whatever it found (an error included), before any of them acts:
   none raises early while another waits for it, and a step is moved aside only when no process failed otherwise."""
@@ -321,6 +345,7 @@ def test_processes_agree_on_each_step(tmp_path, mesh, monkeypatch, here, there, 
   def gather(outcome):  # process 1 found `there` at step 20 and nothing wrong at step 10
     shared.append(outcome)
     return np.asarray([outcome, code[there] if len(shared) == 1 else checkpoint.READ])
+
   monkeypatch.setattr(checkpoint, "_gather_outcomes", gather)
   warnings = []
   with checkpoint.Checkpointer(tmp_path) as ckpt:
@@ -333,7 +358,10 @@ def test_processes_agree_on_each_step(tmp_path, mesh, monkeypatch, here, there, 
         ckpt.restore_newest_readable(target, warn=warnings.append)
       assert "\n" not in str(info.value)
       if here == "intact":
-        assert "could not be read: it failed on process 1 (see its log); not taken for damage, nothing was moved" in str(info.value)
+        assert (
+            "could not be read: it failed on process 1 (see its log); not taken for damage, nothing was moved"
+            in str(info.value)
+        )
       assert ckpt.all_steps() == (10, 20)  # nothing moved
   assert shared[0] == code["failed" if here == "changed model" else here]
 
@@ -354,7 +382,9 @@ def test_all_damaged_gives_none_and_changed_model_is_not_damage(tmp_path, mesh):
     assert ckpt.restore_newest_readable(_abstract(states[10]), warn=warnings.append) is None
     assert ckpt.all_steps() == ()
   assert [w.split(" is damaged")[0] for w in warnings] == [
-      f"checkpoint step 20 at {step_dir}", f"checkpoint step 10 at {tmp_path / 'checkpoints' / '10'}"]
+      f"checkpoint step 20 at {step_dir}",
+      f"checkpoint step 10 at {tmp_path / 'checkpoints' / '10'}",
+  ]
 
 
 def test_checkpoint_in_the_other_param_layout_is_converted_on_restore(tmp_path, mesh):
@@ -362,16 +392,17 @@ def test_checkpoint_in_the_other_param_layout_is_converted_on_restore(tmp_path, 
   fits neither says which layouts it was tried as."""
   from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
   from blt_jax.config import EntropyModelConfig  # pylint: disable=g-import-not-at-top
+
   model = EntropyModelConfig(dim=8, n_layers=3, n_heads=2, scan_layers=True)
   rng = np.random.default_rng(0)
   spec = NamedSharding(mesh, P("fsdp"))
-  per_layer = {f"layers_{i}": {"w": jax.device_put(rng.normal(size=(8, 2)).astype(np.float32), spec)}
-               for i in range(3)}
+  per_layer = {f"layers_{i}": {"w": jax.device_put(rng.normal(size=(8, 2)).astype(np.float32), spec)} for i in range(3)}
   per_layer["norm"] = {"scale": jax.device_put(np.ones(8, np.float32), NamedSharding(mesh, P()))}
   flat = {"params": per_layer, "opt": {"mu": per_layer}, "step": jax.device_put(np.int32(3), NamedSharding(mesh, P()))}
 
   def restack(tree, stacked):
     return layer_stacking.restack(tree, tree["params"], model, stacked)
+
   stacked = jax.jit(lambda t: restack(t, True))(flat)
   assert stacked["params"]["layers"]["w"].shape == stacked["opt"]["mu"]["layers"]["w"].shape == (3, 8, 2)
   as_stacked = checkpoint.OtherLayout("stacked params", _abstract(stacked), jax.jit(lambda t: restack(t, False)))

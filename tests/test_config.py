@@ -1,4 +1,5 @@
 """Model configs: released shapes build abstractly with the spec's parameter counts; bad values are named."""
+
 import pathlib
 import sys
 from unittest import mock
@@ -86,10 +87,12 @@ def test_bad_values_are_named():
 
 
 def test_run_option_values_are_checked():
-  for field, value, match in [("checkpoint_on_damaged", "ignore", "checkpoint_on_damaged='ignore'"),
-                              ("profile_steps", (3,), r"profile_steps=\(3,\)"),
-                              ("profile_steps", (0, 2), r"1 <= start < stop"),
-                              ("profile_steps", (5, 5), r"1 <= start < stop")]:
+  for field, value, match in [
+      ("checkpoint_on_damaged", "ignore", "checkpoint_on_damaged='ignore'"),
+      ("profile_steps", (3,), r"profile_steps=\(3,\)"),
+      ("profile_steps", (0, 2), r"1 <= start < stop"),
+      ("profile_steps", (5, 5), r"1 <= start < stop"),
+  ]:
     cfg = load_config("tiny")
     cfg[field] = value
     with pytest.raises(ValueError, match=match):
@@ -105,21 +108,44 @@ def test_unknown_keys_name_the_closest_field():
   assert train_config.unknown_key_error(cfg, "mesh") is None
   assert "'nonexistent' (" in train_config.unknown_key_error(cfg, "nonexistent")
   assert "did you mean" not in train_config.unknown_key_error(cfg, "optimizer.nope")
-  for key, guess in [("lr", "optimizer.lr"), ("dim_global", "model.dim_global"), ("optimizer.warmpu", "optimizer.warmup"),
-                     ("modle.dim_global", "model.dim_global"), ("seq_lenn", "seq_len")]:
+  for key, guess in [
+      ("lr", "optimizer.lr"),
+      ("dim_global", "model.dim_global"),
+      ("optimizer.warmpu", "optimizer.warmup"),
+      ("modle.dim_global", "model.dim_global"),
+      ("seq_lenn", "seq_len"),
+  ]:
     assert train_config.unknown_key_error(cfg, key).startswith(f"unknown config key {key!r}; did you mean {guess!r}?")
 
 
 def test_checkpoint_config_replaces_model_patching_and_entropy_model():
   cfg = load_config("tiny")
-  model = BLTConfig(dim_local_encoder=32, dim_local_decoder=32, dim_global=128, cross_attn_nheads=4,
-                    encoder_hash_byte_group_size=(3, 4),
-                    dtype="bfloat16", remat=True).to_dict()
-  meta = {"format": "blt_jax", "model_type": "blt", "model": model,
-          "patching": {"mode": "entropy", "threshold": 1.5, "threshold_add": None, "monotonicity": False,
-                       "max_patch_length": None, "patch_size": None, "compare_dtype": "float32"}}
-  changes = dict((field, (old, new)) for field, old, new in
-                 train_config.apply_checkpoint_config(cfg, meta, "/ckpt/entropy_model"))
+  model = BLTConfig(
+      dim_local_encoder=32,
+      dim_local_decoder=32,
+      dim_global=128,
+      cross_attn_nheads=4,
+      encoder_hash_byte_group_size=(3, 4),
+      dtype="bfloat16",
+      remat=True,
+  ).to_dict()
+  meta = {
+      "format": "blt_jax",
+      "model_type": "blt",
+      "model": model,
+      "patching": {
+          "mode": "entropy",
+          "threshold": 1.5,
+          "threshold_add": None,
+          "monotonicity": False,
+          "max_patch_length": None,
+          "patch_size": None,
+          "compare_dtype": "float32",
+      },
+  }
+  changes = dict(
+      (field, (old, new)) for field, old, new in train_config.apply_checkpoint_config(cfg, meta, "/ckpt/entropy_model")
+  )
   assert changes["model.dim_local_encoder"] == (64, 32)
   assert changes["model.encoder_hash_byte_group_size"] == ((3, 4, 5, 6), (3, 4))
   assert changes["patching.mode"] == ("space", "entropy") and changes["patching.threshold"][1] == 1.5
@@ -130,8 +156,9 @@ def test_checkpoint_config_replaces_model_patching_and_entropy_model():
   assert cfg.patching.max_patches == 0 and cfg.seq_len == 256  # the run's own settings stay
   # An entropy model checkpoint switches the run to training an entropy model.
   cfg = load_config("tiny")
-  changes = train_config.apply_checkpoint_config(cfg, {"model_type": "entropy_model",
-                                                       "model": EntropyModelConfig(dim=32, n_heads=2).to_dict()})
+  changes = train_config.apply_checkpoint_config(
+      cfg, {"model_type": "entropy_model", "model": EntropyModelConfig(dim=32, n_heads=2).to_dict()}
+  )
   assert ("model_type", "blt", "entropy_model") in changes and cfg.entropy_model.dim == 32
   with pytest.raises(ValueError, match="field model.bogus"):
     train_config.apply_checkpoint_config(load_config("tiny"), {"model_type": "blt", "model": {"bogus": 1}})
@@ -152,17 +179,23 @@ def _parse_config_flags(*overrides):
   return flag_values.config
 
 
-@pytest.mark.parametrize("key,text,value", [
-    ("mesh.coordinator_address", "10.0.0.1:1234", "10.0.0.1:1234"),  # str
-    ("mesh.num_processes", "4", 4),  # int
-    ("mesh.process_id", "3", 3),
-    ("data.shuffle_seed", "7", 7),
-    ("data.max_eval_batches", "2", 2),
-    ("patching.threshold_add", "0.5", 0.5),  # float (a model dataclass field)
-    ("model.ngram_vocab_sizes", "(10, 20)", (10, 20)),  # tuple
-    ("mesh.logical_axis_rules", "(('batch', ('data', 'fsdp')), ('embed', None))",
-     (("batch", ("data", "fsdp")), ("embed", None))),
-])
+@pytest.mark.parametrize(
+    "key,text,value",
+    [
+        ("mesh.coordinator_address", "10.0.0.1:1234", "10.0.0.1:1234"),  # str
+        ("mesh.num_processes", "4", 4),  # int
+        ("mesh.process_id", "3", 3),
+        ("data.shuffle_seed", "7", 7),
+        ("data.max_eval_batches", "2", 2),
+        ("patching.threshold_add", "0.5", 0.5),  # float (a model dataclass field)
+        ("model.ngram_vocab_sizes", "(10, 20)", (10, 20)),  # tuple
+        (
+            "mesh.logical_axis_rules",
+            "(('batch', ('data', 'fsdp')), ('embed', None))",
+            (("batch", ("data", "fsdp")), ("embed", None)),
+        ),
+    ],
+)
 def test_fields_that_default_to_none_can_be_set_on_the_command_line(key, text, value):
   section, field = key.split(".")
   assert load_config("tiny")[section][field] is None
@@ -176,10 +209,12 @@ def test_bad_values_for_fields_that_default_to_none_are_one_line_errors():
 
   with pytest.raises(absl_flags.IllegalFlagValueError) as e:
     _parse_config_flags("--config.mesh.num_processes=four")
-  assert train.flag_error(e.value) == ("bad value 'four' for config key 'mesh.num_processes': invalid literal for "
-                                       "int() with base 10: 'four'")
+  assert train.flag_error(e.value) == (
+      "bad value 'four' for config key 'mesh.num_processes': invalid literal for " "int() with base 10: 'four'"
+  )
   # Unset, they still read as None, and rules given on the command line are the ones the mesh uses.
   cfg = _parse_config_flags("--config.mesh.logical_axis_rules=(('embed', 'fsdp'),)")
   assert cfg.data.shuffle_seed is None and cfg.mesh.coordinator_address is None
   from blt_jax import sharding  # pylint: disable=g-import-not-at-top
+
   assert sharding.logical_axis_rules_from_config(cfg.mesh) == (("embed", "fsdp"),)

@@ -1,4 +1,5 @@
 """Checkpoint conversion: released layouts built from the golden weights -> blt_jax, checked against golden outputs."""
+
 import json
 import os
 import pathlib
@@ -31,16 +32,18 @@ BF16_TOL = 5e-2  # bf16 weights (8-bit mantissa): logits move by about 1e-2
 
 def _train_args(meta):
   """A params.json / train_args.json (TrainArgs) for the golden models."""
-  return {"model": meta["blt_args"], "entropy_model": meta["entropy_model_args"],
-          "data": {"patcher_args": {"patching_mode": "entropy", "threshold": meta["threshold"]}}}
+  return {
+      "model": meta["blt_args"],
+      "entropy_model": meta["entropy_model_args"],
+      "data": {"patcher_args": {"patching_mode": "entropy", "threshold": meta["threshold"]}},
+  }
 
 
 def write_pth_dir(path, state_dict, params_json, weights="consolidated.pth", dtype=torch.float32):
   """Layout (a): params.json + torch.save({"model": state_dict})."""
   (path / weights).parent.mkdir(parents=True, exist_ok=True)
   (path / "params.json").write_text(json.dumps(params_json))
-  torch.save({"model": {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in state_dict.items()}},
-             path / weights)
+  torch.save({"model": {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in state_dict.items()}}, path / weights)
   return path
 
 
@@ -48,8 +51,9 @@ def write_safetensors_dir(path, state_dict, args, dtype=np.float32, train_args=N
   """Layout (b): config.json {"args": ...} + model.safetensors (+ train_args.json)."""
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(json.dumps({"args": args}))
-  safetensors_io.write_safetensors(path / "model.safetensors",
-                                   {k: np.asarray(v).astype(dtype) for k, v in state_dict.items()})
+  safetensors_io.write_safetensors(
+      path / "model.safetensors", {k: np.asarray(v).astype(dtype) for k, v in state_dict.items()}
+  )
   if train_args is not None:
     (path / "train_args.json").write_text(json.dumps(train_args))
   return path
@@ -58,7 +62,7 @@ def write_safetensors_dir(path, state_dict, args, dtype=np.float32, train_args=N
 @pytest.fixture(scope="module")
 def golden_sd(golden):
   arrays, meta = golden
-  strip = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  strip = lambda prefix: {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
   return strip("blt/"), strip("entropy_model/"), meta
 
 
@@ -94,13 +98,22 @@ def test_cli_converts_reference_layout(golden, golden_sd, blt_forward, tmp_path)
   blt_sd, ent_sd, meta = golden_sd
   src = write_pth_dir(tmp_path / "blt_1b", blt_sd, _train_args(meta))
   # `consolidated_with_rope.pth` copies carry the RoPE table (issue #133); it must be ignored.
-  write_pth_dir(src / "entropy_model", {**ent_sd, "rope_embeddings.freqs_cis": np.zeros((256, 8, 2, 2))},
-                _train_args(meta), weights="consolidated/consolidated.pth")
+  write_pth_dir(
+      src / "entropy_model",
+      {**ent_sd, "rope_embeddings.freqs_cis": np.zeros((256, 8, 2, 2))},
+      _train_args(meta),
+      weights="consolidated/consolidated.pth",
+  )
   out = tmp_path / "ckpt"
   # From another directory with relative paths, as a user would (orbax itself refuses relative paths).
-  run = subprocess.run([sys.executable, "-m", "blt_jax.convert", "--format", "reference", "--src", "blt_1b",
-                        "--out", "ckpt"], cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}, timeout=300)
+  run = subprocess.run(
+      [sys.executable, "-m", "blt_jax.convert", "--format", "reference", "--src", "blt_1b", "--out", "ckpt"],
+      cwd=tmp_path,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
+      timeout=300,
+  )
   assert run.returncode == 0, run.stderr
   blt_count = sum(v.size for v in blt_sd.values())
   ent_count = sum(v.size for v in ent_sd.values())
@@ -128,8 +141,9 @@ def test_bf16_safetensors_layout(golden, golden_sd, blt_forward, tmp_path):
   """config.json {"args"} + bf16 model.safetensors (+ train_args.json for the patcher), read without torch."""
   arrays, _ = golden
   blt_sd, _, meta = golden_sd
-  src = write_safetensors_dir(tmp_path / "blt-1b", blt_sd, meta["blt_args"], ml_dtypes.bfloat16,
-                              train_args=_train_args(meta))
+  src = write_safetensors_dir(
+      tmp_path / "blt-1b", blt_sd, meta["blt_args"], ml_dtypes.bfloat16, train_args=_train_args(meta)
+  )
   loaded = reference.load_model(src)
   assert loaded.model_type == "blt" and loaded.patching.threshold == meta["threshold"]
   want = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in blt_sd.items()}
@@ -155,8 +169,9 @@ def test_entropy_model_safetensors_layout(golden_sd, tmp_path):
   assert [m["model_type"] for m in summary["models"]] == ["entropy_model"]
   assert summary["models"][0]["params"] == sum(v.size for v in ent_sd.values())
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-                           convert.abstract_params(cfg))
+  shardings = jax.tree.map(
+      lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), convert.abstract_params(cfg)
+  )
   ent_cfg, ent_params, patching = convert.load_converted(tmp_path / "out", shardings=shardings)
   assert ent_cfg == cfg and patching is None
   assert all(x.sharding == s for x, s in zip(jax.tree.leaves(ent_params), jax.tree.leaves(shardings)))
@@ -167,8 +182,10 @@ def test_entropy_model_safetensors_layout(golden_sd, tmp_path):
 
 def test_round_trip_is_identity(golden_sd):
   blt_sd, ent_sd, meta = golden_sd
-  for sd, cfg, model in ((blt_sd, blt_config_from_reference(meta["blt_args"]), "blt"),
-                         (ent_sd, entropy_config_from_reference(meta["entropy_model_args"]), "entropy")):
+  for sd, cfg, model in (
+      (blt_sd, blt_config_from_reference(meta["blt_args"]), "blt"),
+      (ent_sd, entropy_config_from_reference(meta["entropy_model_args"]), "entropy"),
+  ):
     params = mapping.params_from_state_dict(sd, cfg)
     back = mapping.state_dict_from_params(params, model)
     assert back.keys() == sd.keys()
@@ -187,11 +204,24 @@ def _random_params(init, cfg, seed):
 def test_other_dims_are_read_from_the_files(golden_sd, tmp_path):
   """A random BLT and entropy model with other dims round-trip through the released layout: nothing is golden-only."""
   _, _, meta = golden_sd
-  args = dict(meta["blt_args"], dim_local_encoder=24, dim_local_decoder=24, dim_global=40, cross_attn_k=3,
-              n_heads_local_encoder=2, n_heads_local_decoder=3, n_heads_global=5, cross_attn_nheads=3,
-              n_layers_local_encoder=2, n_layers_global=1, n_layers_local_decoder=3,
-              cross_attn_all_layers_encoder=True, encoder_hash_byte_group_size=[2, 5],
-              encoder_hash_byte_group_vocab=53, encoder_hash_byte_group_nb_functions=2)
+  args = dict(
+      meta["blt_args"],
+      dim_local_encoder=24,
+      dim_local_decoder=24,
+      dim_global=40,
+      cross_attn_k=3,
+      n_heads_local_encoder=2,
+      n_heads_local_decoder=3,
+      n_heads_global=5,
+      cross_attn_nheads=3,
+      n_layers_local_encoder=2,
+      n_layers_global=1,
+      n_layers_local_decoder=3,
+      cross_attn_all_layers_encoder=True,
+      encoder_hash_byte_group_size=[2, 5],
+      encoder_hash_byte_group_vocab=53,
+      encoder_hash_byte_group_nb_functions=2,
+  )
   cfg = blt_config_from_reference(args)
   assert cfg.global_input_dim != cfg.dim_global  # exercises global_transformer.token_embedding_projection
   ent_args = dict(meta["entropy_model_args"], dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim_multiplier=1.5)
@@ -220,8 +250,9 @@ def test_other_dims_are_read_from_the_files(golden_sd, tmp_path):
 
 def _entropy_dir(path, golden_sd, state_dict=None, args=None):
   _, ent_sd, meta = golden_sd
-  return write_safetensors_dir(path, ent_sd if state_dict is None else state_dict,
-                               meta["entropy_model_args"] if args is None else args)
+  return write_safetensors_dir(
+      path, ent_sd if state_dict is None else state_dict, meta["entropy_model_args"] if args is None else args
+  )
 
 
 def _error(src):
@@ -266,7 +297,7 @@ def test_error_config_disagrees_with_weights(golden_sd, tmp_path):
 def test_error_truncated_safetensors(golden_sd, tmp_path):
   weights = _entropy_dir(tmp_path, golden_sd) / "model.safetensors"
   data = weights.read_bytes()
-  weights.write_bytes(data[:len(data) // 2])
+  weights.write_bytes(data[: len(data) // 2])
   msg = _error(tmp_path)
   assert str(weights) in msg and "truncated" in msg
   weights.write_bytes(data[:5])

@@ -1,4 +1,5 @@
 """Tests for the byte data pipeline (blt_jax.data)."""
+
 import json
 import logging
 import os
@@ -94,9 +95,7 @@ def test_stdlib_corpus_smoke():
   assert not any("site-packages" in k for k in keys_train)
   # Deterministic: sorted relative paths, same split every time.
   train2, val2 = data.build_sources(cfg)
-  assert [train2.key(i) for i in range(len(train2))] == [
-      train.key(i) for i in range(len(train))
-  ]
+  assert [train2.key(i) for i in range(len(train2))] == [train.key(i) for i in range(len(train))]
   assert {val2.key(i) for i in range(len(val2))} == keys_val
   # Host defaults come from jax (one CPU process in tests).
   it = data.make_train_iterator(cfg, 64, 4, seed=0)
@@ -105,8 +104,7 @@ def test_stdlib_corpus_smoke():
     assert batch["tokens"].dtype == np.int32
     assert batch["targets"].dtype == np.int32
     assert batch["loss_mask"].dtype == np.float32
-    np.testing.assert_array_equal(batch["tokens"][:, 1:],
-                                  batch["targets"][:, :-1])
+    np.testing.assert_array_equal(batch["tokens"][:, 1:], batch["targets"][:, :-1])
   it.close()
   ev = data.make_eval_iterator(_cfg(max_eval_batches=2), 64, 4, 0, 1)
   assert len(ev) == 2 and len(list(ev)) == 2
@@ -127,16 +125,14 @@ def test_split_disjoint_and_deterministic(tmp_path):
   # Keys are relative to the pattern root, so moving the data keeps the split.
   moved = tmp_path / "elsewhere"
   os.rename(folder, moved)
-  _, val3 = data.build_sources(_cfg(sources=[str(moved / "*.txt")],
-                                    validation_fraction=0.3))
+  _, val3 = data.build_sources(_cfg(sources=[str(moved / "*.txt")], validation_fraction=0.3))
   assert [val3.key(i) for i in range(len(val3))] == val_keys
 
 
 def test_validation_sources_override_split(tmp_path):
   folder = _write_txt(tmp_path, _docs(10))
   vfolder = _write_txt(tmp_path, _docs(3, seed=1), sub="val")
-  train, val = data.build_sources(_cfg(sources=[str(folder / "*.txt")],
-                                       validation_sources=[str(vfolder / "*")]))
+  train, val = data.build_sources(_cfg(sources=[str(folder / "*.txt")], validation_sources=[str(vfolder / "*")]))
   assert len(train) == 10 and len(val) == 3
 
 
@@ -144,8 +140,7 @@ def test_readers_txt_jsonl_parquet_arrow_glob(tmp_path):
   texts = ["héllo wörld", "second\nline", "", "日本語", "x" * 100]
   (tmp_path / "a.txt").write_bytes(texts[0].encode())
   lines = [json.dumps({"body": t, "id": i}) for i, t in enumerate(texts)]
-  (tmp_path / "b.jsonl").write_text("\n".join(lines[:2]) + "\n\n"
-                                    + "\n".join(lines[2:]) + "\n")
+  (tmp_path / "b.jsonl").write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")
   table = pa.table({"body": texts, "n": list(range(len(texts)))})
   pq.write_table(table, tmp_path / "c.parquet", row_group_size=2)
   feather.write_feather(table, tmp_path / "d.feather")
@@ -155,8 +150,7 @@ def test_readers_txt_jsonl_parquet_arrow_glob(tmp_path):
   with pa.OSFile(str(tmp_path / "f.arrow"), "wb") as sink:  # IPC file.
     with pa.ipc.new_file(sink, table.schema) as writer:
       writer.write_table(table)
-  src = data.file_corpus(
-      [str(tmp_path / "a.txt"), str(tmp_path / "[b-f].*")], text_field="body")
+  src = data.file_corpus([str(tmp_path / "a.txt"), str(tmp_path / "[b-f].*")], text_field="body")
   got = [src[i] for i in range(len(src))]
   want = [texts[0].encode()] + [t.encode() for t in texts] * 5
   assert got == want
@@ -165,10 +159,8 @@ def test_readers_txt_jsonl_parquet_arrow_glob(tmp_path):
   assert [src.num_bytes(i) for i in range(len(src))] == [len(d) for d in want]
   # Binary columns and overlapping patterns (no duplicated documents).
   (tmp_path / "bin").mkdir()
-  pq.write_table(pa.table({"text": pa.array([b"\xff\x00"], pa.binary())}),
-                 tmp_path / "bin" / "g.parquet")
-  src = data.file_corpus([str(tmp_path / "bin" / "g.parquet"),
-                          str(tmp_path / "bin" / "*.parquet")])
+  pq.write_table(pa.table({"text": pa.array([b"\xff\x00"], pa.binary())}), tmp_path / "bin" / "g.parquet")
+  src = data.file_corpus([str(tmp_path / "bin" / "g.parquet"), str(tmp_path / "bin" / "*.parquet")])
   assert len(src) == 1 and src[0] == b"\xff\x00"
 
 
@@ -186,8 +178,7 @@ def test_invalid_utf8_survives(tmp_path):
   (tmp_path / "bad.txt").write_bytes(raw)
   src = data.file_corpus(str(tmp_path / "bad.txt"))
   assert src[0] == raw
-  ev = data.EvalIterator(src, seq_len=64, batch_size=1, process_index=0,
-                         process_count=1, prefetch=0)
+  ev = data.EvalIterator(src, seq_len=64, batch_size=1, process_index=0, process_count=1, prefetch=0)
   (batch,) = list(ev)
   n = int(batch["loss_mask"][0].sum())
   stream = np.append(batch["tokens"][0, :n], batch["targets"][0, n - 1])
@@ -202,7 +193,8 @@ def _two_languages(tmp_path):
   for lang in ("en", "de"):
     (tmp_path / lang).mkdir()
     (tmp_path / lang / "part-0000.jsonl").write_text(
-        "".join(json.dumps({"text": f"{lang} {i}"}) + "\n" for i in range(3)))
+        "".join(json.dumps({"text": f"{lang} {i}"}) + "\n" for i in range(3))
+    )
   return str(tmp_path / "en" / "*.jsonl"), str(tmp_path / "de" / "*.jsonl")
 
 
@@ -215,30 +207,24 @@ def test_error_keys_collide_across_patterns(tmp_path):
   for make in (  # Within sources; across sources and validation_sources
       # when they share an entropy store (read or written).
       lambda: data.make_train_iterator(_cfg(sources=[en, de]), SEQ_LEN, 2, 0),
-      lambda: data.make_train_iterator(
-          _cfg(sources=[en], validation_sources=[de], entropy_store=store),
-          SEQ_LEN, 2, 0),
-      lambda: entropy_store.write_corpus_store(
-          store, _cfg(sources=[en], validation_sources=[de]), None, None)):
+      lambda: data.make_train_iterator(_cfg(sources=[en], validation_sources=[de], entropy_store=store), SEQ_LEN, 2, 0),
+      lambda: entropy_store.write_corpus_store(store, _cfg(sources=[en], validation_sources=[de]), None, None),
+  ):
     with pytest.raises(ValueError) as e:
       make()
     message = str(e.value)
     assert "\n" not in message
     assert "key 'part-0000.jsonl'" in message
-    assert all(str(tmp_path / lang / "part-0000.jsonl") in message
-               for lang in ("en", "de"))
+    assert all(str(tmp_path / lang / "part-0000.jsonl") in message for lang in ("en", "de"))
   # Keys that do not collide are unchanged; one pattern over the common
   # parent keeps the directories in the keys.
   assert data.file_corpus(en).key(0) == "part-0000.jsonl:1"
   both = data.file_corpus(str(tmp_path / "*" / "*.jsonl"))
-  assert [both.key(i) for i in (0, 3)] == ["de/part-0000.jsonl:1",
-                                           "en/part-0000.jsonl:1"]
+  assert [both.key(i) for i in (0, 3)] == ["de/part-0000.jsonl:1", "en/part-0000.jsonl:1"]
   # Without a store, training and validation keys never meet; the same file
   # as both is one document, not a collision.
   for val in (de, en):
-    data.make_eval_iterator(_cfg(sources=[en], validation_sources=[val]),
-                            SEQ_LEN, 2, 0, 1)
-
+    data.make_eval_iterator(_cfg(sources=[en], validation_sources=[val]), SEQ_LEN, 2, 0, 1)
 
 
 def test_error_no_match_names_pattern(tmp_path):
@@ -253,8 +239,7 @@ def test_error_no_match_names_pattern(tmp_path):
 
 def test_error_unsupported_extension(tmp_path):
   (tmp_path / "notes.csv").write_text("a,b\n")
-  with pytest.raises(ValueError, match="notes.csv.*unsupported file extension"
-                     " '.csv'"):
+  with pytest.raises(ValueError, match="notes.csv.*unsupported file extension" " '.csv'"):
     data.file_corpus(str(tmp_path / "*"))
 
 
@@ -268,8 +253,7 @@ def test_error_jsonl_invalid_json(tmp_path):
 def test_error_jsonl_missing_field(tmp_path):
   path = tmp_path / "nofield.jsonl"
   path.write_text('{"text": "a"}\n{"content": "b"}\n')
-  with pytest.raises(
-      ValueError, match="nofield.jsonl:2: missing text field 'text'.*content"):
+  with pytest.raises(ValueError, match="nofield.jsonl:2: missing text field 'text'.*content"):
     data.file_corpus(str(path))
   path.write_text('{"text": 3}\n')
   with pytest.raises(ValueError, match="nofield.jsonl:1: field 'text' must be"):
@@ -284,8 +268,7 @@ def test_error_missing_column(tmp_path, ext):
     pq.write_table(table, path)
   else:
     feather.write_feather(table, path)
-  with pytest.raises(ValueError, match=f"t.{ext}: no column 'text'; available"
-                     r" columns: \['content', 'id'\]"):
+  with pytest.raises(ValueError, match=f"t.{ext}: no column 'text'; available" r" columns: \['content', 'id'\]"):
     data.file_corpus(str(path))
   with pytest.raises(ValueError, match="column 'id' has type int64"):
     data.file_corpus(str(path), text_field="id")
@@ -295,8 +278,7 @@ def test_error_batch_not_divisible(tmp_path):
   folder = _write_txt(tmp_path, _docs(4))
   cfg = _cfg(sources=[str(folder / "*.txt")])
   with pytest.raises(ValueError, match="global_batch_size=5.*process_count=2"):
-    data.make_train_iterator(cfg, SEQ_LEN, 5, 0, process_index=0,
-                             process_count=2)
+    data.make_train_iterator(cfg, SEQ_LEN, 5, 0, process_index=0, process_count=2)
   with pytest.raises(ValueError, match="global_batch_size=5.*process_count=2"):
     data.make_eval_iterator(cfg, SEQ_LEN, 5, 0, 2)
 
@@ -337,15 +319,28 @@ def test_small_corpus_holds_out_at_least_one_document(tmp_path, caplog):
 def _mixed_good_and_bad(tmp_path):
   """A jsonl and a parquet file of good documents among bad records; returns (good documents, bad `file:line`s)."""
   good = [f"good document {i} ".encode() * (i + 1) for i in range(8)]
-  lines = [json.dumps({"text": good[0].decode()}), json.dumps({"text": good[1].decode()}),
-           json.dumps({"text": good[2].decode()}), '{"text": "cut sho', json.dumps({"content": "no text"}),
-           json.dumps({"text": 5}), "", json.dumps({"text": good[3].decode()}), "[1, 2]",
-           json.dumps({"text": good[4].decode()}), json.dumps({"text": good[5].decode()})]
+  lines = [
+      json.dumps({"text": good[0].decode()}),
+      json.dumps({"text": good[1].decode()}),
+      json.dumps({"text": good[2].decode()}),
+      '{"text": "cut sho',
+      json.dumps({"content": "no text"}),
+      json.dumps({"text": 5}),
+      "",
+      json.dumps({"text": good[3].decode()}),
+      "[1, 2]",
+      json.dumps({"text": good[4].decode()}),
+      json.dumps({"text": good[5].decode()}),
+  ]
   (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
   pq.write_table(pa.table({"text": [good[6].decode(), None, good[7].decode()]}), tmp_path / "mixed.parquet")
-  bad = [("mixed.jsonl:4", "invalid JSON"), ("mixed.jsonl:5", "missing text field 'text'"),
-         ("mixed.jsonl:6", "field 'text' must be a string"), ("mixed.jsonl:9", "expected a JSON object"),
-         ("mixed.parquet:1", "null 'text'")]
+  bad = [
+      ("mixed.jsonl:4", "invalid JSON"),
+      ("mixed.jsonl:5", "missing text field 'text'"),
+      ("mixed.jsonl:6", "field 'text' must be a string"),
+      ("mixed.jsonl:9", "expected a JSON object"),
+      ("mixed.parquet:1", "null 'text'"),
+  ]
   return good, bad
 
 
@@ -384,8 +379,7 @@ def test_on_bad_record_error_stops_and_skip_reads_every_good_document(tmp_path, 
 def test_eval_packing_invariants(tmp_path):
   docs = _docs(23)
   folder = _write_txt(tmp_path, docs)
-  cfg = _cfg(sources=[str(folder / "*.txt")], validation_fraction=0.0,
-             validation_sources=[str(folder / "*.txt")])
+  cfg = _cfg(sources=[str(folder / "*.txt")], validation_fraction=0.0, validation_sources=[str(folder / "*.txt")])
   ev = data.make_eval_iterator(cfg, SEQ_LEN, 4, 0, 1)
   batches = list(ev)
   assert len(batches) == len(ev) == ev.num_batches
@@ -409,8 +403,7 @@ def test_eval_packing_invariants(tmp_path):
   assert np.all(targets[~real] == tokenizer.BOE_ID)
   assert np.all(targets[real] != tokenizer.BOE_ID)
   # Within a row, targets are tokens shifted by one.
-  np.testing.assert_array_equal(tokens[:, 1:][real[:, 1:]],
-                                targets[:, :-1][real[:, 1:]])
+  np.testing.assert_array_equal(tokens[:, 1:][real[:, 1:]], targets[:, :-1][real[:, 1:]])
   # Re-iterating gives a fresh identical pass.
   for a, b in zip(batches, ev):
     for k in a:
@@ -422,8 +415,7 @@ def test_train_packing_one_epoch_in_order(tmp_path):
   folder = _write_txt(tmp_path, docs)
   cfg = _cfg(sources=[str(folder / "*.txt")], validation_fraction=0.0)
   train, _ = data.build_sources(cfg)
-  it = data.make_train_iterator(cfg, SEQ_LEN, 3, seed=7, process_index=0,
-                                process_count=1)
+  it = data.make_train_iterator(cfg, SEQ_LEN, 3, seed=7, process_index=0, process_count=1)
   stream = _stream(docs)
   batches = _take(it, 2 * len(stream) // (3 * SEQ_LEN) + 2)
   it.close()
@@ -433,12 +425,11 @@ def test_train_packing_one_epoch_in_order(tmp_path):
   # Targets are the concatenated token stream shifted by one.
   np.testing.assert_array_equal(targets[:-1], tokens[1:])
   # The stream is the documents in the shuffled order of the document dataset.
-  order = data.document_dataset(train, seed=7, shuffle=True, repeat=True,
-                                process_index=0, process_count=1)
+  order = data.document_dataset(train, seed=7, shuffle=True, repeat=True, process_index=0, process_count=1)
   expected = np.concatenate([order[i]["ids"] for i in range(3 * len(docs))])
-  np.testing.assert_array_equal(tokens, expected[:len(tokens)])
+  np.testing.assert_array_equal(tokens, expected[: len(tokens)])
   # Epoch 1: every document exactly once, bytes in order, EOS-separated.
-  first_epoch = tokens[:len(stream)]
+  first_epoch = tokens[: len(stream)]
   assert first_epoch[0] == tokenizer.BOS_ID
   assert sorted(_split_docs(first_epoch)) == sorted(docs)
   assert _split_docs(first_epoch) != docs  # Shuffled.
@@ -476,8 +467,7 @@ def test_extra_fields_carried_through_packing():
 
   docs = _docs(9)
   src = EntropySource(docs)
-  ev = data.EvalIterator(src, seq_len=SEQ_LEN, batch_size=2, process_index=0,
-                         process_count=1, prefetch=0)
+  ev = data.EvalIterator(src, seq_len=SEQ_LEN, batch_size=2, process_index=0, process_count=1, prefetch=0)
   for b in ev:
     frac = b["entropies"] - b["tokens"] * 0.5  # == doc index where real.
     real = np.zeros_like(b["loss_mask"], bool)
@@ -486,8 +476,9 @@ def test_extra_fields_carried_through_packing():
     assert b["entropies"].dtype == np.float32
     np.testing.assert_array_equal(frac[real], np.round(frac[real]))
     assert np.all(b["entropies"][~real] == 0)
-  ds = data.build_train_dataset(src, seq_len=SEQ_LEN, batch_size=2, seed=0,
-                                process_index=0, process_count=1, prefetch=0)
+  ds = data.build_train_dataset(
+      src, seq_len=SEQ_LEN, batch_size=2, seed=0, process_index=0, process_count=1, prefetch=0
+  )
   it = iter(ds)
   _take(it, 7)
   state = data.state_from_bytes(data.state_to_bytes(it.get_state()))
@@ -505,8 +496,7 @@ def test_extra_fields_carried_through_packing():
 def test_two_hosts_disjoint_documents(tmp_path):
   docs = _docs(23)
   folder = _write_txt(tmp_path, docs)
-  cfg = _cfg(sources=[str(folder / "*.txt")],
-             validation_sources=[str(folder / "*.txt")])
+  cfg = _cfg(sources=[str(folder / "*.txt")], validation_sources=[str(folder / "*.txt")])
   seen, evs = [], []
   for host in range(2):
     ev = data.make_eval_iterator(cfg, SEQ_LEN, 4, host, 2)
@@ -521,10 +511,8 @@ def test_two_hosts_disjoint_documents(tmp_path):
   for epoch in range(2):
     keys = []
     for host in range(2):
-      ds = data.document_dataset(train, seed=3, shuffle=True, repeat=True,
-                                 process_index=host, process_count=2)
-      positions = [j for j in range(n) if epoch * n <= j * 2 + host
-                   < (epoch + 1) * n]
+      ds = data.document_dataset(train, seed=3, shuffle=True, repeat=True, process_index=host, process_count=2)
+      positions = [j for j in range(n) if epoch * n <= j * 2 + host < (epoch + 1) * n]
       keys.append([tokenizer.decode_bytes(ds[j]["ids"]) for j in positions])
     assert not set(keys[0]) & set(keys[1])
     assert sorted(keys[0] + keys[1]) == sorted(docs)
@@ -539,8 +527,7 @@ def test_eval_hosts_padded_to_same_length(tmp_path):
   # One long and several tiny documents: host 0 has far more windows.
   docs = [b"L" * (10 * SEQ_LEN)] + [b"s"] * 5
   folder = _write_txt(tmp_path, docs)
-  cfg = _cfg(validation_sources=[str(folder / "*.txt")],
-             sources=[str(folder / "*.txt")])
+  cfg = _cfg(validation_sources=[str(folder / "*.txt")], sources=[str(folder / "*.txt")])
   # Host 0: 162 + 3 + 3 tokens -> 11 windows -> 6 batches of 2; host 1: 1.
   evs = [data.make_eval_iterator(cfg, SEQ_LEN, 4, h, 2) for h in range(2)]
   assert evs[0].num_batches == evs[1].num_batches == 6
@@ -582,9 +569,9 @@ def test_resume_from_state(tmp_path, prefetch):
 def test_resume_at_every_position(tmp_path):
   folder = _write_txt(tmp_path, _docs(7))
   src = data.file_corpus(str(folder / "*.txt"))
-  ds = data.build_train_dataset(src, seq_len=5, batch_size=1, seed=1,
-                                process_index=0, process_count=1, prefetch=0,
-                                num_threads=0)
+  ds = data.build_train_dataset(
+      src, seq_len=5, batch_size=1, seed=1, process_index=0, process_count=1, prefetch=0, num_threads=0
+  )
   it = iter(ds)
   states, rows = [], []
   for _ in range(60):
@@ -615,15 +602,15 @@ def test_resume_rejects_mismatched_state(tmp_path):
 
 def test_packer_directly_on_known_stream():
   import grain  # pylint: disable=g-import-not-at-top
+
   docs = [b"abc", b"", b"defghijklmnop"]
   ds = grain.MapDataset.source(docs).map(packing.to_token_doc)
-  packed = packing.PackedWindowsIterDataset(ds.to_iter_dataset(), 4,
-                                            pad_final=True)
+  packed = packing.PackedWindowsIterDataset(ds.to_iter_dataset(), 4, pad_final=True)
   windows = list(packed)
   stream = _stream(docs)
   assert len(windows) == -(-(len(stream) - 1) // 4)
   for k, w in enumerate(windows):
-    seg = stream[4 * k: 4 * k + 5]
+    seg = stream[4 * k : 4 * k + 5]
     n = len(seg) - 1
     np.testing.assert_array_equal(w["tokens"][:n], seg[:-1])
     np.testing.assert_array_equal(w["targets"][:n], seg[1:])
@@ -637,8 +624,7 @@ def _mixed_corpus(root, n_lines=40):
   """A jsonl, a parquet and txt files under `root` (an epath.Path, any
   backend); returns the sorted-order texts of every document."""
   rng = np.random.default_rng(1)
-  texts = [("line %d " % i) + "y" * int(rng.integers(0, 60))
-           for i in range(n_lines)]
+  texts = [("line %d " % i) + "y" * int(rng.integers(0, 60)) for i in range(n_lines)]
   (root / "sub").mkdir(parents=True, exist_ok=True)
   lines = [json.dumps({"text": t}) for t in texts]
   lines.insert(7, "")  # A blank line: no document, but it counts in keys.
@@ -647,8 +633,7 @@ def _mixed_corpus(root, n_lines=40):
   with (root / "sub" / "c.parquet").open("wb") as f:
     pq.write_table(pa.table({"text": texts[:25]}), f, row_group_size=4)
   (root / "sub" / "d.txt").write_bytes(b"another")
-  return ([t.encode() for t in texts] + [b"a whole text file"]
-          + [t.encode() for t in texts[:25]] + [b"another"])
+  return [t.encode() for t in texts] + [b"a whole text file"] + [t.encode() for t in texts[:25]] + [b"another"]
 
 
 def _all(src):
@@ -715,6 +700,7 @@ class _CountingFile:
 def test_startup_reads_and_parses_only_its_share(tmp_path, monkeypatch):
   from blt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from blt_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   texts = [f"document {i:05d}" for i in range(2000)]  # Equal lines.
   corpus = tmp_path / "corpus.jsonl"
   corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -725,10 +711,7 @@ def test_startup_reads_and_parses_only_its_share(tmp_path, monkeypatch):
   path_cls = type(epath.Path(tmp_path))
   original_open, original_parse = path_cls.open, sources._jsonl_text
   monkeypatch.setattr(sources, "_READ_BLOCK", 4096)
-  monkeypatch.setattr(
-      path_cls, "open",
-      lambda self, *a, **k: _CountingFile(original_open(self, *a, **k),
-                                          counter))
+  monkeypatch.setattr(path_cls, "open", lambda self, *a, **k: _CountingFile(original_open(self, *a, **k), counter))
 
   def parse(line, field):
     counter["parsed"] += 1
@@ -770,8 +753,8 @@ def test_startup_reads_and_parses_only_its_share(tmp_path, monkeypatch):
       assert counter["parsed"] <= 3 * (len(texts) // n + 1)
   # Documents are read only when the iterator reaches them.
   it = data.make_train_iterator(
-      _cfg(sources=[str(corpus)], validation_sources=[str(val)], prefetch=0,
-           num_threads=0), SEQ_LEN, 4, 0, 3, 4)
+      _cfg(sources=[str(corpus)], validation_sources=[str(val)], prefetch=0, num_threads=0), SEQ_LEN, 4, 0, 3, 4
+  )
   counter.update(bytes=0, parsed=0)
   next(it)
   assert counter["parsed"] <= 4 and counter["bytes"] < 4 * 200
@@ -828,8 +811,7 @@ def test_process_inside_one_huge_document_reads_it(tmp_path):
   (tmp_path / "small.txt").write_bytes(b"small")
   cfg = _cfg(sources=[str(tmp_path / "*.txt")], validation_fraction=0.0)
   shares = [data.build_train_source(cfg, i, 3) for i in range(3)]
-  assert [[s.key(j) for j in range(len(s))] for s in shares] == [
-      ["big.txt"], ["big.txt"], ["small.txt"]]
+  assert [[s.key(j) for j in range(len(s))] for s in shares] == [["big.txt"], ["big.txt"], ["small.txt"]]
   for host in range(3):
     batch = next(data.make_train_iterator(cfg, SEQ_LEN, 3, 0, host, 3))
     assert batch["tokens"].shape == (1, SEQ_LEN)
@@ -853,13 +835,11 @@ def test_sources_at_a_url(tmp_path, fake_gcs):
     local = tmp_path / key
     local.parent.mkdir(parents=True, exist_ok=True)
     local.write_bytes(fake_gcs.cat_file(key))
-  assert _all(data.file_corpus(str(tmp_path / "bucket" / "corpus" / "**" /
-                                   "*.*"))) == (docs, keys)
+  assert _all(data.file_corpus(str(tmp_path / "bucket" / "corpus" / "**" / "*.*"))) == (docs, keys)
   for i in range(2):
     batches = []
     for root in ("gs://bucket/corpus", str(tmp_path / "bucket" / "corpus")):
-      cfg = _cfg(sources=[root + "/*.jsonl", root + "/sub/*.parquet"],
-                 validation_sources=[root + "/b.txt"])
+      cfg = _cfg(sources=[root + "/*.jsonl", root + "/sub/*.parquet"], validation_sources=[root + "/b.txt"])
       it = data.make_train_iterator(cfg, SEQ_LEN, 4, 0, i, 2)
       batches.append(_take(it, 3))
       it.close()

@@ -5,6 +5,7 @@ A module's argparse command line parses the shown arguments (stopped right after
 command's config file exists and its `--config.a.b=` keys are fields of it; a script exists, as does every
 `configs/*.py` a command names.
 """
+
 import argparse
 import importlib
 import pathlib
@@ -46,8 +47,16 @@ ALL = sorted({(page.name, c) for page in PAGES for c in _commands(page.read_text
 
 def test_the_pages_show_commands():
   names = {c.split()[2] if c.split()[1] == "-m" else c.split()[1] for _, c in ALL}
-  assert {"blt_jax.train", "blt_jax.score", "blt_jax.generate", "blt_jax.convert", "blt_jax.harness",
-          "blt_jax.calibrate", "scripts/aot_compile.py", "scripts/flop_matched_study.py"} <= names
+  assert {
+      "blt_jax.train",
+      "blt_jax.score",
+      "blt_jax.generate",
+      "blt_jax.convert",
+      "blt_jax.harness",
+      "blt_jax.calibrate",
+      "scripts/aot_compile.py",
+      "scripts/flop_matched_study.py",
+  } <= names
 
 
 class _Parsed(Exception):
@@ -69,7 +78,7 @@ def test_command_is_current(page, command, monkeypatch):
     cfg = train_config.load_config_file(str(ROOT / config))
     for arg in args:
       if arg.startswith("--config."):
-        key = arg[len("--config."):].split("=")[0]
+        key = arg[len("--config.") :].split("=")[0]
         assert train_config.unknown_key_error(cfg, key) is None, f"{page}: {command}: {key}"
     return
   if module not in ARGPARSE_COMMANDS:

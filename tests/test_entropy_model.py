@@ -1,4 +1,5 @@
 """Entropy model: golden parity, the released masks (window, documents), chunking without cross-row bleed."""
+
 import dataclasses
 import flax.linen as nn
 import jax
@@ -26,8 +27,9 @@ def test_golden_entropies(golden):
   arrays, meta = golden
   cfg = entropy_config_from_reference(meta["entropy_model_args"])
   assert cfg.sliding_window == 512  # hard-coded by the reference's load_entropy_model (spec 2.1)
-  params = params_from_state_dict({k[len("entropy_model/"):]: v for k, v in arrays.items()
-                                   if k.startswith("entropy_model/")}, cfg)
+  params = params_from_state_dict(
+      {k[len("entropy_model/") :]: v for k, v in arrays.items() if k.startswith("entropy_model/")}, cfg
+  )
   tokens = jnp.asarray(arrays["tokens"], jnp.int32)
   logits = chunked_logits(params, tokens, cfg)
   np.testing.assert_allclose(logits, arrays["entropy_logits"], atol=1e-4)

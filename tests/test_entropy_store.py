@@ -1,4 +1,5 @@
 """Precomputed entropies: stored values equal the model's, travel with the tokens through packing, fail clearly."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,8 +25,13 @@ def model():
 
 @pytest.fixture
 def corpus(tmp_path):
-  texts = {"a.txt": b"hello world, " * 3, "b.txt": b"x" * 300, "c.txt": "caf\xe9 \u00fcber".encode() * 5,
-           "d.txt": b"short", "e.txt": bytes(range(256))}
+  texts = {
+      "a.txt": b"hello world, " * 3,
+      "b.txt": b"x" * 300,
+      "c.txt": "caf\xe9 \u00fcber".encode() * 5,
+      "d.txt": b"short",
+      "e.txt": bytes(range(256)),
+  }
   for name, body in texts.items():
     (tmp_path / name).write_bytes(body)
   cfg = data_lib.default_data_config()
@@ -66,11 +72,12 @@ def test_entropies_travel_through_packing(tmp_path, corpus, model):
     for tokens, ents in zip(batch["tokens"], batch["entropies"]):
       for start in np.flatnonzero(tokens == tokenizer.BOS_ID):
         m_max = len(tokens) - start
-        matches = [d for d in docs if np.array_equal(tokens[start:start + min(len(d["ids"]), m_max)],
-                                                     d["ids"][:m_max])]
+        matches = [
+            d for d in docs if np.array_equal(tokens[start : start + min(len(d["ids"]), m_max)], d["ids"][:m_max])
+        ]
         assert matches, "a document start in the batch matches no document"
         m = min(len(matches[0]["ids"]), m_max)
-        np.testing.assert_allclose(ents[start:start + m], matches[0]["entropies"][:m])
+        np.testing.assert_allclose(ents[start : start + m], matches[0]["entropies"][:m])
         checked += 1
   assert checked >= 3
 
@@ -113,8 +120,9 @@ def test_store_at_a_url(tmp_path, corpus, model, fake_gcs):
     fake_gcs.pipe_file(f"bucket/corpus/{name}", (tmp_path / name).read_bytes())
   cfg.sources = ["gs://bucket/corpus/*.txt"]
   cfg.entropy_store = "gs://bucket/stores/s"
-  batch = next(data_lib.make_train_iterator(cfg, seq_len=64, global_batch_size=2, seed=0, process_index=0,
-                                            process_count=1))
+  batch = next(
+      data_lib.make_train_iterator(cfg, seq_len=64, global_batch_size=2, seed=0, process_index=0, process_count=1)
+  )
   assert batch["entropies"].shape == (2, 64) and np.any(batch["entropies"] > 0)
   # Rewriting removes the index first: a store is complete exactly when its index is there.
   with pytest.raises(Exception):

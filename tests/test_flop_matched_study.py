@@ -5,6 +5,7 @@ variant at seed 0 without noise; then two variants (a filter: the BPE model and 
 scoring paths that differ most) at seeds 0 and 1 under every noise type, the seed-0 runs scored from the exports the
 first invocation left. The second must reuse what the first finished. `--budget-scale` is checked without training
 (its steps, its flags, and its rows and points in the report), which keeps the file under 3 minutes on 2 cores."""
+
 import importlib.util
 import json
 import math
@@ -35,11 +36,22 @@ def _run_smoke(out, *flags: str) -> None:
   program an eight-way SPMD one: slower to compile, and nothing here is about sharding). A persistent compilation
   cache next to OUT: the BLT variants share one model config, so their init, evaluation and scoring programs are
   the same programs, compiled once."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
-             JAX_COMPILATION_CACHE_DIR=f"{out}-jax-cache", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  done = subprocess.run([sys.executable, str(ROOT / "scripts" / "flop_matched_study.py"), "--smoke", "--out", str(out),
-                         *flags], env=env, capture_output=True, text=True, timeout=1800, check=False)
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_backend_optimization_level=0",
+      JAX_COMPILATION_CACHE_DIR=f"{out}-jax-cache",
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+  done = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "flop_matched_study.py"), "--smoke", "--out", str(out), *flags],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=1800,
+      check=False,
+  )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -164,15 +176,34 @@ def test_budget_scale_runs_land_beside_round_one(smoke, tmp_path):
   per_step = study["plan"]["runs"]["byte"]["flops_per_step"]
   assert abs(steps - 2 * study["plan"]["flops_per_run"] / per_step) <= 0.5
   # A finished 2x run, as run_variant would record it, beside round one's runs in the same report.
-  scaled = dict(byte, run_id=key.id, budget_scale=2.0, steps=steps, train_flops=2 * byte["train_flops"], noise={},
-                curve=[dict(p, flops=2 * p["flops"], bpb=p["bpb"] - 1) for p in byte["curve"]])
+  scaled = dict(
+      byte,
+      run_id=key.id,
+      budget_scale=2.0,
+      steps=steps,
+      train_flops=2 * byte["train_flops"],
+      noise={},
+      curve=[dict(p, flops=2 * p["flops"], bpb=p["bpb"] - 1) for p in byte["curve"]],
+  )
   both = dict(study, runs=study["runs"] + [scaled])
   report.write(str(tmp_path), both)
   md = (tmp_path / "study.md").read_text()
   assert "| byte-level transformer (`byte`) | 2x |" in md and "| byte-level transformer (`byte`) | 1x |" in md
   assert (tmp_path / "study.png").stat().st_size > 10_000
-  args = flop_matched_study.parse_args(["--out", str(out), "--budget-scale", "3", "--variants", "bpe,blt_space",
-                                        "--seeds", "0,1", "--noise", "caps,spell"])
+  args = flop_matched_study.parse_args(
+      [
+          "--out",
+          str(out),
+          "--budget-scale",
+          "3",
+          "--variants",
+          "bpe,blt_space",
+          "--seeds",
+          "0,1",
+          "--noise",
+          "caps,spell",
+      ]
+  )
   s = flop_matched_study.settings(args)
   assert (s.budget_scale, s.variants, s.seeds, s.noise) == (3.0, ("bpe", "blt_space"), (0, 1), ("caps", "spell"))
   assert flop_matched_study.main(["--out", str(tmp_path / "x"), "--variants", "bpe,nope"]) == 1
@@ -196,6 +227,7 @@ def _zero_params(config):
   import jax  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from blt_jax.entropy_model import init_entropy_model  # pylint: disable=g-import-not-at-top
+
   shapes = nn.meta.unbox(jax.eval_shape(lambda: init_entropy_model(jax.random.PRNGKey(0), config)))
   return jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), shapes)
 
@@ -203,8 +235,9 @@ def _zero_params(config):
 def test_noised_scores_divide_by_the_noised_bytes(tmp_path):
   texts = ["def f(x):\n    return x + 1\n", "caf\u00e9 na\u00efve " * 30]
   spelled = noise.apply(noise.noise("spell"), texts, seed=0)
-  byte_cfg = train_config.model_config(variants.byte_lm_config(variants.SMOKE, dict(train="", heldout=""),
-                                                               num_steps=1, seed=0, data_seed=0, evals=1))
+  byte_cfg = train_config.model_config(
+      variants.byte_lm_config(variants.SMOKE, dict(train="", heldout=""), num_steps=1, seed=0, data_seed=0, evals=1)
+  )
   params = _zero_params(byte_cfg)
   for t in (texts, spelled):
     got = heldout.lm_scores(params, byte_cfg, heldout.byte_docs(t), heldout.utf8_bytes(t), 64, 4)
@@ -235,8 +268,10 @@ def test_bpe_round_trips_and_keeps_the_special_ids(tmp_path):
 
 
 def test_html_text_and_paragraph_groups():
-  page = b"<html><head><title>t</title><style>x{}</style></head><body><h2>Title</h2><div class='para'>One  two\n" \
-         b"\t three &amp; four</div><p>Five</p></body></html>"
+  page = (
+      b"<html><head><title>t</title><style>x{}</style></head><body><h2>Title</h2><div class='para'>One  two\n"
+      b"\t three &amp; four</div><p>Five</p></body></html>"
+  )
   paragraphs = corpus.html_paragraphs(page)
   assert paragraphs == ["Title", "One two\nthree & four", "Five"]
   assert corpus.group_paragraphs(paragraphs, 20) == ["Title", "One two\nthree & four", "Five"]

@@ -1,4 +1,5 @@
 """The FLOP model: hand-checkable pieces and the scaling the paper relies on."""
+
 from blt_jax import flops
 from blt_jax.config import BLTConfig, EntropyModelConfig
 

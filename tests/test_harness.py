@@ -1,4 +1,5 @@
 """lm-evaluation-harness model: its numbers are the scorer's and the generator's; local tasks through lm_eval's CLI."""
+
 import json
 import math
 import os
@@ -55,7 +56,10 @@ PPL = [
 ]
 
 TASKS = {
-    "blt_local_mc": ("mc.jsonl", [dict(context=c, choices=ch, answer=a) for c, ch, a in MC], """\
+    "blt_local_mc": (
+        "mc.jsonl",
+        [dict(context=c, choices=ch, answer=a) for c, ch, a in MC],
+        """\
 output_type: multiple_choice
 doc_to_text: "{{context}}"
 doc_to_choice: "{{choices}}"
@@ -64,8 +68,12 @@ target_delimiter: ""
 metric_list:
   - {metric: acc, aggregation: mean, higher_is_better: true}
   - {metric: acc_norm, aggregation: mean, higher_is_better: true}
-"""),
-    "blt_local_gen": ("gen.jsonl", [dict(prompt=p, target=t) for p, t in GEN], """\
+""",
+    ),
+    "blt_local_gen": (
+        "gen.jsonl",
+        [dict(prompt=p, target=t) for p, t in GEN],
+        """\
 output_type: generate_until
 doc_to_text: "{{prompt}}"
 doc_to_target: "{{target}}"
@@ -74,8 +82,12 @@ generation_kwargs:
   max_gen_toks: 16
 metric_list:
   - {metric: exact_match, aggregation: mean, higher_is_better: true}
-"""),
-    "blt_local_ppl": ("ppl.jsonl", [dict(text=t) for t in PPL], """\
+""",
+    ),
+    "blt_local_ppl": (
+        "ppl.jsonl",
+        [dict(text=t) for t in PPL],
+        """\
 output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{text}}"
@@ -83,7 +95,8 @@ metric_list:
   - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
   - {metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
   - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
-"""),
+""",
+    ),
 }
 
 
@@ -95,7 +108,8 @@ def write_tasks(directory) -> str:
     (directory / data_file).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (directory / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / data_file}\n"
-        f"  cache_dir: {directory / 'hf_cache'}\ntest_split: test\n{body}metadata:\n  version: 1.0\n")
+        f"  cache_dir: {directory / 'hf_cache'}\ntest_split: test\n{body}metadata:\n  version: 1.0\n"
+    )
   return str(directory)
 
 
@@ -109,15 +123,16 @@ def ckpt(tmp_path_factory):
   # Random weights: logit 0 for EOS and the non-ASCII bytes (below the best of a hundred random logits), so greedy
   # rows run on in ASCII, which stop strings can name.
   out = model["blt_params"]["local_decoder"]["output"]
-  out["kernel"] = out["kernel"].at[:, tokenizer.EOS_ID].set(0.0).at[:, tokenizer.OFFSET + 128:].set(0.0)
+  out["kernel"] = out["kernel"].at[:, tokenizer.EOS_ID].set(0.0).at[:, tokenizer.OFFSET + 128 :].set(0.0)
   return helpers.save_checkpoint(tmp_path_factory.mktemp("harness") / "ckpt", **model)
 
 
 @pytest.fixture(scope="module")
 def lm(ckpt):
   """The model as lm_eval builds it from `--model blt_jax --model_args ...`."""
-  return get_model("blt_jax").create_from_arg_string(f"checkpoint={ckpt},gen_batch=4,gen_chunk=8",
-                                                      {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"})
+  return get_model("blt_jax").create_from_arg_string(
+      f"checkpoint={ckpt},gen_batch=4,gen_chunk=8", {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
+  )
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +157,15 @@ def test_loglikelihood_is_the_scorers_continuation_nll(lm, plain):
   """Harness = -(NLL(context + continuation) - NLL(context)) by the plain scorer, and = the sum of the scorer's
   last per-byte NLLs; an empty context reads [BOS] alone; texts longer than a row (127 bytes) too."""
   long_context = " ".join(["the cat sat on a mat"] * 12)  # 251 bytes: the scorer's windows
-  pairs = [("Question: is a BLT a sandwich?\nAnswer:", " no"), ("", "Hello world"), ("naïve ", "café"),
-           ("The quick brown", " fox"), (long_context, " and the dog ran"), ("x" * 120, "yz" * 10), ("abc", "")]
+  pairs = [
+      ("Question: is a BLT a sandwich?\nAnswer:", " no"),
+      ("", "Hello world"),
+      ("naïve ", "café"),
+      ("The quick brown", " fox"),
+      (long_context, " and the dog ran"),
+      ("x" * 120, "yz" * 10),
+      ("abc", ""),
+  ]
   got = lm.loglikelihood(_requests("loglikelihood", pairs))
   whole = plain.score_texts([c + x for c, x in pairs])
   context = {c: s.nll_nats for c, s in zip([c for c, _ in pairs if c], plain.score_texts([c for c, _ in pairs if c]))}
@@ -154,7 +176,7 @@ def test_loglikelihood_is_the_scorers_continuation_nll(lm, plain):
     np.testing.assert_allclose(ll, -(w.nll_nats - context.get(c, 0.0)), rtol=RTOL, atol=1e-4)
   per_byte = lm.scorer.score_texts([c + x for c, x in pairs[:-1]])  # the harness's own scorer (per byte)
   for (c, x), (ll, _), s in zip(pairs, got, per_byte):
-    np.testing.assert_allclose(ll, -s.nll_per_byte[-len(x.encode()):].astype(np.float64).sum(), rtol=RTOL)
+    np.testing.assert_allclose(ll, -s.nll_per_byte[-len(x.encode()) :].astype(np.float64).sum(), rtol=RTOL)
 
 
 def test_sharded_and_bfloat16_model_args(lm, ckpt):
@@ -221,22 +243,25 @@ def test_generate_until_is_the_generator(lm):
   """Two settings groups; prompts of several lengths (batches of 3 + a filler row padding the prompt length to its
   bucket), one longer than the context (cut from the left), stop strings that do cut: the generator's own bytes."""
   prompts = ["Hi", "def f(x):", "a" * 70, "z" + "0123456789" * 13]
-  greedy_ref = generate.generate(lm.model, [p.encode()[-(128 - 1 - 20):] for p in prompts], 20, chunk=8)
+  greedy_ref = generate.generate(lm.model, [p.encode()[-(128 - 1 - 20) :] for p in prompts], 20, chunk=8)
   stops = [r.continuation[6:8].decode() for r in greedy_ref[:2]]  # two bytes each run really produces
-  settings = [{"until": stops, "max_gen_toks": 20},
-              {"until": "\n\n", "max_gen_toks": 12, "do_sample": True, "temperature": 0.8, "top_k": 20}]
+  settings = [
+      {"until": stops, "max_gen_toks": 20},
+      {"until": "\n\n", "max_gen_toks": 12, "do_sample": True, "temperature": 0.8, "top_k": 20},
+  ]
   got = lm.generate_until(_requests("generate_until", [(p, s) for s in settings for p in prompts]))
   assert len(got[0]) <= 6 and len(got[1]) <= 6  # cut by the stop strings
   for k, s in enumerate(settings):
     max_bytes = s["max_gen_toks"]
-    cut = [p.encode()[-(128 - 1 - max_bytes):] for p in prompts]
+    cut = [p.encode()[-(128 - 1 - max_bytes) :] for p in prompts]
     assert len(cut[-1]) < len(prompts[-1])
     sampling = generate.Sampling(0.8, 20, 1.0) if s.get("do_sample") else generate.Sampling()
     until = [s["until"]] if isinstance(s["until"], str) else s["until"]
     streams = range(k * len(prompts), (k + 1) * len(prompts))  # each request's index in the list
-    ref = generate.generate(lm.model, cut, max_bytes, sampling=sampling, stop=[u.encode() for u in until], chunk=8,
-                            streams=streams)
-    assert got[k * len(prompts):(k + 1) * len(prompts)] == [r.continuation.decode("utf-8", "replace") for r in ref]
+    ref = generate.generate(
+        lm.model, cut, max_bytes, sampling=sampling, stop=[u.encode() for u in until], chunk=8, streams=streams
+    )
+    assert got[k * len(prompts) : (k + 1) * len(prompts)] == [r.continuation.decode("utf-8", "replace") for r in ref]
 
 
 def test_repeated_requests_get_samples_of_their_own(lm):
@@ -247,18 +272,47 @@ def test_repeated_requests_get_samples_of_their_own(lm):
   got = lm.generate_until(_requests("generate_until", [(prompt, settings)] * 5))  # batches of 3 (gen_batch 4)
   assert len(set(got)) == 5, got
   other = "z" + "0123456789" * 11 + "0123"  # 115 bytes: [BOS] + 115, the filler's padded prompt length
-  ref = generate.generate(lm.model, [prompt] * 3 + [other], 12, sampling=generate.Sampling(0.8, 20, 1.0),
-                          stop=[b"\n\n"], chunk=8, streams=[3, 4, 0, 9])
+  ref = generate.generate(
+      lm.model,
+      [prompt] * 3 + [other],
+      12,
+      sampling=generate.Sampling(0.8, 20, 1.0),
+      stop=[b"\n\n"],
+      chunk=8,
+      streams=[3, 4, 0, 9],
+  )
   assert got[3:] == [r.continuation.decode("utf-8", "replace") for r in ref[:2]]
   assert got[0] == ref[2].continuation.decode("utf-8", "replace")
 
 
 def _run_cli(ckpt, tasks_dir, out_dir, extra=()):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-             HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-  return subprocess.run([sys.executable, "-m", "blt_jax.harness", "--model_args", f"checkpoint={ckpt},gen_batch=4",
-                         "--tasks", ",".join(TASKS), "--include_path", tasks_dir, "--output_path", str(out_dir),
-                         "--log_samples", *extra], env=env, capture_output=True, text=True, timeout=900)
+  env = dict(
+      os.environ,
+      PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+      HF_DATASETS_OFFLINE="1",
+      HF_HUB_OFFLINE="1",
+  )
+  return subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "blt_jax.harness",
+          "--model_args",
+          f"checkpoint={ckpt},gen_batch=4",
+          "--tasks",
+          ",".join(TASKS),
+          "--include_path",
+          tasks_dir,
+          "--output_path",
+          str(out_dir),
+          "--log_samples",
+          *extra,
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
 
 
 def test_local_tasks_through_lm_evals_command_line(lm, plain, ckpt, tmp_path):
@@ -269,8 +323,10 @@ def test_local_tasks_through_lm_evals_command_line(lm, plain, ckpt, tmp_path):
   assert run.returncode == 0, run.stderr[-4000:]
   assert "blt_local_mc" in run.stdout and "bits_per_byte" in run.stdout  # lm_eval's table
   results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
-  samples = {name: [json.loads(line) for line in next((tmp_path / "out").rglob(f"samples_{name}_*.jsonl")).open()]
-             for name in TASKS}
+  samples = {
+      name: [json.loads(line) for line in next((tmp_path / "out").rglob(f"samples_{name}_*.jsonl")).open()]
+      for name in TASKS
+  }
 
   # Multiple choice: each choice's (log-likelihood, is_greedy) is the scorer's; acc follows.
   mc = sorted(samples["blt_local_mc"], key=lambda s: s["doc_id"])
@@ -291,7 +347,8 @@ def test_local_tasks_through_lm_evals_command_line(lm, plain, ckpt, tmp_path):
   ref = generate.generate(lm.model, [p for p, _ in GEN], 16, stop=[b"\n"])
   assert [s["filtered_resps"][0] for s in gen] == [r.continuation.decode("utf-8", "replace") for r in ref]
   assert results["blt_local_gen"]["exact_match,none"] == pytest.approx(
-      np.mean([r.continuation.decode() == t for r, (_, t) in zip(ref, GEN)]))
+      np.mean([r.continuation.decode() == t for r, (_, t) in zip(ref, GEN)])
+  )
 
   # Rolling perplexity: bits per byte is the scorer's aggregate bpb.
   docs = plain.score_texts(PPL)

@@ -1,4 +1,5 @@
 """Hash n-gram ids (spec 4.2) and frequency n-gram ids (spec 4.3)."""
+
 import pickle
 import re
 
@@ -14,18 +15,108 @@ HELLO = [1, 76, 105, 112, 112, 115, 48, 36, 123, 115, 118, 112, 104, 37, 2]
 
 # Verified vectors from spec 4.2: prime index 0, V_hash = 500002.
 SPEC_VECTORS = {
-    3: [443987, 124875, 393970, 386145, 358223, 190185, 141703, 484917,
-        141967, 146186, 10172, 334275, 306354, 205291, 240335],
-    4: [437197, 433869, 117936, 254402, 246577, 30240, 114083, 12253,
-        461502, 217488, 33292, 467104, 390141, 114099, 79681],
-    5: [123201, 168913, 27892, 170862, 307328, 265602, 426354, 435293,
-        113380, 384029, 106114, 86218, 437928, 431048, 360501],
-    6: [166353, 160907, 92310, 405250, 48218, 280239, 83968, 362502, 28514,
-        86291, 48991, 483472, 343264, 40427, 360250],
-    7: [34117, 338221, 15158, 281878, 94816, 340137, 303839, 101668, 427355,
-        320433, 480561, 142061, 303606, 395081, 108661],
-    8: [172383, 205585, 456240, 129346, 299568, 322649, 430431, 246559,
-        94549, 155186, 258407, 498251, 491201, 418709, 336343],
+    3: [
+        443987,
+        124875,
+        393970,
+        386145,
+        358223,
+        190185,
+        141703,
+        484917,
+        141967,
+        146186,
+        10172,
+        334275,
+        306354,
+        205291,
+        240335,
+    ],
+    4: [
+        437197,
+        433869,
+        117936,
+        254402,
+        246577,
+        30240,
+        114083,
+        12253,
+        461502,
+        217488,
+        33292,
+        467104,
+        390141,
+        114099,
+        79681,
+    ],
+    5: [
+        123201,
+        168913,
+        27892,
+        170862,
+        307328,
+        265602,
+        426354,
+        435293,
+        113380,
+        384029,
+        106114,
+        86218,
+        437928,
+        431048,
+        360501,
+    ],
+    6: [
+        166353,
+        160907,
+        92310,
+        405250,
+        48218,
+        280239,
+        83968,
+        362502,
+        28514,
+        86291,
+        48991,
+        483472,
+        343264,
+        40427,
+        360250,
+    ],
+    7: [
+        34117,
+        338221,
+        15158,
+        281878,
+        94816,
+        340137,
+        303839,
+        101668,
+        427355,
+        320433,
+        480561,
+        142061,
+        303606,
+        395081,
+        108661,
+    ],
+    8: [
+        172383,
+        205585,
+        456240,
+        129346,
+        299568,
+        322649,
+        430431,
+        246559,
+        94549,
+        155186,
+        258407,
+        498251,
+        491201,
+        418709,
+        336343,
+    ],
 }
 SPEC_N4_OTHER_PRIMES = {
     1: [119331, 35167, 471854, 498236, 61869, 365194],
@@ -46,7 +137,7 @@ def _reference_ids(tokens_BL, n, prime_index, vocab_size):
   for b, row in enumerate(tokens_BL.tolist()):
     padded = [0] * (n - 1) + row
     for j in range(len(row)):
-      out[b, j] = _signed_hash(padded[j:j + n], prime) % vocab_size
+      out[b, j] = _signed_hash(padded[j : j + n], prime) % vocab_size
   return out
 
 
@@ -69,8 +160,7 @@ def test_spec_vectors_prime0():
 
 
 def test_spec_vectors_other_primes():
-  ids_MBL = np.asarray(
-      hashing.all_hash_ids(np.asarray([HELLO]), [4], 3, 500002))
+  ids_MBL = np.asarray(hashing.all_hash_ids(np.asarray([HELLO]), [4], 3, 500002))
   for prime_index, expected in SPEC_N4_OTHER_PRIMES.items():
     np.testing.assert_array_equal(ids_MBL[prime_index, 0, :6], expected)
 
@@ -90,8 +180,7 @@ def test_random_against_big_integers():
   tokens_BL[1, 5] = (1 << 16) - 1
   sizes = (1, 2, 3, 5, 8, 16)
   # One jit for all vocab sizes (hash_ids nests): a single compilation.
-  fn = jax.jit(lambda t: [hashing.all_hash_ids(t, sizes, 11, v)
-                          for v in vocab_sizes])
+  fn = jax.jit(lambda t: [hashing.all_hash_ids(t, sizes, 11, v) for v in vocab_sizes])
   outputs = fn(jnp.asarray(tokens_BL, jnp.int32))
   for vocab_size, got_MBL in zip(vocab_sizes, outputs):
     got_MBL = np.asarray(got_MBL)
@@ -101,7 +190,8 @@ def test_random_against_big_integers():
         np.testing.assert_array_equal(
             got_MBL[f * len(sizes) + i],
             _reference_ids(tokens_BL, n, f, vocab_size),
-            err_msg=f"f={f} n={n} V={vocab_size}")
+            err_msg=f"f={f} n={n} V={vocab_size}",
+        )
 
 
 def test_negative_int32_tokens_match_big_integers():
@@ -111,8 +201,7 @@ def test_negative_int32_tokens_match_big_integers():
   got_MBL = np.asarray(hashing.all_hash_ids(tokens_BL, sizes, 7, 500002))
   for f in (0, 6):
     for i, n in enumerate(sizes):
-      np.testing.assert_array_equal(
-          got_MBL[f * len(sizes) + i], _reference_ids(tokens_BL, n, f, 500002))
+      np.testing.assert_array_equal(got_MBL[f * len(sizes) + i], _reference_ids(tokens_BL, n, f, 500002))
 
 
 def test_negative_hashes_use_floor_modulo():
@@ -126,7 +215,7 @@ def test_negative_hashes_use_floor_modulo():
   for b in range(4):
     padded = [0] * (n - 1) + tokens_BL[b].tolist()
     for j in range(32):
-      signed = _signed_hash(padded[j:j + n], hashing.PRIMES[f])
+      signed = _signed_hash(padded[j : j + n], hashing.PRIMES[f])
       if signed < 0:
         num_negative += 1
         assert got[b, j] == signed % vocab
@@ -143,24 +232,24 @@ def test_all_hash_ids_order():
   assert got_MBL.shape == (6, 2, len(body))
   for f in range(2):
     for i, n in enumerate(sizes):
-      np.testing.assert_array_equal(
-          got_MBL[f * len(sizes) + i], _reference_ids(tokens_BL, n, f, 1009))
+      np.testing.assert_array_equal(got_MBL[f * len(sizes) + i], _reference_ids(tokens_BL, n, f, 1009))
 
 
 def test_windows_stop_at_document_starts():
   """A document packed behind another (after its EOS, or at a BOS with no EOS before it) hashes as it does alone."""
-  doc_a = [1, 76, 105, 112, 112, 115]          # [BOS] "Hello"
-  doc_b = [1, 123, 115, 118, 112, 104, 37]     # [BOS] "world!"
+  doc_a = [1, 76, 105, 112, 112, 115]  # [BOS] "Hello"
+  doc_b = [1, 123, 115, 118, 112, 104, 37]  # [BOS] "world!"
   sizes, vocab = (3, 4, 8), 500002
   alone_b = np.asarray(hashing.all_hash_ids(np.asarray([doc_b]), sizes, 2, vocab))[:, 0]
   for packed in (doc_a + doc_b, doc_a + [2] + doc_b):
     got = np.asarray(hashing.all_hash_ids(np.asarray([packed]), sizes, 2, vocab))[:, 0]
-    np.testing.assert_array_equal(got[:, len(packed) - len(doc_b):], alone_b)
-    np.testing.assert_array_equal(got[:, :len(doc_a)],
-                                  np.asarray(hashing.all_hash_ids(np.asarray([doc_a]), sizes, 2, vocab))[:, 0])
+    np.testing.assert_array_equal(got[:, len(packed) - len(doc_b) :], alone_b)
+    np.testing.assert_array_equal(
+        got[:, : len(doc_a)], np.asarray(hashing.all_hash_ids(np.asarray([doc_a]), sizes, 2, vocab))[:, 0]
+    )
   # Continuing bytes of the same document still read back across what came before.
   joined = np.asarray(hashing.all_hash_ids(np.asarray([doc_a + doc_b[1:]]), sizes, 2, vocab))[:, 0]
-  assert (joined[:, len(doc_a):] != alone_b[:, 1:]).any()
+  assert (joined[:, len(doc_a) :] != alone_b[:, 1:]).any()
 
 
 def test_jit_without_x64_has_no_64bit_types():

@@ -1,4 +1,5 @@
 """Building blocks against hand-worked values (spec 5)."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,9 @@ def test_rope_keeps_dtype_and_norm():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 3, 16)).astype(jnp.bfloat16)
   y = layers.apply_rope(x, cos, sin)
   assert y.dtype == jnp.bfloat16
-  np.testing.assert_allclose(jnp.linalg.norm(y.astype(jnp.float32), axis=-1),
-                             jnp.linalg.norm(x.astype(jnp.float32), axis=-1), rtol=1e-2)
+  np.testing.assert_allclose(
+      jnp.linalg.norm(y.astype(jnp.float32), axis=-1), jnp.linalg.norm(x.astype(jnp.float32), axis=-1), rtol=1e-2
+  )
 
 
 def test_linear_is_x_times_kernel_and_params_are_logically_annotated():
@@ -65,7 +67,7 @@ def test_rmsnorm_bf16_normalises_in_float32_and_rounds_once():
   assert y.dtype == jnp.bfloat16
   x32 = np.asarray(x.astype(jnp.float32))
   ref = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5) * np.asarray(scale)
-  np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2.0 ** -8)
+  np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2.0**-8)
 
 
 def test_bf16_linear_rounds_the_kernel_and_returns_a_float32_kernel_gradient():
@@ -77,8 +79,12 @@ def test_bf16_linear_rounds_the_kernel_and_returns_a_float32_kernel_gradient():
   g = jax.random.normal(jax.random.PRNGKey(2), (512, 16)).astype(jnp.bfloat16)
   y, vjp = jax.vjp(lambda x, k: lin.apply({"params": {"kernel": k}}, x), x, kernel)
   assert y.dtype == jnp.bfloat16
-  np.testing.assert_allclose(y.astype(jnp.float32), x.astype(jnp.float32) @ kernel.astype(jnp.bfloat16).astype(
-      jnp.float32), rtol=2.0 ** -8, atol=1e-6)
+  np.testing.assert_allclose(
+      y.astype(jnp.float32),
+      x.astype(jnp.float32) @ kernel.astype(jnp.bfloat16).astype(jnp.float32),
+      rtol=2.0**-8,
+      atol=1e-6,
+  )
   dx, dkernel = vjp(g)
   assert dx.dtype == jnp.bfloat16 and dkernel.dtype == jnp.float32
   ref = x.astype(jnp.float32).T @ g.astype(jnp.float32)
@@ -97,13 +103,16 @@ def test_batch_sharded_is_a_no_op_without_a_mesh():
 
 def _entropy_model(scan_layers: bool, n_layers: int = 3):
   from blt_jax.config import EntropyModelConfig  # pylint: disable=g-import-not-at-top
-  return EntropyModelConfig(dim=32, n_layers=n_layers, n_heads=2, multiple_of=32, sliding_window=8, max_seqlen=32,
-                            scan_layers=scan_layers)
+
+  return EntropyModelConfig(
+      dim=32, n_layers=n_layers, n_heads=2, multiple_of=32, sliding_window=8, max_seqlen=32, scan_layers=scan_layers
+  )
 
 
 def test_stack_layers_round_trip_keeps_values_and_logical_axes():
   from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
   from blt_jax.entropy_model import init_entropy_model  # pylint: disable=g-import-not-at-top
+
   boxed = init_entropy_model(jax.random.PRNGKey(0), _entropy_model(False))
   stacked = layer_stacking.stack_layers(boxed)
   assert sorted(stacked) == ["layers", "norm", "output", "tok_embeddings"]
@@ -115,8 +124,9 @@ def test_stack_layers_round_trip_keeps_values_and_logical_axes():
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(boxed)):
     np.testing.assert_array_equal(a, b)
   plain = nn.meta.unbox(boxed)  # unboxed trees (live params, optimizer moments) the same way
-  assert jax.tree.structure(layer_stacking.unstack_layers(layer_stacking.stack_layers(plain))) == \
-      jax.tree.structure(plain)
+  assert jax.tree.structure(layer_stacking.unstack_layers(layer_stacking.stack_layers(plain))) == jax.tree.structure(
+      plain
+  )
   with np.testing.assert_raises_regex(ValueError, "layers_0 ... layers_1, found layers"):
     layer_stacking.stack_layers({"layers_0": {"w": jnp.ones(2)}, "layers_2": {"w": jnp.ones(2)}})
 
@@ -126,6 +136,7 @@ def test_run_blocks_runs_stacked_and_per_layer_params_alike():
   and the Python loop over per-layer params give the same logits."""
   from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
   from blt_jax.entropy_model import EntropyModel, init_entropy_model  # pylint: disable=g-import-not-at-top
+
   params = nn.meta.unbox(init_entropy_model(jax.random.PRNGKey(0), _entropy_model(False)))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 20), 4, 260).at[0, 7].set(2)
   loop = EntropyModel(_entropy_model(False)).apply({"params": params}, tokens)

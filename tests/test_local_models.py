@@ -1,4 +1,5 @@
 """Local encoder / decoder helpers in bf16."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,4 +19,4 @@ def test_pool_patches_bf16_long_patch(mode):
   h32 = np.asarray(h.astype(jnp.float32))[0]
   reduce = np.mean if mode == "avg" else np.max
   ref = np.stack([h32[0], reduce(h32[1:], axis=0), np.zeros(8)])
-  np.testing.assert_allclose(np.asarray(pooled.astype(jnp.float32))[0], ref, rtol=2.0 ** -8)
+  np.testing.assert_allclose(np.asarray(pooled.astype(jnp.float32))[0], ref, rtol=2.0**-8)

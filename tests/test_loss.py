@@ -1,4 +1,5 @@
 """Loss and bits-per-byte as the reference computes them (spec 11)."""
+
 import math
 
 import jax.numpy as jnp

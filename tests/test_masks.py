@@ -1,4 +1,5 @@
 """The document rule and mask builders of `blt_jax.masks`."""
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -8,14 +9,16 @@ BOS, EOS = 1, 2
 
 
 def test_documents_start_at_row_start_bos_and_after_eos():
-  tokens = jnp.array([[7, 8, BOS, 9, EOS, BOS, 5, EOS, 6, 6],
-                      [BOS, 5, 5, 5, 5, BOS, 5, EOS, EOS, 5]])
-  np.testing.assert_array_equal(masks.document_starts(tokens),
-                                [[1, 0, 1, 0, 0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 1, 0, 0, 1, 1]])
-  np.testing.assert_array_equal(masks.document_ids(tokens), [[0, 0, 1, 1, 1, 2, 2, 2, 3, 3],
-                                                             [0, 0, 0, 0, 0, 1, 1, 1, 2, 3]])
-  np.testing.assert_array_equal(masks.document_positions(tokens), [[0, 1, 0, 1, 2, 0, 1, 2, 0, 1],
-                                                                   [0, 1, 2, 3, 4, 0, 1, 2, 0, 0]])
+  tokens = jnp.array([[7, 8, BOS, 9, EOS, BOS, 5, EOS, 6, 6], [BOS, 5, 5, 5, 5, BOS, 5, EOS, EOS, 5]])
+  np.testing.assert_array_equal(
+      masks.document_starts(tokens), [[1, 0, 1, 0, 0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 1, 0, 0, 1, 1]]
+  )
+  np.testing.assert_array_equal(
+      masks.document_ids(tokens), [[0, 0, 1, 1, 1, 2, 2, 2, 3, 3], [0, 0, 0, 0, 0, 1, 1, 1, 2, 3]]
+  )
+  np.testing.assert_array_equal(
+      masks.document_positions(tokens), [[0, 1, 0, 1, 2, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 0, 1, 2, 0, 0]]
+  )
 
 
 def test_eos_rule_of_the_reference_is_kept_for_bos_eos_documents():
@@ -60,15 +63,24 @@ def test_cross_attention_windows_by_hand():
   k, P, N = 2, 3, 6
   for window, sees in ENCODER_SEES.items():
     want = np.repeat(np.asarray(sees, bool), k, axis=0)  # [P * k, N]
-    np.testing.assert_array_equal(masks.dense_encoder_cross_mask(PATCH_IDS, P, k, window)[0], want,
-                                  err_msg=f"window {window}")
-    out = attention.encoder_cross_attention(jnp.zeros((1, P * k, 1, N)), jnp.zeros((1, N, 1, N)),
-                                            jnp.eye(N)[None, :, None, :], PATCH_IDS, P, k, window)
+    np.testing.assert_array_equal(
+        masks.dense_encoder_cross_mask(PATCH_IDS, P, k, window)[0], want, err_msg=f"window {window}"
+    )
+    out = attention.encoder_cross_attention(
+        jnp.zeros((1, P * k, 1, N)), jnp.zeros((1, N, 1, N)), jnp.eye(N)[None, :, None, :], PATCH_IDS, P, k, window
+    )
     np.testing.assert_allclose(out[0, :, 0], want / want.sum(-1, keepdims=True), atol=1e-6, err_msg=f"window {window}")
   for window, sees in DECODER_SEES.items():
     want = np.repeat(np.asarray(sees, bool), k, axis=1)  # [N, P * k]
-    np.testing.assert_array_equal(masks.dense_decoder_cross_mask(DECODER_IDS, P, k, window)[0], want,
-                                  err_msg=f"window {window}")
-    out = attention.decoder_cross_attention(jnp.zeros((1, N, 1, P * k)), jnp.zeros((1, P * k, 1, P * k)),
-                                            jnp.eye(P * k)[None, :, None, :], DECODER_IDS, k, window)
+    np.testing.assert_array_equal(
+        masks.dense_decoder_cross_mask(DECODER_IDS, P, k, window)[0], want, err_msg=f"window {window}"
+    )
+    out = attention.decoder_cross_attention(
+        jnp.zeros((1, N, 1, P * k)),
+        jnp.zeros((1, P * k, 1, P * k)),
+        jnp.eye(P * k)[None, :, None, :],
+        DECODER_IDS,
+        k,
+        window,
+    )
     np.testing.assert_allclose(out[0, :, 0], want / want.sum(-1, keepdims=True), atol=1e-6, err_msg=f"window {window}")

@@ -1,4 +1,5 @@
 """TensorBoard scalars and console progress lines."""
+
 import re
 import struct
 
@@ -21,8 +22,8 @@ def _read_scalars(logdir):
     data = path.read_bytes()
     pos = 0
     while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      record = data[pos + 12:pos + 12 + length]
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      record = data[pos + 12 : pos + 12 + length]
       pos += 12 + length + 4
       event = event_pb2.Event.FromString(record)
       for value in event.summary.value:
@@ -32,18 +33,22 @@ def _read_scalars(logdir):
 
 
 def test_format_console_line():
-  line = metrics.format_console_line(120, {"loss": 2.345678, "lr": 4e-4, "tokens": 1024, "bpb": 0.0},
-                                     total_steps=1000)
+  line = metrics.format_console_line(120, {"loss": 2.345678, "lr": 4e-4, "tokens": 1024, "bpb": 0.0}, total_steps=1000)
   assert line == "step 120/1000 (12.0%) | loss 2.3457 | lr 4.000e-04 | tokens 1024 | bpb 0.0000"
   assert metrics.format_console_line(5, {"grad_norm": 123456.0}) == "step 5 | grad_norm 1.235e+05"
   assert metrics.format_value(float("nan")) == "nan"
   line = metrics.format_console_line(3, {"loss": 1.0}, total_steps=10, elapsed_s=125.4, eta_s=7 * 3600 + 61)
   assert line == "step 3/10 (30.0%) | elapsed 2m05s | eta 7h01m | loss 1.0000"
-  assert [metrics.format_duration(s) for s in (0.4, 59.6, 3599, 86400 * 2 + 3600 * 5)] == ["0s", "1m00s", "59m59s",
-                                                                                           "2d05h"]
+  assert [metrics.format_duration(s) for s in (0.4, 59.6, 3599, 86400 * 2 + 3600 * 5)] == [
+      "0s",
+      "1m00s",
+      "59m59s",
+      "2d05h",
+  ]
 
 
 class _Clock:
+
   def __init__(self):
     self.now = 1000.0
 
@@ -99,8 +104,9 @@ def test_default_enabled_on_process_zero(tmp_path):
 def test_events_arrive_at_a_url(fake_gcs):
   """A gs:// workdir: events are written locally and copied whole to the URL at flush, on close and every
   `upload_secs`; TensorBoard reading the URL sees the same scalars as a local run's."""
-  writer = metrics.MetricsWriter("gs://bucket/runs/x", enabled=True, total_steps=10, print_fn=lambda _: None,
-                                 upload_secs=3600)
+  writer = metrics.MetricsWriter(
+      "gs://bucket/runs/x", enabled=True, total_steps=10, print_fn=lambda _: None, upload_secs=3600
+  )
   local_dir = writer._local  # pylint: disable=protected-access
   writer.write_scalars(1, {"loss": 3.5})
   assert not epath.Path("gs://bucket/runs/x").exists() or not list(epath.Path("gs://bucket/runs/x").iterdir())

@@ -1,4 +1,5 @@
 """The full BLT forward: golden parity with the reference, invariances, causality, no recompiles."""
+
 import dataclasses
 
 import jax
@@ -20,9 +21,13 @@ def golden_models(golden):
   arrays, meta = golden
   blt_cfg = blt_config_from_reference(meta["blt_args"])
   ent_cfg = entropy_config_from_reference(meta["entropy_model_args"])
-  strip = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-  return (blt_cfg, params_from_state_dict(strip("blt/"), blt_cfg),
-          ent_cfg, params_from_state_dict(strip("entropy_model/"), ent_cfg))
+  strip = lambda prefix: {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+  return (
+      blt_cfg,
+      params_from_state_dict(strip("blt/"), blt_cfg),
+      ent_cfg,
+      params_from_state_dict(strip("entropy_model/"), ent_cfg),
+  )
 
 
 def test_golden_end_to_end(golden, golden_models):
@@ -42,8 +47,9 @@ def test_golden_end_to_end(golden, golden_models):
   np.testing.assert_array_equal(ours.patch_lengths_BP, arrays["patch_lengths_include_next"])
   np.testing.assert_array_equal(patches.patch_ids_BT[:, :-1], arrays["patch_ids"])
 
-  logits, state = BLT(blt_cfg).apply({"params": blt_params}, tokens, patches.patch_lengths_BP,
-                                     mutable=["intermediates"])
+  logits, state = BLT(blt_cfg).apply(
+      {"params": blt_params}, tokens, patches.patch_lengths_BP, mutable=["intermediates"]
+  )
   inter = state["intermediates"]
   np.testing.assert_allclose(inter["local_encoder_h"][0], arrays["blt_local_encoder_h"], atol=TOL)
   np.testing.assert_allclose(inter["local_encoder_patch_h"][0], arrays["blt_local_encoder_patch_h"], atol=TOL)
@@ -59,8 +65,9 @@ def test_golden_logits_jitted(golden, golden_models):
   arrays, _ = golden
   blt_cfg, blt_params, _, _ = golden_models
   fwd = jax.jit(lambda p, t, l: BLT(blt_cfg).apply({"params": p}, t, l))
-  logits = fwd(blt_params, jnp.asarray(arrays["tokens"], jnp.int32),
-               jnp.asarray(arrays["patch_lengths_include_next"], jnp.int32))
+  logits = fwd(
+      blt_params, jnp.asarray(arrays["tokens"], jnp.int32), jnp.asarray(arrays["patch_lengths_include_next"], jnp.int32)
+  )
   np.testing.assert_allclose(logits, arrays["blt_logits"], atol=TOL)
 
 
@@ -89,8 +96,9 @@ def test_trailing_byte_padding_leaves_real_logits_unchanged(golden, golden_model
   apply = lambda t, l: BLT(blt_cfg).apply({"params": blt_params}, t, jnp.asarray(l))
   # The last real byte's logits depend on whether the next token opens a patch; compare all bytes before it.
   n = tokens.shape[1]
-  np.testing.assert_allclose(apply(padded_tokens, padded_lengths)[:, : n - 1], apply(tokens, lengths)[:, : n - 1],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      apply(padded_tokens, padded_lengths)[:, : n - 1], apply(tokens, lengths)[:, : n - 1], atol=1e-5
+  )
 
 
 def test_batch_rows_are_independent(golden, golden_models):
@@ -107,28 +115,51 @@ def test_batch_rows_are_independent(golden, golden_models):
 
 
 def _tiny_configs(**blt_overrides):
-  blt_cfg = BLTConfig(dim_local_encoder=32, n_layers_local_encoder=2, n_heads_local_encoder=4, dim_global=48,
-                      n_layers_global=2, n_heads_global=4, dim_local_decoder=32, n_layers_local_decoder=2,
-                      n_heads_local_decoder=4, cross_attn_k=2, cross_attn_nheads=4, encoder_hash_byte_group_size=(3, 4),
-                      encoder_hash_byte_group_vocab=211, encoder_hash_byte_group_nb_functions=2,
-                      **{"local_attention_window_len": 8, "max_seqlen": 64, "max_encoder_seq_length": 128,
-                         **blt_overrides})
+  blt_cfg = BLTConfig(
+      dim_local_encoder=32,
+      n_layers_local_encoder=2,
+      n_heads_local_encoder=4,
+      dim_global=48,
+      n_layers_global=2,
+      n_heads_global=4,
+      dim_local_decoder=32,
+      n_layers_local_decoder=2,
+      n_heads_local_decoder=4,
+      cross_attn_k=2,
+      cross_attn_nheads=4,
+      encoder_hash_byte_group_size=(3, 4),
+      encoder_hash_byte_group_vocab=211,
+      encoder_hash_byte_group_nb_functions=2,
+      **{"local_attention_window_len": 8, "max_seqlen": 64, "max_encoder_seq_length": 128, **blt_overrides},
+  )
   ent_cfg = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, sliding_window=8, max_seqlen=64)
   return blt_cfg, ent_cfg
 
 
-MODES = [dict(mode="entropy", threshold=1.0), dict(mode="entropy", threshold=0.5, monotonicity=True),
-         dict(mode="entropy", threshold=1.0, threshold_add=0.1, max_patch_length=3),
-         dict(mode="space"), dict(mode="static", patch_size=3), dict(mode="byte")]
+MODES = [
+    dict(mode="entropy", threshold=1.0),
+    dict(mode="entropy", threshold=0.5, monotonicity=True),
+    dict(mode="entropy", threshold=1.0, threshold_add=0.1, max_patch_length=3),
+    dict(mode="space"),
+    dict(mode="static", patch_size=3),
+    dict(mode="byte"),
+]
 
 
-WINDOWS = dict(cross_attn_all_layers_encoder=True, cross_attn_window_encoder=2, cross_attn_window_decoder=2,
-               downsampling_by_pooling="avg")
+WINDOWS = dict(
+    cross_attn_all_layers_encoder=True,
+    cross_attn_window_encoder=2,
+    cross_attn_window_decoder=2,
+    downsampling_by_pooling="avg",
+)
 CASES = [(m, {}) for m in MODES] + [(MODES[0], WINDOWS), (MODES[3], WINDOWS)]
 
 
-@pytest.mark.parametrize("patch_kwargs,blt_overrides", CASES,
-                         ids=[f"{'-'.join(f'{a}{b}' for a, b in m.items())}{'-windows' if o else ''}" for m, o in CASES])
+@pytest.mark.parametrize(
+    "patch_kwargs,blt_overrides",
+    CASES,
+    ids=[f"{'-'.join(f'{a}{b}' for a, b in m.items())}{'-windows' if o else ''}" for m, o in CASES],
+)
 def test_no_byte_sees_a_later_byte(patch_kwargs, blt_overrides):
   """Perturb byte t: logits at positions < t do not change, for every patching mode (full pipeline)."""
   blt_cfg, ent_cfg = _tiny_configs(**blt_overrides)
@@ -166,9 +197,11 @@ def test_forward_and_grad_compile_once():
   @jax.jit
   def loss_and_grad(params, tokens, lengths):
     traces.append(1)
+
     def loss(p):
       logits = BLT(blt_cfg).apply({"params": p}, tokens, lengths)
       return jnp.mean(jax.nn.logsumexp(logits, -1))
+
     return jax.value_and_grad(loss)(params)
 
   rng = np.random.default_rng(1)
@@ -192,6 +225,7 @@ def test_remat_gives_the_same_gradients():
   def grads(cfg):
     loss = lambda p: jnp.mean(jax.nn.logsumexp(BLT(cfg).apply({"params": p}, tokens, lengths), -1))
     return jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(params))
+
   reference = grads(blt_cfg)
   for policy in ("full", "dots", "dots_no_batch"):
     remat = grads(dataclasses.replace(blt_cfg, remat=True, remat_policy=policy))
@@ -214,6 +248,7 @@ def test_scan_layers_gives_the_same_logits_and_gradients(remat):
     fwd = lambda p: BLT(cfg).apply({"params": p}, tokens, lengths)
     loss = lambda p: jnp.mean(jax.nn.logsumexp(fwd(p), -1))
     return jax.jit(fwd)(params), jax.jit(jax.grad(loss))(params)
+
   (ref_logits, ref_grads), (logits, grads) = logits_and_grads(blt_cfg), logits_and_grads(scan_cfg)
   np.testing.assert_allclose(logits, ref_logits, atol=2e-5)
   assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
@@ -222,13 +257,23 @@ def test_scan_layers_gives_the_same_logits_and_gradients(remat):
 
 
 # (patching, documents end with EOS as in training rows, or not as in scoring rows)
-PACK_CASES = [(MODES[0], True), (MODES[0], False), (MODES[1], False), (MODES[2], True), (MODES[3], False),
-              (MODES[3], True), (MODES[4], True), (MODES[4], False)]
+PACK_CASES = [
+    (MODES[0], True),
+    (MODES[0], False),
+    (MODES[1], False),
+    (MODES[2], True),
+    (MODES[3], False),
+    (MODES[3], True),
+    (MODES[4], True),
+    (MODES[4], False),
+]
 
 
-@pytest.mark.parametrize("patch_kwargs,with_eos", PACK_CASES,
-                         ids=[f"{'-'.join(f'{a}{b}' for a, b in m.items())}-{'eos' if e else 'noeos'}"
-                              for m, e in PACK_CASES])
+@pytest.mark.parametrize(
+    "patch_kwargs,with_eos",
+    PACK_CASES,
+    ids=[f"{'-'.join(f'{a}{b}' for a, b in m.items())}-{'eos' if e else 'noeos'}" for m, e in PACK_CASES],
+)
 def test_packed_documents_equal_documents_alone(patch_kwargs, with_eos):
   """The document rule end to end: a row of packed documents gives each one the patches and logits it gets alone.
 
@@ -249,6 +294,7 @@ def test_packed_documents_equal_documents_alone(patch_kwargs, with_eos):
     patches = patching.patch(tokens, entropies, max_patches=tokens.shape[1] + 1, **patch_kwargs)
     logits = BLT(blt_cfg).apply({"params": blt_params}, tokens, patches.patch_lengths_BP)
     return jax.nn.log_softmax(logits, -1), patches
+
   pipeline = jax.jit(pipeline)
 
   packed = sum(docs, []) + [0] * 5  # right padding, as the scorer's fixed-length rows have
@@ -259,9 +305,9 @@ def test_packed_documents_equal_documents_alone(patch_kwargs, with_eos):
   offset = 0
   for r, doc in enumerate(docs, start=1):
     L = len(doc)
-    np.testing.assert_allclose(logp[0, offset:offset + L - 1], logp[r, :L - 1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logp[0, offset : offset + L - 1], logp[r, : L - 1], rtol=1e-5, atol=1e-5)
     # The same patch boundaries inside the document (the next-token slot after it aside).
-    ids_packed = np.asarray(patches.patch_ids_BT[0, offset:offset + L])
+    ids_packed = np.asarray(patches.patch_ids_BT[0, offset : offset + L])
     np.testing.assert_array_equal(ids_packed - ids_packed[0], np.asarray(patches.patch_ids_BT[r, :L]))
     offset += L
 

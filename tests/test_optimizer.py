@@ -1,4 +1,5 @@
 """Learning-rate schedules, AdamW with decay on every parameter, and torch-style clipping (spec 13.1)."""
+
 import math
 
 import jax
@@ -33,15 +34,20 @@ def _ref_cosine(step, warmup, n_steps, cycle, theta, min_ratio):
     return step / warmup
   if step <= n_steps:
     s = (step - warmup) / (n_steps - warmup)
-    return min_ratio + 0.5 * (1 - min_ratio) * (sign * math.cos(math.pi * s ** theta / cycle) + 1)
+    return min_ratio + 0.5 * (1 - min_ratio) * (sign * math.cos(math.pi * s**theta / cycle) + 1)
   return min_ratio
 
 
 def test_default_config():
   cfg = optimizer.default_optimizer_config()
   assert (cfg.lr, cfg.weight_decay, cfg.eps, cfg.beta1, cfg.beta2, cfg.clip) == (4e-4, 0.1, 1e-8, 0.9, 0.95, 10.0)
-  assert (cfg.scheduler, cfg.warmup, cfg.lr_min_ratio, cfg.cycle_length, cfg.cosine_theta) == \
-      ("cosine", 500, 0.1, 1.0, 1.0)
+  assert (cfg.scheduler, cfg.warmup, cfg.lr_min_ratio, cfg.cycle_length, cfg.cosine_theta) == (
+      "cosine",
+      500,
+      0.1,
+      1.0,
+      1.0,
+  )
 
 
 def test_cosine_schedule_hand_values():
@@ -62,8 +68,9 @@ def test_cosine_schedule_hand_values():
   _check(sched, hand, rtol=1e-5, atol=1e-12)
 
 
-@pytest.mark.parametrize("warmup,n_steps,cycle,theta,ratio", [(10, 100, 1.0, 1.0, 0.1), (0, 50, 0.5, 2.0, 0.0),
-                                                              (5, 40, 0.3, 0.5, 0.2)])
+@pytest.mark.parametrize(
+    "warmup,n_steps,cycle,theta,ratio", [(10, 100, 1.0, 1.0, 0.1), (0, 50, 0.5, 2.0, 0.0), (5, 40, 0.3, 0.5, 0.2)]
+)
 def test_cosine_matches_reference_formula(warmup, n_steps, cycle, theta, ratio):
   cfg = _cfg(warmup=warmup, cycle_length=cycle, cosine_theta=theta, lr_min_ratio=ratio, lr=1.0)
   steps = np.arange(0, n_steps + 20)
@@ -76,9 +83,10 @@ def test_other_schedules():
   lin = optimizer.lr_schedule(_cfg(scheduler="linear", lr=1.0, warmup=10, lr_min_ratio=0.2), n_steps=110)
   _check(lin, {0: 0.0, 5: 0.5, 10: 1.0, 60: 0.6, 110: 0.2, 500: 0.2})
   inv = optimizer.lr_schedule(_cfg(scheduler="inv_sqrt", lr=1.0, warmup=100, lr_min_ratio=0.1))
-  _check(inv, {0: 0.0, 50: 0.5, 100: 1.0, 400: 0.5, 10000: 0.1, 10 ** 6: 0.1})
-  wsd = optimizer.lr_schedule(_cfg(scheduler="wsd", lr=1.0, warmup=10, lr_min_ratio=0.1, decay_fraction=0.1),
-                              n_steps=100)
+  _check(inv, {0: 0.0, 50: 0.5, 100: 1.0, 400: 0.5, 10000: 0.1, 10**6: 0.1})
+  wsd = optimizer.lr_schedule(
+      _cfg(scheduler="wsd", lr=1.0, warmup=10, lr_min_ratio=0.1, decay_fraction=0.1), n_steps=100
+  )
   # Decay over the last 10% of each cycle: 1 / ((t/100) * 10 + 1 - t/100); step 100 starts the next cycle.
   _check(wsd, {5: 0.5, 50: 1.0, 90: 1.0, 95: 1 / 1.45, 99: 1 / 1.81, 100: 1.0}, rtol=1e-5)
   const = optimizer.lr_schedule(_cfg(scheduler="constant", lr=3.0, warmup=100))
@@ -90,8 +98,11 @@ def test_other_schedules():
 
 
 def _params():
-  return {"dense": {"kernel": jnp.full((3, 2), 2.0)}, "norm": {"scale": jnp.ones((2,))},
-          "embed": jnp.full((4, 2), -1.0)}
+  return {
+      "dense": {"kernel": jnp.full((3, 2), 2.0)},
+      "norm": {"scale": jnp.ones((2,))},
+      "embed": jnp.full((4, 2), -1.0),
+  }
 
 
 def test_weight_decay_applies_to_every_param():
@@ -119,7 +130,7 @@ def test_first_update_is_zero_and_adam_matches_torch_formula():
   lr = 1e-2 * 0.5
   m_hat = 0.3  # constant gradient: bias-corrected moments equal g and g^2
   for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params)):
-    want = -(lr * 0.1 * np.asarray(p) + lr * m_hat / (math.sqrt(m_hat ** 2) + 1e-8))
+    want = -(lr * 0.1 * np.asarray(p) + lr * m_hat / (math.sqrt(m_hat**2) + 1e-8))
     np.testing.assert_allclose(np.asarray(u), want, rtol=1e-5)
 
 

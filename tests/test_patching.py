@@ -1,4 +1,5 @@
 """Patching against reference fixtures, golden data and hand-worked cases."""
+
 import json
 
 import jax
@@ -72,15 +73,13 @@ def test_fixture_starts(entropy_fixture, include_next_token):
   # not depend on the flag; with True the extra position 81 is decided by
   # e[80] = 4.6e-5 and does not start.
   entropies_1N = jnp.asarray(entropy_fixture["entropies"][None])
-  starts_1T = patching.entropy_starts(
-      entropies_1N, FIXTURE_THRESHOLD, include_next_token=include_next_token)
+  starts_1T = patching.entropy_starts(entropies_1N, FIXTURE_THRESHOLD, include_next_token=include_next_token)
   starts_T = np.asarray(starts_1T)[0]
   assert starts_T.shape == (81 + include_next_token,)
   np.testing.assert_array_equal(starts_T[:81], entropy_fixture["start"])
   if include_next_token:
     assert not starts_T[81]
-  np.testing.assert_array_equal(
-      np.cumsum(starts_T[:81]) - 1, entropy_fixture["patch"])
+  np.testing.assert_array_equal(np.cumsum(starts_T[:81]) - 1, entropy_fixture["patch"])
   # Spec 3.3 verified example: e[1]=2.166 starts 2, e[5]=0.040 does not start 6.
   assert starts_T[2] and not starts_T[6]
 
@@ -89,8 +88,7 @@ def test_fixture_bf16_threshold_quirk(entropy_fixture):
   # Quirk Q4: realtime patching compares bf16(e) > bf16(threshold)=1.3359375.
   # e[58]=1.33707 starts position 59 in fp32 but rounds to 1.3359375 in bf16.
   entropies_1N = jnp.asarray(entropy_fixture["entropies"][None])
-  starts_bf16 = np.asarray(patching.entropy_starts(
-      entropies_1N, FIXTURE_THRESHOLD, compare_dtype=jnp.bfloat16))[0, :81]
+  starts_bf16 = np.asarray(patching.entropy_starts(entropies_1N, FIXTURE_THRESHOLD, compare_dtype=jnp.bfloat16))[0, :81]
   diff = np.flatnonzero(starts_bf16 != entropy_fixture["start"])
   assert diff.tolist() == [59]
   assert entropy_fixture["start"][59]
@@ -108,21 +106,22 @@ def test_golden_patch_lengths(golden, include_next_token, key):
   all_max_patches = (39, 64) if include_next_token else (39,)
   for max_patches in all_max_patches:
     patches = patching.patch(
-        jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["entropies"]),
-        mode="entropy", threshold=meta["threshold"],
-        include_next_token=include_next_token, max_patches=max_patches)
+        jnp.asarray(arrays["tokens"]),
+        jnp.asarray(arrays["entropies"]),
+        mode="entropy",
+        threshold=meta["threshold"],
+        include_next_token=include_next_token,
+        max_patches=max_patches,
+    )
     lengths_BP = np.asarray(patches.patch_lengths_BP)
     assert lengths_BP.dtype == np.int32
     assert lengths_BP.shape == (2, max_patches)
     np.testing.assert_array_equal(_trim(lengths_BP), _trim(expected_BP))
     assert not np.asarray(patches.overflow_B).any()
-    np.testing.assert_array_equal(
-        patches.num_patches_B, (expected_BP > 0).sum(axis=1))
-    np.testing.assert_array_equal(
-        lengths_BP.sum(axis=1), num_tokens + include_next_token)
+    np.testing.assert_array_equal(patches.num_patches_B, (expected_BP > 0).sum(axis=1))
+    np.testing.assert_array_equal(lengths_BP.sum(axis=1), num_tokens + include_next_token)
     # The ids of the start mask agree with ids derived from the lengths.
-    np.testing.assert_array_equal(
-        np.asarray(patches.patch_ids_BT)[:, :num_tokens], arrays["patch_ids"])
+    np.testing.assert_array_equal(np.asarray(patches.patch_ids_BT)[:, :num_tokens], arrays["patch_ids"])
 
 
 def test_golden_patch_ids(golden):
@@ -131,9 +130,7 @@ def test_golden_patch_ids(golden):
   num_tokens = arrays["tokens"].shape[1]
   ids_BN = patching.patch_ids_from_lengths(lengths_BP, num_tokens)
   np.testing.assert_array_equal(ids_BN, arrays["patch_ids"])
-  np.testing.assert_array_equal(
-      patching.decoder_patch_ids(lengths_BP, num_tokens),
-      arrays["decoder_patch_ids"])
+  np.testing.assert_array_equal(patching.decoder_patch_ids(lengths_BP, num_tokens), arrays["decoder_patch_ids"])
 
 
 # --------------------------------------------------------------------------
@@ -143,17 +140,17 @@ def test_golden_patch_ids(golden):
 
 def test_spec_patch_ids_example():
   lengths_BP = jnp.asarray([[1, 3, 2, 4, 0, 0]])
-  assert _as_np(patching.patch_ids_from_lengths(lengths_BP, 9)) == [
-      [0, 1, 1, 1, 2, 2, 3, 3, 3]]
-  assert _as_np(patching.decoder_patch_ids(lengths_BP, 9)) == [
-      [0, 0, 0, 1, 1, 2, 2, 2, 2]]
+  assert _as_np(patching.patch_ids_from_lengths(lengths_BP, 9)) == [[0, 1, 1, 1, 2, 2, 3, 3, 3]]
+  assert _as_np(patching.decoder_patch_ids(lengths_BP, 9)) == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]
 
 
 def test_patch_ids_uncovered_positions_get_p():
   # Positions past sum(lengths) get P (out of range), as in the reference.
   lengths_BP = jnp.asarray([[1, 2, 0, 0, 0, 0], [2, 2, 2, 2, 2, 2]])
   assert _as_np(patching.patch_ids_from_lengths(lengths_BP, 9)) == [
-      [0, 1, 1, 6, 6, 6, 6, 6, 6], [0, 0, 1, 1, 2, 2, 3, 3, 4]]
+      [0, 1, 1, 6, 6, 6, 6, 6, 6],
+      [0, 0, 1, 1, 2, 2, 3, 3, 4],
+  ]
 
 
 def test_patch_ids_match_counting_definition():
@@ -161,13 +158,10 @@ def test_patch_ids_match_counting_definition():
   lengths_BP = rng.integers(0, 4, size=(3, 12))
   lengths_BP[:, 0] = 1
   num_positions = 20
-  bounds_BC = np.concatenate(
-      [np.zeros((3, 1), int), np.cumsum(lengths_BP, axis=1)], axis=1)
+  bounds_BC = np.concatenate([np.zeros((3, 1), int), np.cumsum(lengths_BP, axis=1)], axis=1)
   j = np.arange(num_positions)
   expected = (bounds_BC[:, None, :] <= j[None, :, None]).sum(-1) - 1
-  np.testing.assert_array_equal(
-      patching.patch_ids_from_lengths(jnp.asarray(lengths_BP), num_positions),
-      expected)
+  np.testing.assert_array_equal(patching.patch_ids_from_lengths(jnp.asarray(lengths_BP), num_positions), expected)
 
 
 # --------------------------------------------------------------------------
@@ -178,8 +172,7 @@ def test_patch_ids_match_counting_definition():
 def test_entropy_default_rule():
   e_1N = jnp.asarray([[9.0, 0.5, 3.0, 1.0, 2.5]])
   # p>=2 starts iff e[p-1] > 2: p=2 (0.5) no, p=3 (3.0) yes, p=4 no, p=5 yes.
-  assert _as_np(patching.entropy_starts(e_1N, 2.0)) == [
-      [True, True, False, True, False, True]]
+  assert _as_np(patching.entropy_starts(e_1N, 2.0)) == [[True, True, False, True, False, True]]
   starts = patching.entropy_starts(e_1N, 2.0, include_next_token=False)
   assert _as_np(starts) == [[True, True, False, True, False]]
 
@@ -190,8 +183,7 @@ def test_entropy_monotonicity():
   starts = patching.entropy_starts(e_1N, 1.5, monotonicity=True)
   assert _as_np(starts) == [[True, True, True, True, False, True, True]]
   # Monotonicity wins over threshold_add, as in the reference.
-  starts_both = patching.entropy_starts(
-      e_1N, 1.5, threshold_add=100.0, monotonicity=True)
+  starts_both = patching.entropy_starts(e_1N, 1.5, threshold_add=100.0, monotonicity=True)
   assert _as_np(starts_both) == _as_np(starts)
 
 
@@ -200,16 +192,13 @@ def test_entropy_threshold_add():
   # p=2 always, p=3 never (Q13) although e[2]=10 would pass both tests;
   # p>=4: e[p-1]-e[p-2] > 1 and e[p-1] > 2.
   starts = patching.entropy_starts(e_1N, 2.0, threshold_add=1.0)
-  assert _as_np(starts) == [
-      [True, True, True, False, True, False, True, False]]
+  assert _as_np(starts) == [[True, True, True, False, True, False, True, False]]
 
 
 def test_entropy_short_inputs():
   # One token with the next position: [BOS] then the next token.
-  assert _as_np(patching.entropy_starts(jnp.zeros((1, 1)), 1.0)) == [
-      [True, True]]
-  assert _as_np(patching.entropy_starts(
-      jnp.zeros((1, 1)), 1.0, include_next_token=False)) == [[True]]
+  assert _as_np(patching.entropy_starts(jnp.zeros((1, 1)), 1.0)) == [[True, True]]
+  assert _as_np(patching.entropy_starts(jnp.zeros((1, 1)), 1.0, include_next_token=False)) == [[True]]
 
 
 # --------------------------------------------------------------------------
@@ -226,8 +215,7 @@ def test_space_hello_world():
   starts_T = np.asarray(patching.space_starts(tokens_1N))[0]
   # [BOS] [Hello ] [world + next token]
   assert _lengths_from_starts(starts_T) == [1, 6, 6]
-  starts_T = np.asarray(
-      patching.space_starts(tokens_1N, include_next_token=False))[0]
+  starts_T = np.asarray(patching.space_starts(tokens_1N, include_next_token=False))[0]
   assert _lengths_from_starts(starts_T) == [1, 6, 5]
 
 
@@ -249,9 +237,7 @@ def test_space_runs_digits_and_utf8():
 
 def test_space_like_byte_classes():
   b = np.arange(256)
-  tokens_BN = np.stack([
-      np.full(256, tokenizer.BOS_ID), np.full(256, ord("a") + 4), b + 4
-  ], axis=1)
+  tokens_BN = np.stack([np.full(256, tokenizer.BOS_ID), np.full(256, ord("a") + 4), b + 4], axis=1)
   starts_BT = np.asarray(patching.space_starts(jnp.asarray(tokens_BN)))
   alnum = np.array([chr(x).isascii() and chr(x).isalnum() for x in b])
   continuation = (b >= 0x80) & (b < 0xC0)
@@ -263,11 +249,11 @@ def test_static_and_byte():
     starts_BT = np.asarray(patching.static_starts(2, 10, 4, **kw))
     assert (starts_BT == starts_BT[:1]).all()
     return _lengths_from_starts(starts_BT[0])
+
   assert lengths() == [1, 3, 4, 3]
   assert lengths(first_patch_single_byte=False) == [4, 4, 3]
   assert lengths(include_next_token=False) == [1, 3, 4, 2]
-  assert lengths(include_next_token=False, first_patch_single_byte=False) == [
-      4, 4, 2]
+  assert lengths(include_next_token=False, first_patch_single_byte=False) == [4, 4, 2]
   starts_BT = patching.byte_starts(2, 10, include_next_token=False)
   assert starts_BT.shape == (2, 10) and bool(starts_BT.all())
   with pytest.raises(ValueError, match="int patch_size"):
@@ -293,23 +279,19 @@ def test_limit_patch_length_hand_example():
   assert _lengths_from_starts(np.asarray(limited)[0]) == [1, 2, 2, 2, 2, 1]
   limited = patching.limit_patch_length(starts_1T, 4)
   assert _lengths_from_starts(np.asarray(limited)[0]) == [1, 4, 2, 3]
-  np.testing.assert_array_equal(
-      patching.limit_patch_length(starts_1T, None), starts_1T)
+  np.testing.assert_array_equal(patching.limit_patch_length(starts_1T, None), starts_1T)
 
 
 @pytest.mark.parametrize("max_patch_length", [1, 4])
 def test_limit_patch_length_on_golden(golden, max_patch_length):
   arrays, meta = golden
-  starts_BT = patching.entropy_starts(
-      jnp.asarray(arrays["entropies"]), meta["threshold"])
-  limited_BT = np.asarray(
-      patching.limit_patch_length(starts_BT, max_patch_length))
+  starts_BT = patching.entropy_starts(jnp.asarray(arrays["entropies"]), meta["threshold"])
+  limited_BT = np.asarray(patching.limit_patch_length(starts_BT, max_patch_length))
   golden_BP = arrays["patch_lengths_include_next"]
   for row_T, expected_row in zip(limited_BT, golden_BP):
     lengths = _lengths_from_starts(row_T)
     assert max(lengths) <= max_patch_length and sum(lengths) == 82
-    expected = _split_large(
-        [int(n) for n in expected_row if n], max_patch_length)
+    expected = _split_large([int(n) for n in expected_row if n], max_patch_length)
     assert lengths == expected
 
 
@@ -317,8 +299,11 @@ def test_overflow_keeps_every_byte(golden):
   arrays, meta = golden
   max_patches = 10
   patches = patching.patch(
-      jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["entropies"]),
-      threshold=meta["threshold"], max_patches=max_patches)
+      jnp.asarray(arrays["tokens"]),
+      jnp.asarray(arrays["entropies"]),
+      threshold=meta["threshold"],
+      max_patches=max_patches,
+  )
   lengths_BP = np.asarray(patches.patch_lengths_BP)
   ids_BT = np.asarray(patches.patch_ids_BT)
   expected_BP = arrays["patch_lengths_include_next"]
@@ -328,8 +313,7 @@ def test_overflow_keeps_every_byte(golden):
   assert ids_BT.max() < max_patches and ids_BT.shape == (2, 82)
   # Representable patches are untouched; the rest merges into the last one.
   np.testing.assert_array_equal(lengths_BP[:, :-1], expected_BP[:, :9])
-  np.testing.assert_array_equal(
-      lengths_BP[:, -1], 82 - expected_BP[:, :9].sum(axis=1))
+  np.testing.assert_array_equal(lengths_BP[:, -1], 82 - expected_BP[:, :9].sum(axis=1))
 
 
 def test_overflow_flag_per_row():
@@ -337,8 +321,7 @@ def test_overflow_flag_per_row():
   patches = patching.starts_to_patches(starts_BT, max_patches=3)
   assert _as_np(patches.overflow_B) == [True, False]
   assert _as_np(patches.patch_lengths_BP) == [[1, 1, 4], [1, 5, 0]]
-  assert _as_np(patches.patch_ids_BT) == [
-      [0, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1]]
+  assert _as_np(patches.patch_ids_BT) == [[0, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1]]
   assert _as_np(patches.num_patches_B) == [3, 2]
 
 
@@ -356,8 +339,14 @@ def test_jit_no_recompilation(golden, mode):
     nonlocal num_traces
     num_traces += 1  # Python side effect: runs only while tracing.
     return patching.patch(
-        tokens_BN, entropies_BN, mode=mode, threshold=meta["threshold"],
-        patch_size=4, max_patch_length=6, max_patches=82)
+        tokens_BN,
+        entropies_BN,
+        mode=mode,
+        threshold=meta["threshold"],
+        patch_size=4,
+        max_patch_length=6,
+        max_patches=82,
+    )
 
   run_jit = jax.jit(run)
   tokens_BN = jnp.asarray(arrays["tokens"], jnp.int32)
@@ -371,16 +360,14 @@ def test_jit_no_recompilation(golden, mode):
     np.testing.assert_array_equal(patches.patch_lengths_BP.sum(axis=1), 82)
     assert int(patches.patch_lengths_BP.max()) <= 6
   if mode == "entropy":
-    for row, expected_row in zip(np.asarray(first.patch_lengths_BP),
-                                 arrays["patch_lengths_include_next"]):
+    for row, expected_row in zip(np.asarray(first.patch_lengths_BP), arrays["patch_lengths_include_next"]):
       expected = _split_large([int(n) for n in expected_row if n], 6)
       assert row[row > 0].tolist() == expected
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"monotonicity": True}, {"threshold_add": 0.1},
-     {"max_patch_length": 3}],
+    [{}, {"monotonicity": True}, {"threshold_add": 0.1}, {"max_patch_length": 3}],
 )
 def test_entropy_causality(kwargs):
   # Row t+1 perturbs e[t]; row 0 is the unperturbed input. Starts at
@@ -394,11 +381,9 @@ def test_entropy_causality(kwargs):
   kwargs = dict(kwargs)  # Do not mutate the shared parameter.
   max_patch_length = kwargs.pop("max_patch_length", None)
   starts_BT = patching.entropy_starts(jnp.asarray(rows_BN), 1.5, **kwargs)
-  starts_BT = np.asarray(
-      patching.limit_patch_length(starts_BT, max_patch_length))
+  starts_BT = np.asarray(patching.limit_patch_length(starts_BT, max_patch_length))
   for t in range(num_tokens):
-    np.testing.assert_array_equal(
-        starts_BT[t + 1, :t + 1], starts_BT[0, :t + 1])
+    np.testing.assert_array_equal(starts_BT[t + 1, : t + 1], starts_BT[0, : t + 1])
   if not kwargs and max_patch_length is None:
     # Default rule: e[t] decides position t+1 and nothing else.
     changed_BT = starts_BT[1:] != starts_BT[:1]
@@ -414,11 +399,10 @@ def test_space_causality():
   # the unperturbed input.
   rows_BN = np.tile(text_ids, (num_tokens + 1, 1))
   t = np.arange(num_tokens)
-  rows_BN[t + 1, t] = np.where(
-      text_ids == ord("q") + 4, ord(" ") + 4, ord("q") + 4)
+  rows_BN[t + 1, t] = np.where(text_ids == ord("q") + 4, ord(" ") + 4, ord("q") + 4)
   starts_BT = np.asarray(patching.space_starts(jnp.asarray(rows_BN)))
   base_T = starts_BT[0]
   for t in range(num_tokens):
-    np.testing.assert_array_equal(starts_BT[t + 1, :t + 1], base_T[:t + 1])
+    np.testing.assert_array_equal(starts_BT[t + 1, : t + 1], base_T[: t + 1])
     # Token t only affects starts t+1 and t+2.
-    np.testing.assert_array_equal(starts_BT[t + 1, t + 3:], base_T[t + 3:])
+    np.testing.assert_array_equal(starts_BT[t + 1, t + 3 :], base_T[t + 3 :])

@@ -4,6 +4,7 @@
 one orbax, grain and blt_jax use) reads and writes an in-memory fsspec filesystem, and tensorstore's `gcs` driver
 talks to a small local server of the GCS JSON API over the same objects. Other test modules import the fixture.
 """
+
 import http.server
 import json
 import threading
@@ -32,7 +33,7 @@ class FakeGcsFs(MemoryFileSystem):
   def _strip_protocol(cls, path):
     path = stringify_path(path)
     if path.startswith("gs://"):
-      path = path[len("gs://"):]
+      path = path[len("gs://") :]
     return path.rstrip("/")
 
 
@@ -51,8 +52,14 @@ def _generation(data):
 
 
 def _metadata(bucket, name, data):
-  return {"kind": "storage#object", "bucket": bucket, "name": name, "size": str(len(data)),
-          "generation": _generation(data), "metageneration": "1"}
+  return {
+      "kind": "storage#object",
+      "bucket": bucket,
+      "name": name,
+      "size": str(len(data)),
+      "generation": _generation(data),
+      "metageneration": "1",
+  }
 
 
 class _GcsJsonApi(http.server.BaseHTTPRequestHandler):
@@ -98,9 +105,12 @@ class _GcsJsonApi(http.server.BaseHTTPRequestHandler):
     bucket = parts[4]
     if len(parts) == 6:
       lo, hi, prefix = query.get("startOffset", ""), query.get("endOffset"), query.get("prefix", "")
-      items = [_metadata(bucket, name, self.fs.cat_file(key)) for key in sorted(self.fs.store)
-               for b, _, name in [key.partition("/")]
-               if b == bucket and name >= lo and (hi is None or name < hi) and name.startswith(prefix)]
+      items = [
+          _metadata(bucket, name, self.fs.cat_file(key))
+          for key in sorted(self.fs.store)
+          for b, _, name in [key.partition("/")]
+          if b == bucket and name >= lo and (hi is None or name < hi) and name.startswith(prefix)
+      ]
       return self._reply(200, {"kind": "storage#objects", "items": items})
     name = parts[6]
     data = self._object(bucket, name)
@@ -114,7 +124,7 @@ class _GcsJsonApi(http.server.BaseHTTPRequestHandler):
     if byte_range := self.headers.get("Range"):
       lo, _, hi = byte_range.split("=", 1)[1].partition("-")
       lo, hi = int(lo), int(hi) if hi else len(data) - 1
-      chunk = data[lo:hi + 1]
+      chunk = data[lo : hi + 1]
       return self._reply(206, chunk, headers + [("Content-Range", f"bytes {lo}-{lo + len(chunk) - 1}/{len(data)}")])
     return self._reply(200, data, headers)
 
@@ -188,7 +198,7 @@ def test_glob_local_and_url(where, tmp_path, request):
   else:
     root = str(tmp_path / "data")
   _tree(epath.Path(root))
-  rel = lambda matches: [str(m)[len(root) + 1:] for m in matches]
+  rel = lambda matches: [str(m)[len(root) + 1 :] for m in matches]
   found_root, matches = paths.glob(f"{root}/*.jsonl")
   assert str(found_root) == root and rel(matches) == ["a.jsonl"]
   _, matches = paths.glob(f"{root}/**/*.jsonl")  # `**`: zero or more directories, hidden names skipped

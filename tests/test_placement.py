@@ -1,4 +1,5 @@
 """Inference placement: the --dtype / --mesh options, sharded and bfloat16 params, the fit check before loading."""
+
 import dataclasses
 
 import jax
@@ -34,12 +35,15 @@ def test_parse_mesh():
   assert placement.parse_mesh("fsdp:4+tensor:2") == {"data": 1, "fsdp": 4, "tensor": 2}  # lm-eval's model_args
 
 
-@pytest.mark.parametrize("text, message", [
-    ("model=8", "unknown axis 'model'"),
-    ("fsdp=4,fsdp=2", "given twice"),
-    ("fsdp8", "axis=size pairs"),
-    ("fsdp=three", "axis=size pairs"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model=8", "unknown axis 'model'"),
+        ("fsdp=4,fsdp=2", "given twice"),
+        ("fsdp8", "axis=size pairs"),
+        ("fsdp=three", "axis=size pairs"),
+    ],
+)
 def test_parse_mesh_errors(text, message):
   with pytest.raises(placement.PlacementError, match=message):
     placement.parse_mesh(text)
@@ -79,9 +83,9 @@ def _random_checkpoint(tmp_path, blt_cfg, ent_cfg):
   ent_params = helpers._unbox(init_entropy_model(jax.random.PRNGKey(4), ent_cfg))
   sample = np.asarray([[1] + list(range(4, 200))], np.int32)
   threshold = float(np.median(np.asarray(compute_entropies(ent_params, sample, ent_cfg))))
-  return helpers.save_checkpoint(tmp_path / "ckpt", blt_cfg, blt_params, PatchingConfig(mode="entropy",
-                                                                                      threshold=threshold),
-                                 ent_cfg, ent_params)
+  return helpers.save_checkpoint(
+      tmp_path / "ckpt", blt_cfg, blt_params, PatchingConfig(mode="entropy", threshold=threshold), ent_cfg, ent_params
+  )
 
 
 def _golden_shapes(golden):
@@ -91,8 +95,9 @@ def _golden_shapes(golden):
 
 def _mid_size(golden):
   blt_cfg, ent_cfg = _golden_shapes(golden)
-  blt_cfg = dataclasses.replace(blt_cfg, dim_global=384, n_layers_global=3, n_heads_global=6, dim_local_encoder=128,
-                                dim_local_decoder=128)
+  blt_cfg = dataclasses.replace(
+      blt_cfg, dim_global=384, n_layers_global=3, n_heads_global=6, dim_local_encoder=128, dim_local_decoder=128
+  )
   ent_cfg = dataclasses.replace(ent_cfg, dim=192, n_layers=2)
   return blt_cfg, ent_cfg
 

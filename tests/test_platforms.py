@@ -1,4 +1,5 @@
 """No libtpu start-up noise on machines without TPUs; a TPU VM (by jax's own PCI rule) is left alone."""
+
 import importlib.util
 import os
 import pathlib
@@ -25,8 +26,10 @@ def test_package_commands_start_jax_without_libtpu_noise():
   # Without the package's rule libtpu prints its lines (unless another process holds libtpu's lock at that moment,
   # which quiets it too: so the rule itself is checked, jax told to use the CPU alone, not only the quiet stderr).
   # The package first (python -m blt_jax.X), or jax first and then the package (the scripts).
-  for code in ("import blt_jax.score, jax; print(jax.config.jax_platforms, jax.devices()[0].platform)",
-               "import jax, blt_jax.score; print(jax.config.jax_platforms, jax.devices()[0].platform)"):
+  for code in (
+      "import blt_jax.score, jax; print(jax.config.jax_platforms, jax.devices()[0].platform)",
+      "import jax, blt_jax.score; print(jax.config.jax_platforms, jax.devices()[0].platform)",
+  ):
     run = _start_jax(code)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["cpu", "cpu"], (code, run.stdout)
@@ -53,6 +56,7 @@ def test_the_rule_leaves_tpu_vms_and_explicit_choices_alone(tmp_path, monkeypatc
   assert not platforms.cpu_only_platforms({"JAX_PLATFORMS": "cuda"}, gce_vm)
   assert not platforms.cpu_only_platforms({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, gce_vm)
   # A GPU plugin installed: jax's own choice stands.
-  monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in ("libtpu", "jax_cuda12_plugin")
-                      else None)
+  monkeypatch.setattr(
+      importlib.util, "find_spec", lambda name: object() if name in ("libtpu", "jax_cuda12_plugin") else None
+  )
   assert not platforms.cpu_only_platforms({}, gce_vm)

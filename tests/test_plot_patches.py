@@ -1,4 +1,5 @@
 """scripts/plot_patches.py: the entropy figure from a checkpoint's own entropy model and patcher."""
+
 import importlib.util
 import pathlib
 
@@ -21,10 +22,16 @@ def _script():
 
 def test_plot_writes_a_png_with_the_patchers_boundaries(tmp_path, capsys):
   m = MODELS["entropy-max_patch_length"]()
-  checkpoint.save_params(tmp_path / "ckpt", m.params, {"format": "blt_jax", "model_type": "blt",
-                                                      "model": m.config.to_dict(), "patching": m.patching.to_dict()})
-  checkpoint.save_params(tmp_path / "ckpt" / "entropy_model", m.entropy_params,
-                         {"format": "blt_jax", "model_type": "entropy_model", "model": m.entropy_config.to_dict()})
+  checkpoint.save_params(
+      tmp_path / "ckpt",
+      m.params,
+      {"format": "blt_jax", "model_type": "blt", "model": m.config.to_dict(), "patching": m.patching.to_dict()},
+  )
+  checkpoint.save_params(
+      tmp_path / "ckpt" / "entropy_model",
+      m.entropy_params,
+      {"format": "blt_jax", "model_type": "entropy_model", "model": m.entropy_config.to_dict()},
+  )
   plot = _script()
   text = b"Daenerys Targaryen is in Game of Thrones"
   data, ent, starts = plot.patch_data(m, text)
@@ -34,8 +41,9 @@ def test_plot_writes_a_png_with_the_patchers_boundaries(tmp_path, capsys):
   assert gaps.max() <= 3  # max_patch_length
   # The drawn entropies are the entropy model's full forward on [BOS] + text, each at the byte it predicts.
   tokens = jnp.asarray([tokenizer.encode(text, add_eos=False)])
-  np.testing.assert_allclose(ent, np.asarray(compute_entropies(m.entropy_params, tokens, m.entropy_config))[0, :-1],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      ent, np.asarray(compute_entropies(m.entropy_params, tokens, m.entropy_config))[0, :-1], rtol=1e-6
+  )
   # The boundaries are the rule's, worked out here by hand: a byte after the first starts a patch when the entropy
   # drawn at it (that of predicting it) exceeds the threshold, or when its patch would grow past max_patch_length.
   expected, last = [], 0
@@ -45,8 +53,10 @@ def test_plot_writes_a_png_with_the_patchers_boundaries(tmp_path, capsys):
     expected.append(start)
   assert 3 < sum(expected) < len(text) - 3  # neither every byte its own patch nor only max_patch_length splits
   np.testing.assert_array_equal(starts, expected)
-  assert plot.main(["--checkpoint", str(tmp_path / "ckpt"), "--text", text.decode(), "--out",
-                    str(tmp_path / "p.png")]) == 0
+  assert (
+      plot.main(["--checkpoint", str(tmp_path / "ckpt"), "--text", text.decode(), "--out", str(tmp_path / "p.png")])
+      == 0
+  )
   assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert f"{int(starts.sum())} patches" in capsys.readouterr().out
   assert plot.main(["--checkpoint", str(tmp_path / "nope"), "--text", "x"]) == 2

@@ -1,4 +1,5 @@
 """Batch scoring: equal to a direct forward, invariant to packing/batching/buckets, long documents, the CLI."""
+
 import dataclasses
 import json
 import math
@@ -29,21 +30,27 @@ RTOL = 1e-6
 def tiny(tmp_path_factory):
   """A random tiny BLT with entropy patching (threshold at the median entropy, so patches vary)."""
   model = helpers.tiny_entropy_blt(max_seqlen=64)
-  return dict(model, path=helpers.save_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", **model),
-              direct=_direct_forward(model))
+  return dict(
+      model,
+      path=helpers.save_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", **model),
+      direct=_direct_forward(model),
+  )
 
 
 def _direct_forward(t):
   """The slow obvious path, jitted once per module (one compile per distinct length): one document per row,
   N + 1 patch slots, BLT.apply; returns (logits `[B, N, V]`, per-target NLL `[B, N - 1]`)."""
+
   @jax.jit
   def fn(tokens_BN):
     ent = compute_entropies(t["ent_params"], tokens_BN, t["ent_cfg"])
-    lengths = patching.patch(tokens_BN, ent, max_patches=tokens_BN.shape[1] + 1,
-                             **t["patch_cfg"].patch_kwargs()).patch_lengths_BP
+    lengths = patching.patch(
+        tokens_BN, ent, max_patches=tokens_BN.shape[1] + 1, **t["patch_cfg"].patch_kwargs()
+    ).patch_lengths_BP
     logits = BLT(t["blt_cfg"]).apply({"params": t["blt_params"]}, tokens_BN, lengths)
     logp = jax.nn.log_softmax(logits, -1)
     return logits, -jnp.take_along_axis(logp[:, :-1], tokens_BN[:, 1:, None], -1)[..., 0]
+
   return fn
 
 
@@ -64,7 +71,7 @@ def _direct_entropies_and_patch_counts(t, docs):
   rows = [tokenizer.encode(d, add_eos=False) for d in docs]
   tokens = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
   for b, r in enumerate(rows):
-    tokens[b, :len(r)] = r
+    tokens[b, : len(r)] = r
 
   @jax.jit
   def fn(tokens_BN):
@@ -73,7 +80,7 @@ def _direct_entropies_and_patch_counts(t, docs):
     return ent_BN, patches.patch_ids_BT
 
   ent, ids = map(np.asarray, fn(jnp.asarray(tokens)))
-  return [ent[b, :len(r) - 1] for b, r in enumerate(rows)], [int(ids[b, len(r) - 1]) + 1 for b, r in enumerate(rows)]
+  return [ent[b, : len(r) - 1] for b, r in enumerate(rows)], [int(ids[b, len(r) - 1]) + 1 for b, r in enumerate(rows)]
 
 
 # Byte lengths of the short test documents: few distinct lengths (each is one compile of the direct forward); 32
@@ -97,8 +104,7 @@ def _docs_of_lengths(lengths, seed=0):
 def _docs(n, seed=0, max_len=60):
   rng = np.random.default_rng(seed)
   words = ["the", "cat", "sat", "on", "a", "mat", "und", "über", "naïve", "x", "42", "\n"]
-  return [" ".join(rng.choice(words, size=rng.integers(1, max_len // 4 + 1))).encode()[:max_len]
-          for _ in range(n)]
+  return [" ".join(rng.choice(words, size=rng.integers(1, max_len // 4 + 1))).encode()[:max_len] for _ in range(n)]
 
 
 def test_scores_equal_direct_forward_whatever_the_packing(tiny):
@@ -106,9 +112,11 @@ def test_scores_equal_direct_forward_whatever_the_packing(tiny):
   docs = _docs_of_lengths([LENGTHS[i] for i in (3, 1, 0, 2, 1, 3, 0, 0, 2, 1, 3, 2, 0, 1)])
   direct = [_direct_nll(tiny, tokenizer.encode(d, add_eos=False)).sum() for d in docs]
   one_device = jax.local_devices()[:1]  # on the suite's 8 host devices a batch rounds up to 8 rows
-  runs = [score.Scorer(tiny["path"], batch_bytes=128, devices=one_device).score_texts(docs),  # 2 rows per batch
-          score.Scorer(tiny["path"], batch_bytes=4096).score_texts(docs),  # everything in one batch
-          score.Scorer(tiny["path"], batch_bytes=128, row_bytes=62, devices=one_device).score_texts(docs[::-1])[::-1]]
+  runs = [
+      score.Scorer(tiny["path"], batch_bytes=128, devices=one_device).score_texts(docs),  # 2 rows per batch
+      score.Scorer(tiny["path"], batch_bytes=4096).score_texts(docs),  # everything in one batch
+      score.Scorer(tiny["path"], batch_bytes=128, row_bytes=62, devices=one_device).score_texts(docs[::-1])[::-1],
+  ]
   for scores in runs:
     for d, s, ref in zip(docs, scores, direct):
       assert s.n_bytes == len(d)
@@ -146,19 +154,23 @@ def test_long_document_is_scored_completely_in_windows(tiny):
   assert s.n_bytes == len(doc) and s.nll_per_byte.shape == (len(doc),) and s.entropies.shape == (len(doc),)
   windows = score.split_document(tokens, scorer.row_len, 20)
   assert len(windows) > 4
-  expected = np.concatenate([_direct_nll(tiny, w)[start - 1:] for w, start, _ in windows])
+  expected = np.concatenate([_direct_nll(tiny, w)[start - 1 :] for w, start, _ in windows])
   np.testing.assert_allclose(s.nll_per_byte, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(s.nll_nats, expected.sum(), rtol=RTOL)
   # Each window's per-byte entropies: the entropy model's forward on the window (its scored bytes only).
   padded = np.zeros((len(windows), scorer.row_len), np.int32)  # one jitted forward (causal: padding is ignored)
   for i, (w, _, _) in enumerate(windows):
-    padded[i, :len(w)] = w
+    padded[i, : len(w)] = w
   ent = np.asarray(compute_entropies_jit(tiny["ent_params"], jnp.asarray(padded), tiny["ent_cfg"]))
-  np.testing.assert_allclose(s.entropies, np.concatenate([e[start - 1:len(w) - 1] for e, (w, start, _) in
-                                                          zip(ent, windows)]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      s.entropies,
+      np.concatenate([e[start - 1 : len(w) - 1] for e, (w, start, _) in zip(ent, windows)]),
+      rtol=1e-5,
+      atol=1e-6,
+  )
   # Bytes of the first window have their whole context: equal to the full forward of the document prefix.
-  prefix = _direct_nll(tiny, tokens[:scorer.row_len])
-  np.testing.assert_allclose(s.nll_per_byte[:scorer.row_len - 1], prefix, rtol=1e-5, atol=1e-6)
+  prefix = _direct_nll(tiny, tokens[: scorer.row_len])
+  np.testing.assert_allclose(s.nll_per_byte[: scorer.row_len - 1], prefix, rtol=1e-5, atol=1e-6)
   # Every later window had at least min_context bytes of left context.
   for w, start, first in windows[1:]:
     assert start - 1 >= 20 and len(w) <= scorer.row_len
@@ -176,7 +188,7 @@ def test_per_byte_argmax_is_the_greedy_byte_of_the_direct_forward(tiny):
     for w, start, _ in score.split_document(tokens, scorer.row_len, 20):
       lw = np.array(_direct_logits(tiny, jnp.asarray([w], jnp.int32))[0])
       lw[:, [tokenizer.BOE_ID, tokenizer.BOS_ID, tokenizer.BPE_ID]] = -np.inf
-      expected.append(np.argmax(lw, -1)[start - 1:len(w) - 1])
+      expected.append(np.argmax(lw, -1)[start - 1 : len(w) - 1])
     assert s.greedy_per_byte.shape == (len(d),) and s.greedy_per_byte.dtype == np.int32
     np.testing.assert_array_equal(s.greedy_per_byte, np.concatenate(expected))
     assert not np.isin(s.greedy_per_byte, [tokenizer.BOE_ID, tokenizer.BOS_ID, tokenizer.BPE_ID]).any()
@@ -236,14 +248,24 @@ def _cli_env(cwd, compile_cache=True):
   programs, compiled once: the same executables, only not compiled again)."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
   if compile_cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(cwd) / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(cwd) / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   return env
 
 
 def _cli(args, cwd, timeout=300, **kwargs):
-  return subprocess.run([sys.executable, "-m", "blt_jax.score", *args], cwd=cwd, env=_cli_env(cwd),
-                        capture_output=True, text=True, timeout=timeout, **kwargs)
+  return subprocess.run(
+      [sys.executable, "-m", "blt_jax.score", *args],
+      cwd=cwd,
+      env=_cli_env(cwd),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      **kwargs,
+  )
 
 
 def _lines(path):
@@ -254,10 +276,15 @@ def test_golden_checkpoint_through_the_cli_reproduces_the_golden_nll(golden, tmp
   arrays, meta = golden
   blt_cfg = blt_config_from_reference(meta["blt_args"])
   ent_cfg = entropy_config_from_reference(meta["entropy_model_args"])
-  strip = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-  helpers.save_checkpoint(tmp_path / "golden", blt_cfg, params_from_state_dict(strip("blt/"), blt_cfg),
-                          PatchingConfig(mode="entropy", threshold=meta["threshold"]), ent_cfg,
-                          params_from_state_dict(strip("entropy_model/"), ent_cfg))
+  strip = lambda prefix: {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+  helpers.save_checkpoint(
+      tmp_path / "golden",
+      blt_cfg,
+      params_from_state_dict(strip("blt/"), blt_cfg),
+      PatchingConfig(mode="entropy", threshold=meta["threshold"]),
+      ent_cfg,
+      params_from_state_dict(strip("entropy_model/"), ent_cfg),
+  )
   tokens, logits = arrays["tokens"], arrays["blt_logits"]
   expected = []
   for row in range(2):
@@ -266,10 +293,11 @@ def test_golden_checkpoint_through_the_cli_reproduces_the_golden_nll(golden, tmp
     (tmp_path / f"row{row}.txt").write_bytes(tokenizer.decode_bytes(np.asarray(body)))
     # --with-eos: row 0 ends with EOS already; row 1's EOS target is predicted by its last golden logits.
     targets = ids[1:] + ([] if ids[-1] == tokenizer.EOS_ID else [tokenizer.EOS_ID])
-    logp = jax.nn.log_softmax(jnp.asarray(logits[row][:len(targets)]), -1)
+    logp = jax.nn.log_softmax(jnp.asarray(logits[row][: len(targets)]), -1)
     expected.append(-float(np.sum(np.take_along_axis(np.asarray(logp), np.asarray(targets)[:, None], 1))))
-  run = _cli(["--checkpoint", "golden", "--input", "row*.txt", "--whole-file", "--with-eos", "--output", "out.jsonl"],
-             tmp_path)
+  run = _cli(
+      ["--checkpoint", "golden", "--input", "row*.txt", "--whole-file", "--with-eos", "--output", "out.jsonl"], tmp_path
+  )
   assert run.returncode == 0, run.stderr
   out = _lines(tmp_path / "out.jsonl")
   for row in range(2):
@@ -290,8 +318,9 @@ def test_cli_reports_bad_records_and_keeps_the_rest(tiny, tmp_path):
     f.write(json.dumps({"text": docs[3].decode()}) + "\n")
   docs[4] = docs[4].replace(b"\n", b" ")  # one line of b.txt
   (tmp_path / "b.txt").write_bytes(docs[4] + b"\n\xff\xferaw bytes\n")
-  run = _cli(["--checkpoint", tiny["path"], "--input", "a.jsonl", "--input", "b.txt", "--output", "o/out.jsonl"],
-             tmp_path)
+  run = _cli(
+      ["--checkpoint", tiny["path"], "--input", "a.jsonl", "--input", "b.txt", "--output", "o/out.jsonl"], tmp_path
+  )
   assert run.returncode == 0, run.stderr
   for where in ("a.jsonl:4: malformed json", "a.jsonl:5: missing field 'text'", "a.jsonl:6: empty text"):
     assert where in run.stderr
@@ -305,9 +334,11 @@ def test_cli_reports_bad_records_and_keeps_the_rest(tiny, tmp_path):
   assert json.loads((tmp_path / "o" / "out.jsonl.summary.json").read_text())["errors"] == 3
 
   # One clear message, no traceback, nothing written.
-  for args, message in ((["--checkpoint", tiny["path"], "--input", "nope.jsonl"], "nope.jsonl: no such file"),
-                        (["--checkpoint", "missing_ckpt", "--input", "a.jsonl"], "missing_ckpt does not exist"),
-                        (["--checkpoint", str(tmp_path), "--input", "a.jsonl"], "no config.json")):
+  for args, message in (
+      (["--checkpoint", tiny["path"], "--input", "nope.jsonl"], "nope.jsonl: no such file"),
+      (["--checkpoint", "missing_ckpt", "--input", "a.jsonl"], "missing_ckpt does not exist"),
+      (["--checkpoint", str(tmp_path), "--input", "a.jsonl"], "no config.json"),
+  ):
     bad = _cli(args + ["--output", "bad.jsonl"], tmp_path)
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "bad.jsonl").exists()
@@ -318,9 +349,12 @@ def test_cli_reports_bad_records_and_keeps_the_rest(tiny, tmp_path):
 def test_bad_arguments_fail_before_the_first_document(tiny, tmp_path, capsys):
   """Row and window arguments are checked when the scorer is built, not when the first long document arrives: one
   line, nothing written."""
-  for kwargs, message in ((dict(row_bytes=2), "row_bytes=2 must be"),  # no min_context could pass
-                          (dict(row_bytes=40, min_context=100), "min_context=100 must be .* = 38"),
-                          (dict(min_context=0), "min_context=0"), (dict(batch_bytes=0), "batch_bytes=0")):
+  for kwargs, message in (
+      (dict(row_bytes=2), "row_bytes=2 must be"),  # no min_context could pass
+      (dict(row_bytes=40, min_context=100), "min_context=100 must be .* = 38"),
+      (dict(min_context=0), "min_context=0"),
+      (dict(batch_bytes=0), "batch_bytes=0"),
+  ):
     with pytest.raises(ValueError, match=message):
       score.Scorer(tiny["path"], **kwargs)
   (tmp_path / "in.txt").write_bytes(b"short\n" + b"long " * 20 + b"\n")  # the second longer than a row of 40
@@ -337,9 +371,13 @@ def test_cli_killed_and_resumed_equals_an_uninterrupted_run(tiny, tmp_path):
     for d in docs:
       f.write(json.dumps({"text": d.decode()}) + "\n")
   args = ["--checkpoint", tiny["path"], "--input", "in.jsonl", "--batch-bytes", "64"]
-  proc = subprocess.Popen([sys.executable, "-m", "blt_jax.score", *args, "--output", "killed.jsonl"], cwd=tmp_path,
-                          env=_cli_env(tmp_path, compile_cache=False),  # killed: none of its cache writes torn
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "blt_jax.score", *args, "--output", "killed.jsonl"],
+      cwd=tmp_path,
+      env=_cli_env(tmp_path, compile_cache=False),  # killed: none of its cache writes torn
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   out = tmp_path / "killed.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 20):
@@ -382,18 +420,34 @@ def _two_processes(args, cwd, port, slurm=False):
   for i in range(2):
     env = dict(_cli_env(cwd), XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     if slurm:
-      env.update(SLURM_JOB_ID=str(port), SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS="2",
-                 SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost", SLURM_NODELIST="localhost",
-                 SLURM_NODEID="0")
+      env.update(
+          SLURM_JOB_ID=str(port),
+          SLURM_PROCID=str(i),
+          SLURM_LOCALID=str(i),
+          SLURM_NTASKS="2",
+          SLURM_STEP_NUM_TASKS="2",
+          SLURM_STEP_NODELIST="localhost",
+          SLURM_NODELIST="localhost",
+          SLURM_NODEID="0",
+      )
     else:
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen([sys.executable, "-m", "blt_jax.score", *args], cwd=cwd, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, "-m", "blt_jax.score", *args],
+            cwd=cwd,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
   return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
 
 
 def _free_port():
   import socket  # pylint: disable=g-import-not-at-top
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -438,8 +492,12 @@ def test_cli_under_srun_scores_each_document_once(tiny, tmp_path):
   before, every task scored every document into the same OUT."""
   docs = _docs(6, seed=8)
   (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d.decode("utf-8", "replace")}) + "\n" for d in docs))
-  runs = _two_processes(["--checkpoint", tiny["path"], "--input", "in.jsonl", "--output", "out.jsonl"], tmp_path,
-                        _free_port() % 10000, slurm=True)
+  runs = _two_processes(
+      ["--checkpoint", tiny["path"], "--input", "in.jsonl", "--output", "out.jsonl"],
+      tmp_path,
+      _free_port() % 10000,
+      slurm=True,
+  )
   assert all(rc == 0 for rc, _ in runs), runs
   assert not (tmp_path / "out.jsonl").exists()
   parts = [_lines(tmp_path / f"out.jsonl.part-{i}-of-2") for i in range(2)]

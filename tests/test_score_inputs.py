@@ -1,4 +1,5 @@
 """Documents to score: every input kind hands the scorer the bytes it holds, unchanged."""
+
 import json
 
 import pyarrow as pa
@@ -18,8 +19,14 @@ def _data(inputs, **kwargs):
 def test_parquet_binary_and_string_columns_give_their_bytes(tmp_path):
   """Binary columns (plain and large) keep invalid UTF-8 as it is; string columns give their UTF-8."""
   texts = [r.decode() for r in RAW[2:]]
-  table = pa.table({"bin": pa.array(RAW, pa.binary()), "large_bin": pa.array(RAW, pa.large_binary()),
-                    "str": pa.array(texts + texts, pa.string()), "large_str": pa.array(texts + texts, pa.large_string())})
+  table = pa.table(
+      {
+          "bin": pa.array(RAW, pa.binary()),
+          "large_bin": pa.array(RAW, pa.large_binary()),
+          "str": pa.array(texts + texts, pa.string()),
+          "large_str": pa.array(texts + texts, pa.large_string()),
+      }
+  )
   pq.write_table(table, tmp_path / "docs.parquet")
   for column in ("bin", "large_bin"):
     assert _data([str(tmp_path / "docs.parquet")], text_field=column) == RAW
@@ -38,6 +45,7 @@ def test_txt_and_jsonl_give_their_bytes(tmp_path):
 def test_inputs_are_streamed_not_read_whole(tmp_path, suffix):
   """The first documents of a 9-16 MB file arrive with memory far below the file's size (it was read whole)."""
   import tracemalloc  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   texts = [f"document {i} " + rng.bytes(2000).hex() for i in range(4000)]  # incompressible enough for parquet
   path = tmp_path / f"big{suffix}"

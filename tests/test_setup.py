@@ -1,4 +1,5 @@
 """The README's set-up is the whole set-up (.ci/run runs exactly its two lines), and the package installs on its own."""
+
 import json
 import os
 import pathlib
@@ -24,8 +25,11 @@ def test_ci_runs_exactly_the_readme_setup_lines():
   # `-n 2` needs pytest-xdist, which the same line installs.
   assert setup[1].startswith("pip install -r requirements-test.txt")
   assert any(line.startswith("pytest-xdist") for line in (ROOT / "requirements-test.txt").read_text().splitlines())
-  ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
-        if line.strip() and not line.startswith(("#", "set ", "cd "))]
+  ci = [
+      line
+      for line in (ROOT / ".ci" / "run").read_text().splitlines()
+      if line.strip() and not line.startswith(("#", "set ", "cd "))
+  ]
   assert ci == setup
 
 
@@ -53,8 +57,15 @@ def test_one_list_of_dependencies_and_extras_that_match_the_test_requirements():
     assert module.split(".")[1] == COMMANDS[name[4:]] and function == "main"
 
 
-COMMANDS = {"train": "train", "score": "score", "generate": "generate", "convert": "convert", "export": "export",
-            "harness": "harness", "calibrate": "calibrate"}
+COMMANDS = {
+    "train": "train",
+    "score": "score",
+    "generate": "generate",
+    "convert": "convert",
+    "export": "export",
+    "harness": "harness",
+    "calibrate": "calibrate",
+}
 
 
 def _venv_with_the_package(tmp_path) -> pathlib.Path:
@@ -67,8 +78,22 @@ def _venv_with_the_package(tmp_path) -> pathlib.Path:
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
   # pip itself comes from the system site-packages; --no-index: no network.
-  subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                  "--no-index", str(src)], check=True, cwd=tmp_path, env=_env_without_the_repository())
+  subprocess.run(
+      [
+          str(venv / "bin" / "python"),
+          "-m",
+          "pip",
+          "install",
+          "-q",
+          "--no-deps",
+          "--no-build-isolation",
+          "--no-index",
+          str(src),
+      ],
+      check=True,
+      cwd=tmp_path,
+      env=_env_without_the_repository(),
+  )
   return venv
 
 
@@ -79,9 +104,19 @@ def _env_without_the_repository() -> dict:
 def test_installed_package_runs_a_console_command_without_the_repository(tmp_path):
   venv = _venv_with_the_package(tmp_path)
   python, env = str(venv / "bin" / "python"), _env_without_the_repository()
-  where = subprocess.run([python, "-c", "import blt_jax, importlib.metadata as m; print(blt_jax.__file__); "
-                          "print('\\n'.join(m.requires('blt_jax')))"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+  where = subprocess.run(
+      [
+          python,
+          "-c",
+          "import blt_jax, importlib.metadata as m; print(blt_jax.__file__); "
+          "print('\\n'.join(m.requires('blt_jax')))",
+      ],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.splitlines()
   assert where[0].startswith(str(venv)), where[0]  # the installed copy, not the repository
   # `pip install .` pulls the runtime dependencies: they are the wheel's Requires-Dist.
   required = {str(Requirement(r)) for r in where[1:] if "extra ==" not in r}
@@ -91,8 +126,14 @@ def test_installed_package_runs_a_console_command_without_the_repository(tmp_pat
   ckpt = helpers.save_checkpoint(tmp_path / "ckpt", **model)
   texts = ["the cat sat on the mat", "naïve über 42\nand a second line"]
   (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-  run = subprocess.run([str(venv / "bin" / "blt-score"), "--checkpoint", ckpt, "--input", "in.jsonl",
-                        "--output", "out.jsonl"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  run = subprocess.run(
+      [str(venv / "bin" / "blt-score"), "--checkpoint", ckpt, "--input", "in.jsonl", "--output", "out.jsonl"],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert run.returncode == 0, run.stderr
   out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
   expected = score.Scorer(ckpt).score_texts(texts)

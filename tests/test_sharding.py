@@ -1,4 +1,5 @@
 """Mesh construction, logical rules, sharded init and batch sharding on 8 emulated CPU devices."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,7 @@ def test_mesh_axis_types_are_auto():
     assert tuple(mesh.axis_types) == (axis_type.Auto,) * 3
 
 
-@pytest.mark.parametrize("sizes,expected", [((-1, 1, 1), (8, 1, 1)), ((1, -1, 2), (1, 4, 2)),
-                                            ((2, 2, -1), (2, 2, 2))])
+@pytest.mark.parametrize("sizes,expected", [((-1, 1, 1), (8, 1, 1)), ((1, -1, 2), (1, 4, 2)), ((2, 2, -1), (2, 2, 2))])
 def test_mesh_fill(sizes, expected):
   assert tuple(_mesh(*sizes).shape.values()) == expected
 
@@ -46,20 +46,31 @@ def test_mesh_subset_of_devices():
   assert mesh.devices.size == 4
 
 
-@pytest.mark.parametrize("sizes,match", [
-    ((2, 2, 1), r"product 4 must equal the number of devices \(8\)"),
-    ((3, -1, 1), r"multiply to 3, which does not divide the 8 available devices"),
-    ((-1, -1, 1), r"at most one axis may be -1"),
-    ((0, 8, 1), r"must be positive"),
-])
+@pytest.mark.parametrize(
+    "sizes,match",
+    [
+        ((2, 2, 1), r"product 4 must equal the number of devices \(8\)"),
+        ((3, -1, 1), r"multiply to 3, which does not divide the 8 available devices"),
+        ((-1, -1, 1), r"at most one axis may be -1"),
+        ((0, 8, 1), r"must be positive"),
+    ],
+)
 def test_mesh_bad_sizes(sizes, match):
   with pytest.raises(ValueError, match=match):
     _mesh(*sizes)
 
 
 def test_rules_from_config_and_validation():
-  cfg = ml_collections.ConfigDict({"logical_axis_rules": [["embed", ["fsdp"]], ["mlp", "tensor"],
-                                                          ["vocab", None], ["hash_vocab", ["fsdp", "tensor"]]]})
+  cfg = ml_collections.ConfigDict(
+      {
+          "logical_axis_rules": [
+              ["embed", ["fsdp"]],
+              ["mlp", "tensor"],
+              ["vocab", None],
+              ["hash_vocab", ["fsdp", "tensor"]],
+          ]
+      }
+  )
   rules = sharding.logical_axis_rules_from_config(cfg)
   assert rules == (("embed", "fsdp"), ("mlp", "tensor"), ("vocab", None), ("hash_vocab", ("fsdp", "tensor")))
   assert sharding.logical_axis_rules_from_config({}) == sharding.default_logical_axis_rules()
@@ -78,12 +89,13 @@ def test_fit_spec_to_shape():
   assert sharding.fit_spec_to_shape(P("tensor", "fsdp"), (261, 8), mesh) == P(None, "fsdp")
   assert sharding.fit_spec_to_shape(P("tensor", "fsdp"), (261, 8), mesh, relocate=False) == P(None, "fsdp")
   # Keeps the dividing prefix, moves the rest to the largest free dim.
-  assert sharding.fit_spec_to_shape(P(None, ("fsdp", "tensor"), None), (3, 10, 8), mesh) == \
-      P(None, "fsdp", "tensor")
-  assert sharding.fit_spec_to_shape(P(None, ("fsdp", "tensor"), None), (3, 9, 8), mesh) == \
-      P(None, None, ("fsdp", "tensor"))
-  assert sharding.fit_spec_to_shape(P(None, ("fsdp", "tensor"), None), (3, 9, 8), mesh, relocate=False) == \
-      P(None, None, None)
+  assert sharding.fit_spec_to_shape(P(None, ("fsdp", "tensor"), None), (3, 10, 8), mesh) == P(None, "fsdp", "tensor")
+  assert sharding.fit_spec_to_shape(P(None, ("fsdp", "tensor"), None), (3, 9, 8), mesh) == P(
+      None, None, ("fsdp", "tensor")
+  )
+  assert sharding.fit_spec_to_shape(P(None, ("fsdp", "tensor"), None), (3, 9, 8), mesh, relocate=False) == P(
+      None, None, None
+  )
   # Short specs are padded; size-1 axes always fit.
   assert sharding.fit_spec_to_shape(P("data"), (4, 3), mesh) == P("data", None)
   assert sharding.fit_spec_to_shape(P("tensor"), (7,), _mesh(8, 1, 1)) == P("tensor")
@@ -91,6 +103,7 @@ def test_fit_spec_to_shape():
 
 class _Toy(nn.Module):
   """Dense-like kernels, a hash-like fused table and a norm, logically partitioned like the BLT."""
+
   vocab: int = 16
   hash_vocab: int = 32
   embed: int = 8
@@ -101,8 +114,11 @@ class _Toy(nn.Module):
   def __call__(self, ids):
     init = nn.initializers.normal(0.02) if self.random_init else nn.initializers.constant(0.01)
     tok = self.param("tok", nn.with_logical_partitioning(init, ("vocab", "embed")), (self.vocab, self.embed))
-    hashes = self.param("hash", nn.with_logical_partitioning(init, ("hash_tables", "hash_vocab", "embed")),
-                        (3, self.hash_vocab, self.embed))
+    hashes = self.param(
+        "hash",
+        nn.with_logical_partitioning(init, ("hash_tables", "hash_vocab", "embed")),
+        (3, self.hash_vocab, self.embed),
+    )
     w1 = self.param("w1", nn.with_logical_partitioning(init, ("embed", "mlp")), (self.embed, self.mlp))
     w2 = self.param("w2", nn.with_logical_partitioning(init, ("mlp", "embed")), (self.mlp, self.embed))
     scale = self.param("norm", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (self.embed,))
@@ -111,8 +127,13 @@ class _Toy(nn.Module):
     return (h * scale) @ tok.T
 
 
-EXPECTED_222 = {"tok": P(None, "fsdp"), "hash": P(None, ("fsdp", "tensor"), None), "w1": P("fsdp", "tensor"),
-                "w2": P("tensor", "fsdp"), "norm": P(None)}
+EXPECTED_222 = {
+    "tok": P(None, "fsdp"),
+    "hash": P(None, ("fsdp", "tensor"), None),
+    "w1": P("fsdp", "tensor"),
+    "w2": P("tensor", "fsdp"),
+    "norm": P(None),
+}
 IDS = np.zeros((2, 4), np.int32)
 
 
@@ -130,8 +151,9 @@ def toy_state():
     params = model.init(rng, IDS)["params"]
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-  state, shardings = sharding.init_sharded(init_state, jax.random.key(0), mesh=mesh,
-                                           rules=sharding.default_logical_axis_rules())
+  state, shardings = sharding.init_sharded(
+      init_state, jax.random.key(0), mesh=mesh, rules=sharding.default_logical_axis_rules()
+  )
   return mesh, model, state, shardings
 
 
@@ -155,8 +177,9 @@ def test_init_sharded_follows_rules(toy_state):
   assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(shardings)
   # Restore targets for checkpoints.
   abstract = sharding.abstract_with_shardings(state, shardings)
-  assert abstract["params"]["hash"] == jax.ShapeDtypeStruct((3, 32, 8), jnp.float32,
-                                                            sharding=shardings["params"]["hash"])
+  assert abstract["params"]["hash"] == jax.ShapeDtypeStruct(
+      (3, 32, 8), jnp.float32, sharding=shardings["params"]["hash"]
+  )
 
 
 def test_rules_naming_unknown_mesh_axes_are_rejected(toy_state):
@@ -194,11 +217,16 @@ def test_jitted_step_with_shardings_and_donation(toy_state):
     def loss_fn(p):
       logits = model.apply({"params": p}, b["ids"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, b["ids"]).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(p)
     return jax.tree_util.tree_map(lambda w, g: w - 0.5 * g, p, grads), loss
 
-  jitted = jax.jit(step, in_shardings=(param_shardings, sharding.data_sharding(mesh)),
-                   out_shardings=(param_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  jitted = jax.jit(
+      step,
+      in_shardings=(param_shardings, sharding.data_sharding(mesh)),
+      out_shardings=(param_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,),
+  )
   with sharding.axis_rules_context():
     new_params, loss0 = jitted(params, batch)
     new_params, loss1 = jitted(new_params, batch)
@@ -215,8 +243,16 @@ def test_host_local_batch_errors():
 
 
 def test_maybe_initialize_distributed_single_process(monkeypatch):
-  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID", "SLURM_PROCID",
-              "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+  for var in (
+      "JAX_COORDINATOR_ADDRESS",
+      "SLURM_NTASKS",
+      "SLURM_STEP_NUM_TASKS",
+      "SLURM_JOB_ID",
+      "SLURM_PROCID",
+      "OMPI_COMM_WORLD_SIZE",
+      "TPU_WORKER_HOSTNAMES",
+      "MEGASCALE_COORDINATOR_ADDRESS",
+  ):
     monkeypatch.delenv(var, raising=False)
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
@@ -244,9 +280,12 @@ def test_stacked_params_shard_as_each_of_their_layers():
   """The leading "layers" axis of stacked (scan_layers) params is never sharded, not even by a relocated axis: a
   stacked param gets its layers' spec behind an unsharded layer axis, with or without a "layers" rule."""
   from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
+
   mesh = _mesh(1, 8, 1)
-  layer = {"w": nn.LogicallyPartitioned(jnp.zeros((36, 4)), ("embed", "heads")),  # fsdp=8 divides neither dim
-           "v": nn.LogicallyPartitioned(jnp.zeros((64, 12)), ("embed", "mlp"))}
+  layer = {
+      "w": nn.LogicallyPartitioned(jnp.zeros((36, 4)), ("embed", "heads")),  # fsdp=8 divides neither dim
+      "v": nn.LogicallyPartitioned(jnp.zeros((64, 12)), ("embed", "mlp")),
+  }
   per_layer = {f"layers_{i}": layer for i in range(8)}  # 8 layers: the one dim fsdp would divide
   stacked = layer_stacking.stack_layers(per_layer)
   assert stacked["layers"]["w"].names == ("layers", "embed", "heads")

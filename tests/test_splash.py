@@ -1,5 +1,6 @@
 """The Pallas splash path (interpret mode on CPU) computes the dense mask's attention, values and gradients; under a
 mesh it runs per batch shard; compiled for a real TPU target it lowers to the Mosaic kernel."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +24,11 @@ def _inputs():
 def test_splash_equals_dense_values_and_gradients(window, documents):
   q, k, v, doc = _inputs()
   doc = doc if documents else None
-  run = lambda impl: jax.jit(jax.value_and_grad(
-      lambda q, k, v: jnp.sum(jnp.sin(attention.self_attention(q, k, v, doc, window, impl=impl))), (0, 1, 2)))
+  run = lambda impl: jax.jit(
+      jax.value_and_grad(
+          lambda q, k, v: jnp.sum(jnp.sin(attention.self_attention(q, k, v, doc, window, impl=impl))), (0, 1, 2)
+      )
+  )
   (value, grads), (ref_value, ref_grads) = run("splash")(q, k, v), run("dense")(q, k, v)
   out = attention.self_attention(q, k, v, doc, window, impl="splash")
   ref = attention.self_attention(q, k, v, doc, window, impl="dense")
@@ -37,13 +41,17 @@ def test_splash_equals_dense_values_and_gradients(window, documents):
 def test_splash_under_a_mesh_runs_per_batch_shard():
   """With the batch sharded over a mesh set while tracing, the kernel is shard-mapped and gives the same numbers."""
   q, k, v, doc = _inputs()
-  mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"),
-              axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = Mesh(
+      np.asarray(jax.devices()[:2]).reshape(2, 1, 1),
+      ("data", "fsdp", "tensor"),
+      axis_types=(jax.sharding.AxisType.Auto,) * 3,
+  )
   rows = NamedSharding(mesh, PartitionSpec("data"))
 
   def fn(q, k, v, doc):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return attention.self_attention(q, k, v, doc, 64, impl="splash")
+
   lowered = jax.jit(fn, in_shardings=(rows,) * 4, out_shardings=rows).lower(q, k, v, doc)
   assert "shard_map" in lowered.as_text() or "manual" in lowered.as_text().lower()
   out = jax.jit(fn, in_shardings=(rows,) * 4, out_shardings=rows)(q, k, v, doc)
@@ -64,8 +72,9 @@ def test_auto_picks_splash_when_compiling_for_a_tpu_and_it_lowers_to_mosaic():
     devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"libtpu cannot describe a TPU topology here: {e}")
-  mesh = Mesh(np.asarray(devices).reshape(4, 1, 1), ("data", "fsdp", "tensor"),
-              axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = Mesh(
+      np.asarray(devices).reshape(4, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   rows = NamedSharding(mesh, PartitionSpec("data"))
   shapes = [jax.ShapeDtypeStruct((8, S, H, D), jnp.bfloat16, sharding=rows)]
   shapes += [jax.ShapeDtypeStruct((8, S, K, D), jnp.bfloat16, sharding=rows)] * 2
@@ -76,6 +85,7 @@ def test_auto_picks_splash_when_compiling_for_a_tpu_and_it_lowers_to_mosaic():
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       chosen.append(attention.choose_impl("auto", S, True))
       return attention.self_attention(q, k, v, doc, 128)
+
   lowered = jax.jit(fn).lower(*shapes)
   assert chosen == ["splash"]
   assert "tpu_custom_call" in lowered.as_text()

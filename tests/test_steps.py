@@ -1,5 +1,6 @@
 """The jitted steps in bfloat16: patches from float32 entropy comparisons, the BLT loss and a few train steps against
 float32, and what an fsdp mesh communicates (bf16 weight all-gathers, float32 cross-device sums)."""
+
 import collections
 import dataclasses
 import glob
@@ -39,11 +40,13 @@ def _tiny(dtype: str):
   return steps.StepConfig(train_config.model_config(cfg), train_config.patching_config(cfg), N + 1)
 
 
-TEXT = ("A byte latent transformer reads raw bytes. A small entropy model scores how surprising each next byte is, "
-        "and a new patch starts wherever that entropy is high, so predictable runs of text share one patch while "
-        "hard bytes get patches of their own. A light local encoder turns the bytes of each patch into a vector, a "
-        "large latent transformer runs over the patch vectors, and a light local decoder predicts the next byte "
-        "from them. Compute follows information: the big model spends its steps where the text is hard to guess.")
+TEXT = (
+    "A byte latent transformer reads raw bytes. A small entropy model scores how surprising each next byte is, "
+    "and a new patch starts wherever that entropy is high, so predictable runs of text share one patch while "
+    "hard bytes get patches of their own. A light local encoder turns the bytes of each patch into a vector, a "
+    "large latent transformer runs over the patch vectors, and a light local decoder predicts the next byte "
+    "from them. Compute follows information: the big model spends its steps where the text is hard to guess."
+)
 
 
 def _batches(num: int):
@@ -51,8 +54,10 @@ def _batches(num: int):
   ids = np.asarray(tokenizer.encode(TEXT, add_bos=True, add_eos=True), np.int32)
   need = num * B * (N + 1)
   ids = np.tile(ids, -(-need // len(ids)))[:need].reshape(num, B, N + 1)
-  return [dict(tokens=ids[i, None, :, :-1], targets=ids[i, None, :, 1:], loss_mask=np.ones((1, B, N), np.float32))
-          for i in range(num)]
+  return [
+      dict(tokens=ids[i, None, :, :-1], targets=ids[i, None, :, 1:], loss_mask=np.ones((1, B, N), np.float32))
+      for i in range(num)
+  ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,8 +75,9 @@ def test_patches_compare_entropies_in_float32_with_a_bf16_model():
   entropies = jnp.zeros((1, 8), jnp.float32).at[0, 3].set(between)
   batch = dict(tokens=tokens, entropies=entropies)
   f32 = steps.make_patches(sc, batch, None)
-  bf16 = steps.make_patches(dataclasses.replace(sc, patching=PatchingConfig(mode="entropy", compare_dtype="bfloat16")),
-                            batch, None)
+  bf16 = steps.make_patches(
+      dataclasses.replace(sc, patching=PatchingConfig(mode="entropy", compare_dtype="bfloat16")), batch, None
+  )
   assert int(f32.num_patches_B[0]) == int(bf16.num_patches_B[0]) + 1
 
   # In-graph: a bf16 entropy model still gives float32 entropies, computed from its logits in float32.
@@ -94,17 +100,22 @@ def test_stored_entropies_give_the_in_graph_patches_and_losses():
   ent_cfg = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, sliding_window=32, max_seqlen=N)
   ent_params = nn.meta.unbox(init_entropy_model(jax.random.PRNGKey(1), ent_cfg))
   text = tokenizer.encode(TEXT, add_bos=False, add_eos=False)
-  docs = [np.concatenate([[tokenizer.BOS_ID], text[37 * b:37 * b + N]]).astype(np.int32) for b in range(B)]
-  batch = dict(tokens=np.stack([d[:N] for d in docs]), targets=np.stack([d[1:] for d in docs]),
-               loss_mask=np.ones((B, N), np.float32))
-  stored = np.stack(entropy_store.compute_document_entropies([d[:N] for d in docs], ent_params, ent_cfg,
-                                                             tokens_per_batch=B * N))
+  docs = [np.concatenate([[tokenizer.BOS_ID], text[37 * b : 37 * b + N]]).astype(np.int32) for b in range(B)]
+  batch = dict(
+      tokens=np.stack([d[:N] for d in docs]),
+      targets=np.stack([d[1:] for d in docs]),
+      loss_mask=np.ones((B, N), np.float32),
+  )
+  stored = np.stack(
+      entropy_store.compute_document_entropies([d[:N] for d in docs], ent_params, ent_cfg, tokens_per_batch=B * N)
+  )
   sorted_e = np.sort(stored.ravel())
   mid = slice(len(sorted_e) // 3, 2 * len(sorted_e) // 3)
   i = mid.start + int(np.argmax(np.diff(sorted_e)[mid]))
   threshold = float(sorted_e[i] + sorted_e[i + 1]) / 2
-  sc = dataclasses.replace(_tiny("float32"), patching=PatchingConfig(mode="entropy", threshold=threshold),
-                           entropy_model=ent_cfg)
+  sc = dataclasses.replace(
+      _tiny("float32"), patching=PatchingConfig(mode="entropy", threshold=threshold), entropy_model=ent_cfg
+  )
   params = jax.jit(lambda: nn.meta.unbox(init_blt(jax.random.PRNGKey(0), sc.model)))()  # jitted: 2x faster
   in_graph = jax.jit(steps.make_eval_step(sc))(params, batch, ent_params)
   from_store = jax.jit(steps.make_eval_step(dataclasses.replace(sc, entropy_model=None)))
@@ -140,8 +151,15 @@ def test_bf16_logits_and_loss_match_fp32():
   assert logits16.dtype == logits32.dtype == jnp.float32
   np.testing.assert_allclose(logits16, logits32, atol=LOGITS_ATOL)
   np.testing.assert_allclose(loss16, loss32, rtol=LOSS_RTOL)
-  print("logits max |bf16 - fp32|", float(jnp.max(jnp.abs(logits16 - logits32))), "logits std",
-        float(jnp.std(logits32)), "loss", float(loss16), float(loss32))
+  print(
+      "logits max |bf16 - fp32|",
+      float(jnp.max(jnp.abs(logits16 - logits32))),
+      "logits std",
+      float(jnp.std(logits32)),
+      "loss",
+      float(loss16),
+      float(loss32),
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,8 +169,7 @@ def test_bf16_logits_and_loss_match_fp32():
 def _collectives(hlo: str):
   """[(op, dtype, shape)] of the all-gathers, all-reduces and reduce-scatters in an HLO module's text."""
   pattern = re.compile(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter)(?:-start)?\(")
-  return [(m.group(3), m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
-          for m in pattern.finditer(hlo)]
+  return [(m.group(3), m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)) for m in pattern.finditer(hlo)]
 
 
 @pytest.fixture(scope="module")
@@ -179,20 +196,26 @@ def compile_fsdp_steps(mktemp):
   state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
   out = {}
   for dtype in ("bfloat16", "float32"):
-    step = jax.jit(steps.make_train_step(_tiny(dtype), tx, schedule, sharding.data_sharding(mesh), shardings.params),
-                   in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
-                   out_shardings=(shardings, sharding.replicated(mesh)))
+    step = jax.jit(
+        steps.make_train_step(_tiny(dtype), tx, schedule, sharding.data_sharding(mesh), shardings.params),
+        in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+    )
     dump = pathlib.Path(mktemp(f"hlo_{dtype}"))
     compiled = step.lower(state, batch, None).compile(
-        {"xla_dump_to": str(dump), "xla_dump_hlo_pass_re": "spmd-partitioning"})
+        {"xla_dump_to": str(dump), "xla_dump_hlo_pass_re": "spmd-partitioning"}
+    )
     (path,) = glob.glob(str(dump / "*after_spmd-partitioning*"))
     out[dtype] = (compiled, pathlib.Path(path).read_text(), state, batch_sharding)
   return out
 
 
 def _kernel_shapes(params):
-  return [tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(params)
-          if jax.tree_util.keystr(path).endswith("['kernel']")]
+  return [
+      tuple(x.shape)
+      for path, x in jax.tree_util.tree_leaves_with_path(params)
+      if jax.tree_util.keystr(path).endswith("['kernel']")
+  ]
 
 
 def test_fsdp_gathers_bf16_weights_and_sums_in_float32(fsdp_steps):
@@ -207,13 +230,15 @@ def test_fsdp_gathers_bf16_weights_and_sums_in_float32(fsdp_steps):
   ops = _collectives(hlo)
   gathered = collections.Counter(dtype for op, dtype, shape in ops if op == "all-gather" and shape in kernels)
   assert gathered["bf16"] >= len(kernels) and gathered["f32"] == 0, (gathered, len(kernels))
-  other_bf16 = [(op, shape) for op, dtype, shape in ops if dtype == "bf16" and not (op == "all-gather" and
-                                                                                    shape in kernels)]
+  other_bf16 = [
+      (op, shape) for op, dtype, shape in ops if dtype == "bf16" and not (op == "all-gather" and shape in kernels)
+  ]
   assert not other_bf16, other_bf16
   # float32 compute gathers the same weights in float32 (the check above sees dtypes, not just counts).
   _, hlo32, _, _ = fsdp_steps["float32"]
-  gathered32 = collections.Counter(dtype for op, dtype, shape in _collectives(hlo32)
-                                   if op == "all-gather" and shape in kernels)
+  gathered32 = collections.Counter(
+      dtype for op, dtype, shape in _collectives(hlo32) if op == "all-gather" and shape in kernels
+  )
   assert gathered32["f32"] >= len(kernels) and gathered32["bf16"] == 0, gathered32
 
 
@@ -243,8 +268,9 @@ def test_donated_state_is_updated_in_place_without_a_copy():
   sc = _tiny("float32")
   tx = optimizer_lib.make_optimizer(train_config.base_config().optimizer, 10)
   params = jax.eval_shape(lambda: nn.meta.unbox(init_blt(jax.random.PRNGKey(0), sc.model)))
-  state = steps.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                           opt_state=jax.eval_shape(tx.init, params))
+  state = steps.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params)
+  )
   batch = _batches(1)[0]
   compiled = {}
   for donate in (False, True):
@@ -273,6 +299,7 @@ def test_scan_layers_state_is_stacked_and_trains_like_the_per_layer_one():
   holds `[3, ...]` params and Adam moments, and three steps give the per-layer run's losses, gradient norms and
   params (the reduction order differs: float32 ulps)."""
   from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
+
   opt_cfg = train_config.base_config().optimizer
   opt_cfg.update(lr=1e-2, warmup=0, scheduler="constant", clip=1.0, weight_decay=0.1)
   tx = optimizer_lib.make_optimizer(opt_cfg, 10)
@@ -280,8 +307,11 @@ def test_scan_layers_state_is_stacked_and_trains_like_the_per_layer_one():
   batches = _batches(3)
   runs = {}
   for scan in (False, True):
-    sc = steps.StepConfig(EntropyModelConfig(dim=32, n_layers=3, n_heads=2, multiple_of=32, sliding_window=16,
-                                             max_seqlen=N, scan_layers=scan))
+    sc = steps.StepConfig(
+        EntropyModelConfig(
+            dim=32, n_layers=3, n_heads=2, multiple_of=32, sliding_window=16, max_seqlen=N, scan_layers=scan
+        )
+    )
     state = jax.jit(lambda: nn.meta.unbox(steps.make_init_fn(sc, tx, jax.random.PRNGKey(0))()))()
     step = jax.jit(steps.make_train_step(sc, tx, schedule), donate_argnums=0)
     losses = []
@@ -315,6 +345,7 @@ def test_scan_layers_train_step_does_not_grow_with_depth():
     state = jax.eval_shape(lambda: nn.meta.unbox(steps.make_init_fn(sc, tx, jax.random.PRNGKey(0))()))
     if not stacked:
       from blt_jax import layer_stacking  # pylint: disable=g-import-not-at-top
+
       state = jax.eval_shape(lambda s: layer_stacking.restack(s, s.params, sc.model, False), state)
     text = jax.jit(steps.make_train_step(sc, tx, lambda s: 1e-3)).lower(state, batch, None).as_text()
     return sum(" = " in line for line in text.splitlines())

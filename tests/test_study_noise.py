@@ -1,4 +1,5 @@
 """blt_jax.study.noise: the five noise types are seeded, rate-faithful, and keep the text valid UTF-8."""
+
 import re
 import string
 
@@ -7,8 +8,10 @@ import pytest
 
 from blt_jax.study import noise
 
-TEXT = ("The quick brown fox jumps over the lazy dog. Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 Stra\u00dfe, "
-        "\u65e5\u672c\u8a9e\u306e\u6587 and emoji \U0001F600 too.\n\tdef f(x):\n    return x + 1\n")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 Stra\u00dfe, "
+    "\u65e5\u672c\u8a9e\u306e\u6587 and emoji \U0001F600 too.\n\tdef f(x):\n    return x + 1\n"
+)
 ALL = [n.fn for n in noise.NOISES]
 
 

@@ -1,4 +1,5 @@
 """Byte tokenizer against the reference fixtures (spec section 1)."""
+
 import json
 
 import numpy as np
@@ -26,8 +27,7 @@ def test_encode_matches_fixture(fixtures_dir):
     assert ids.dtype == np.int32
     np.testing.assert_array_equal(ids, tokens)
     assert tokenizer.decode(tokens) == text
-    np.testing.assert_array_equal(
-        tokenizer.ByteTokenizer().encode(text), tokens)
+    np.testing.assert_array_equal(tokenizer.ByteTokenizer().encode(text), tokens)
 
 
 def test_decode_drops_bpe_delimiters(fixtures_dir):
@@ -40,10 +40,8 @@ def test_decode_drops_bpe_delimiters(fixtures_dir):
 
 def test_bos_eos_flags():
   np.testing.assert_array_equal(tokenizer.encode("ab"), [1, 101, 102, 2])
-  np.testing.assert_array_equal(
-      tokenizer.encode("ab", add_eos=False), [1, 101, 102])
-  np.testing.assert_array_equal(
-      tokenizer.encode("ab", add_bos=False, add_eos=False), [101, 102])
+  np.testing.assert_array_equal(tokenizer.encode("ab", add_eos=False), [1, 101, 102])
+  np.testing.assert_array_equal(tokenizer.encode("ab", add_bos=False, add_eos=False), [101, 102])
   assert tokenizer.encode("").tolist() == [1, 2]
   tok = tokenizer.ByteTokenizer(add_bos=False, add_eos=False)
   assert tok.encode("a").tolist() == [101]

@@ -7,6 +7,7 @@ stdlib files copied to a tmp corpus. XLA compilation dominates the time, so the 
 compilation cache: runs with the same mesh and shapes (most use (data, fsdp, tensor) = (2, 2, 2), the CLI run
 included) compile their programs once.
 """
+
 import contextlib
 import dataclasses
 import importlib.util
@@ -96,8 +97,11 @@ def compile_cache(tmp_path_factory):
   Set BLT_JAX_TEST_XLA_CACHE to a directory to keep the cache across sessions (reruns then skip most compiles).
   """
   path = os.environ.get("BLT_JAX_TEST_XLA_CACHE") or str(tmp_path_factory.mktemp("xla_cache"))
-  settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
-              "jax_persistent_cache_min_entry_size_bytes": 0}
+  settings = {
+      "jax_compilation_cache_dir": path,
+      "jax_persistent_cache_min_compile_time_secs": 0.0,
+      "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
   old = {name: getattr(jax.config, name) for name in settings}
   for name, value in settings.items():
     jax.config.update(name, value)
@@ -126,8 +130,10 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def micro(corpus):
   """`micro(overrides)`: a fresh micro config."""
+
   def make(overrides=None):
     return driver.apply_overrides(driver.load_config("tiny"), {**MICRO, **corpus, **(overrides or {})})
+
   return make
 
 
@@ -266,9 +272,12 @@ def test_meshes_give_same_losses_and_params_are_sharded(micro, straight, tmp_pat
   scale = params["global_transformer"]["layers_0"]["ffn_norm"]["scale"]
   assert scale.sharding.spec in (P(), P(None))
   # Adam moments follow their params.
-  mu_w1 = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
-           if "mu" in jax.tree_util.keystr(path) and "global_transformer']['layers_0']['feed_forward']['w1'" in
-           jax.tree_util.keystr(path)]
+  mu_w1 = [
+      x
+      for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+      if "mu" in jax.tree_util.keystr(path)
+      and "global_transformer']['layers_0']['feed_forward']['w1'" in jax.tree_util.keystr(path)
+  ]
   assert len(mu_w1) == 1 and mu_w1[0].sharding.spec == P("fsdp", "tensor")
   # Overall one device holds well under half of the params (only norms and tiny vectors are replicated).
   total = sum(x.size for x in jax.tree_util.tree_leaves(params))
@@ -351,8 +360,10 @@ def test_grad_accumulation_is_exact(micro, straight, tmp_path):
   assert_trees_close(two.params, one.params, rtol=1e-5, atol=1e-4)
   assert_trees_close(two.opt_state, one.opt_state, rtol=1e-4, atol=1e-8)
   assert int(one.step) == int(two.step) == 1
-  assert not np.allclose(np.asarray(one.params["local_decoder"]["output"]["kernel"]),
-                         np.asarray(init().params["local_decoder"]["output"]["kernel"]))  # the update did happen
+  assert not np.allclose(
+      np.asarray(one.params["local_decoder"]["output"]["kernel"]),
+      np.asarray(init().params["local_decoder"]["output"]["kernel"]),
+  )  # the update did happen
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,22 +379,37 @@ def test_unknown_config_key_is_rejected(micro):
     cfg.update_from_flattened_dict({"optimizer.nonexistent": 1})
 
 
-@pytest.mark.parametrize("overrides,error,match", [
-    ({"patching.mode": "entropy"}, ValueError, "needs config.entropy_checkpoint"),
-    ({"seq_len": 256}, ValueError, r"seq_len=256 exceeds model.max_encoder_seq_length=128"),
-    ({"param_dtype": "bfloat16"}, ValueError, "param_dtype"),
-    ({"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1}, ValueError, "must equal the number of devices"),
-    ({"mesh.data": 3, "mesh.fsdp": -1, "mesh.tensor": 1}, ValueError, "does not divide the 8 available devices"),
-    ({"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1, "global_batch_size": 4}, ValueError,
-     r"global_batch_size=4 is not divisible by the 8 batch shards"),
-    ({"data.sources": ("{tmp}/nothing/*.txt",)}, ValueError, "matched no files"),
-    ({"keep_checkpoints": 0}, ValueError, r"config.keep_checkpoints=0: must be >= 1"),
-    ({"patching.mode": "entropy", "entropy_checkpoint": "{tmp}/no_such_model"}, FileNotFoundError,
-     "no_such_model.*no entropy model found"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        ({"patching.mode": "entropy"}, ValueError, "needs config.entropy_checkpoint"),
+        ({"seq_len": 256}, ValueError, r"seq_len=256 exceeds model.max_encoder_seq_length=128"),
+        ({"param_dtype": "bfloat16"}, ValueError, "param_dtype"),
+        ({"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1}, ValueError, "must equal the number of devices"),
+        ({"mesh.data": 3, "mesh.fsdp": -1, "mesh.tensor": 1}, ValueError, "does not divide the 8 available devices"),
+        (
+            {"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1, "global_batch_size": 4},
+            ValueError,
+            r"global_batch_size=4 is not divisible by the 8 batch shards",
+        ),
+        ({"data.sources": ("{tmp}/nothing/*.txt",)}, ValueError, "matched no files"),
+        ({"keep_checkpoints": 0}, ValueError, r"config.keep_checkpoints=0: must be >= 1"),
+        (
+            {"patching.mode": "entropy", "entropy_checkpoint": "{tmp}/no_such_model"},
+            FileNotFoundError,
+            "no_such_model.*no entropy model found",
+        ),
+    ],
+)
 def test_bad_setups_fail_at_start_up(micro, tmp_path, overrides, error, match):
-  overrides = {k: tuple(x.format(tmp=tmp_path) for x in v) if isinstance(v, tuple)
-               else v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
+  overrides = {
+      k: tuple(x.format(tmp=tmp_path) for x in v)
+      if isinstance(v, tuple)
+      else v.format(tmp=tmp_path)
+      if isinstance(v, str)
+      else v
+      for k, v in overrides.items()
+  }
   cfg = micro(overrides)
   with pytest.raises(error, match=match):
     train.train(cfg, str(tmp_path / "run"))
@@ -426,17 +452,32 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(micro, straight, t
 
 
 def test_entropy_model_then_entropy_patched_blt(micro, corpus, tmp_path):
-  ecfg = driver.apply_overrides(driver.load_config("entropy_tiny"), {
-      **corpus, **{k: v for k, v in MICRO.items() if not k.startswith("model.")},
-      "entropy_model.dim": 32, "entropy_model.n_layers": 1, "entropy_model.n_heads": 2,
-      "entropy_model.multiple_of": 32, "entropy_model.max_seqlen": 128, "entropy_model.sliding_window": 32})
+  ecfg = driver.apply_overrides(
+      driver.load_config("entropy_tiny"),
+      {
+          **corpus,
+          **{k: v for k, v in MICRO.items() if not k.startswith("model.")},
+          "entropy_model.dim": 32,
+          "entropy_model.n_layers": 1,
+          "entropy_model.n_heads": 2,
+          "entropy_model.multiple_of": 32,
+          "entropy_model.max_seqlen": 128,
+          "entropy_model.sliding_window": 32,
+      },
+  )
   summary = train.train(ecfg, str(tmp_path / "entropy"))
   assert summary["final_step"] == 2
   meta = json.loads((tmp_path / "entropy" / "export" / "config.json").read_text())
   assert meta["model_type"] == "entropy_model"
 
-  cfg = micro({"patching.mode": "entropy", "entropy_checkpoint": str(tmp_path / "entropy"),
-               "patching.threshold": 2.0, "patching.max_patch_length": 8})
+  cfg = micro(
+      {
+          "patching.mode": "entropy",
+          "entropy_checkpoint": str(tmp_path / "entropy"),
+          "patching.threshold": 2.0,
+          "patching.max_patch_length": 8,
+      }
+  )
   summary = train.train(cfg, str(tmp_path / "blt"))
   rows = train_rows(summary)
   assert sorted(rows) == [1, 2]
@@ -448,8 +489,15 @@ def test_entropy_model_then_entropy_patched_blt(micro, corpus, tmp_path):
   # The same BLT patched from entropies scored once and stored (no entropy model in the step).
   ent_cfg, ent_params = train.load_entropy_model(str(tmp_path / "entropy"))
   entropy_store.write_corpus_store(str(tmp_path / "store"), cfg.data, ent_params, ent_cfg)
-  stored = micro({"patching.mode": "entropy", "entropy_checkpoint": "", "data.entropy_store": str(tmp_path / "store"),
-                  "patching.threshold": 2.0, "patching.max_patch_length": 8})
+  stored = micro(
+      {
+          "patching.mode": "entropy",
+          "entropy_checkpoint": "",
+          "data.entropy_store": str(tmp_path / "store"),
+          "patching.threshold": 2.0,
+          "patching.max_patch_length": 8,
+      }
+  )
   trainer = train.Trainer(stored, str(tmp_path / "blt_stored"))
   assert trainer.entropy_params is None
   try:
@@ -468,10 +516,17 @@ def test_in_graph_entropy_model_takes_the_runs_settings_not_its_checkpoints(micr
   params = nn.meta.unbox(init_entropy_model(jax.random.PRNGKey(0), arch))
   # Trained in bf16, scanned, rematerialised, with a kernel this platform may not have: none of it is architecture.
   trained = {**arch.to_dict(), "dtype": "bfloat16", "scan_layers": True, "remat": True, "attention_impl": "splash"}
-  ckpt_lib.save_params(tmp_path / "entropy", params, {"format": "blt_jax", "model_type": "entropy_model",
-                                                      "model": trained})
-  cfg = micro({"patching.mode": "entropy", "entropy_checkpoint": str(tmp_path / "entropy"),
-               "attention_impl": "dense", "compute_dtype": "bfloat16"})
+  ckpt_lib.save_params(
+      tmp_path / "entropy", params, {"format": "blt_jax", "model_type": "entropy_model", "model": trained}
+  )
+  cfg = micro(
+      {
+          "patching.mode": "entropy",
+          "entropy_checkpoint": str(tmp_path / "entropy"),
+          "attention_impl": "dense",
+          "compute_dtype": "bfloat16",
+      }
+  )
   trainer = train.Trainer(cfg, str(tmp_path / "run"))
   try:
     used = trainer.sc.entropy_model
@@ -499,9 +554,18 @@ def test_no_validation_data_means_no_evaluation(micro, tmp_path, capsys):
 
 def test_bad_records_stop_the_run_or_are_skipped_counted_and_logged(micro, corpus, tmp_path, caplog):
   from test_metrics import _read_scalars  # pylint: disable=g-import-not-at-top
+
   mixed = tmp_path / "mixed.jsonl"
-  mixed.write_text("\n".join([json.dumps({"text": "a good line " * 20}), "{not json",
-                              json.dumps({"content": "no text"}), json.dumps({"text": "another good one " * 20})]))
+  mixed.write_text(
+      "\n".join(
+          [
+              json.dumps({"text": "a good line " * 20}),
+              "{not json",
+              json.dumps({"content": "no text"}),
+              json.dumps({"text": "another good one " * 20}),
+          ]
+      )
+  )
   sources = tuple(corpus["data.sources"]) + (str(mixed),)
   trainer = train.Trainer(micro({"data.sources": sources}), str(tmp_path / "stop"))
   try:  # the default, "error": stops before the first step, naming the line
@@ -543,8 +607,7 @@ def test_cli_trains_and_rejects_unknown_keys(corpus, compile_cache, tmp_path):
   python, env = _cli(compile_cache)
   config = os.path.relpath(ROOT / "configs" / "tiny.py", tmp_path)
   cmd = python + ["--config", config, "--workdir"]
-  proc = subprocess.run(cmd + ["run"] + flags, cwd=tmp_path, env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(cmd + ["run"] + flags, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "done: steps 0 -> 2" in proc.stdout
   assert re.search(r"^step 2/2 \(100.0%\) \| elapsed [0-9hms]+ \| eta 0s \| loss ", proc.stdout, re.M), proc.stdout
@@ -553,21 +616,30 @@ def test_cli_trains_and_rejects_unknown_keys(corpus, compile_cache, tmp_path):
   assert meta["model"]["dim_global"] == 64 and meta["model"]["encoder_hash_byte_group_size"] == [3, 4]
   assert list(workdir.glob("events.out.tfevents*"))
 
-  bad = subprocess.run(cmd + ["bad", "--config.optimizer.nope=1"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+      cmd + ["bad", "--config.optimizer.nope=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+  )
   assert bad.returncode != 0
-  assert bad.stderr.strip() == ("error: unknown config key 'optimizer.nope' (every field is listed in "
-                                "blt_jax/train_config.py)"), bad.stderr
+  assert bad.stderr.strip() == (
+      "error: unknown config key 'optimizer.nope' (every field is listed in " "blt_jax/train_config.py)"
+  ), bad.stderr
   assert not (tmp_path / "bad").exists()  # rejected while parsing flags, before anything is written
 
   # A damaged latest checkpoint with checkpoint_on_damaged='error': one line naming step and path, nothing moved.
   (workdir / "checkpoints" / "2" / "meta" / "metadata").write_text("{truncated")
-  damaged = subprocess.run(cmd + ["run"] + flags + ["--config.num_steps=3", "--config.checkpoint_on_damaged=error"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  damaged = subprocess.run(
+      cmd + ["run"] + flags + ["--config.num_steps=3", "--config.checkpoint_on_damaged=error"],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert damaged.returncode != 0
   last = damaged.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"error: checkpoint step 2 at {workdir / 'checkpoints' / '2'} is damaged: JSONDecodeError"), \
-      damaged.stderr[-3000:]
+  assert last.startswith(
+      f"error: checkpoint step 2 at {workdir / 'checkpoints' / '2'} is damaged: JSONDecodeError"
+  ), damaged.stderr[-3000:]
   assert "Traceback" not in damaged.stderr
   assert (workdir / "checkpoints" / "2").is_dir()
 
@@ -579,18 +651,25 @@ def test_command_line_errors_name_the_key():
   argv = lambda *overrides: ["train", "--config", config, "--workdir", "w", *overrides]
   assert train.unknown_override_error(argv("--config.optimizer.lr=1e-3", "--config.model.dim_global=64")) is None
   assert train.unknown_override_error(argv("--config.nonexistent=1")) == (
-      "unknown config key 'nonexistent' (every field is listed in blt_jax/train_config.py)")
+      "unknown config key 'nonexistent' (every field is listed in blt_jax/train_config.py)"
+  )
   assert train.unknown_override_error(argv("--config.seq_len=8", "--config.optimizer.nope=2")).startswith(
-      "unknown config key 'optimizer.nope' (")
-  for key, guess in [("lr", "optimizer.lr"), ("patching.treshold", "patching.threshold"),
-                     ("modle.dim_global", "model.dim_global"), ("data.source", "data.sources")]:
+      "unknown config key 'optimizer.nope' ("
+  )
+  for key, guess in [
+      ("lr", "optimizer.lr"),
+      ("patching.treshold", "patching.threshold"),
+      ("modle.dim_global", "model.dim_global"),
+      ("data.source", "data.sources"),
+  ]:
     message = train.unknown_override_error(["train", f"--config={config}", f"--config.{key}", "1"])
     assert message.startswith(f"unknown config key {key!r}; did you mean {guess!r}?"), message
   # A value that does not parse names the key; absl's text (as `--config.seq_len=abc` makes ml_collections raise
   # it) starts with the flag, which reads as if the flag itself were wrong.
   error = absl_flags.IllegalFlagValueError("flag --config.seq_len=abc: invalid literal for int() with base 10: 'abc'")
-  assert train.flag_error(error) == ("bad value 'abc' for config key 'seq_len': invalid literal for int() "
-                                     "with base 10: 'abc'")
+  assert train.flag_error(error) == (
+      "bad value 'abc' for config key 'seq_len': invalid literal for int() " "with base 10: 'abc'"
+  )
   assert train.flag_error(absl_flags.UnrecognizedFlagError("workdri")).startswith("bad command line: ")
 
 
@@ -609,8 +688,15 @@ def _launch(overrides, workdir, logdir, env):
   procs = []
   for i in range(2):
     with open(logdir / f"out{i}.txt", "w") as out, open(logdir / f"err{i}.txt", "w") as err:
-      procs.append(subprocess.Popen([sys.executable, str(DRIVER), str(workdir), json.dumps({**overrides,
-                                     "mesh.process_id": i})], cwd=ROOT, env=env, stdout=out, stderr=err))
+      procs.append(
+          subprocess.Popen(
+              [sys.executable, str(DRIVER), str(workdir), json.dumps({**overrides, "mesh.process_id": i})],
+              cwd=ROOT,
+              env=env,
+              stdout=out,
+              stderr=err,
+          )
+      )
   return procs
 
 
@@ -633,10 +719,20 @@ def _reports(procs, logdir, timeout=300):
 
 
 def test_two_processes_train_one_mesh(micro, corpus, tmp_path):
-  overrides = {**MICRO, **corpus, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2,
-               "mesh.coordinator_address": f"127.0.0.1:{_free_port()}", "mesh.num_processes": 2}
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+  overrides = {
+      **MICRO,
+      **corpus,
+      "mesh.data": 1,
+      "mesh.fsdp": 2,
+      "mesh.tensor": 2,
+      "mesh.coordinator_address": f"127.0.0.1:{_free_port()}",
+      "mesh.num_processes": 2,
+  }
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+  )
   reports = _reports(_launch(overrides, tmp_path / "run", tmp_path, env), tmp_path)
   assert [r["process"] for r in reports] == [0, 1]
   assert all(r["process_count"] == 2 and r["device_count"] == 4 for r in reports)
@@ -655,8 +751,14 @@ def test_two_processes_train_one_mesh(micro, corpus, tmp_path):
   original = train.data_lib.make_train_iterator
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(train.data_lib, "make_train_iterator", lambda *a, **k: _BothHosts(original, *a, **k))
-    ref = _losses_by_step(train_rows(run(micro({"num_steps": 2, "data.validation_sources": (),
-                                                "data.validation_fraction": 0.0}), tmp_path / "ref")[0]))
+    ref = _losses_by_step(
+        train_rows(
+            run(
+                micro({"num_steps": 2, "data.validation_sources": (), "data.validation_fraction": 0.0}),
+                tmp_path / "ref",
+            )[0]
+        )
+    )
   for step, loss in reports[0]["losses"].items():
     np.testing.assert_allclose(loss, ref[int(step)], rtol=MESH_RTOL, err_msg=f"step {step}")
 
@@ -686,7 +788,8 @@ def test_sigterm_line_claims_a_checkpoint_only_when_one_was_saved(tmp_path):
   stopped = dict(start_step=0, final_step=5, preempted=True)
   assert train.end_of_run_line({**stopped, "checkpoint_step": 5}, tmp_path) == (
       f"stopped by SIGTERM after step 5: checkpoint saved in {tmp_path / 'checkpoints'}; re-run the same command to "
-      f"resume")
+      f"resume"
+  )
   for newest, where in ((3, "step 3"), (None, "the start")):
     line = train.end_of_run_line({**stopped, "checkpoint_step": newest}, tmp_path)
     assert "checkpoint saved" not in line and "no checkpoint of step 5 was saved" in line, line
@@ -696,11 +799,13 @@ def test_sigterm_line_claims_a_checkpoint_only_when_one_was_saved(tmp_path):
 def test_sigterm_during_start_up_ends_the_process_as_usual(micro, tmp_path):
   """Until the first step has run, SIGTERM is left to the process's usual handler (by default: end at once, in the
   middle of a compile too): it is not held until a step is trained and saved. Nothing is written to checkpoints/."""
+
   class Terminated(BaseException):
     pass
 
   def usual(signum, frame):
     raise Terminated(signum)
+
   previous = signal.signal(signal.SIGTERM, usual)
   try:
     # Sent from the first batch's fetch: start-up (restore, init, step-0 evaluation) is over, the first step is next.
@@ -725,14 +830,20 @@ def test_sigterm_saves_exits_zero_and_rerun_resumes(micro, corpus, compile_cache
   finally:
     if proc.poll() is None:
       proc.kill()
-  stop = int(re.search(r"^stopped by SIGTERM after step (\d+): checkpoint saved in (\S+); re-run the same "
-                       r"command to resume$", out.read_text(), re.M).group(1))
+  stop = int(
+      re.search(
+          r"^stopped by SIGTERM after step (\d+): checkpoint saved in (\S+); re-run the same " r"command to resume$",
+          out.read_text(),
+          re.M,
+      ).group(1)
+  )
   assert (tmp_path / "run" / "checkpoints" / str(stop) / "data").is_dir()
   assert not (tmp_path / "run" / "export").exists()  # the run is not finished
 
   # The same command (shorter: the constant schedule does not depend on num_steps) resumes at that step.
-  rerun = subprocess.run(cmd + [f"--config.num_steps={stop + 2}"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+  rerun = subprocess.run(
+      cmd + [f"--config.num_steps={stop + 2}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+  )
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert f"resumed from checkpoint step {stop} in {tmp_path / 'run'}" in rerun.stdout
   assert f"done: steps {stop} -> {stop + 2}" in rerun.stdout
@@ -770,13 +881,21 @@ class _BothHosts:
 
 def test_two_processes_sigterm_and_resume_match_one_process(micro, corpus, compile_cache, tmp_path, capsys):
   """SIGTERM to one of two processes: both stop at the same step; resumed, the losses are a 1-process run's."""
-  env = dict(os.environ, **compile_cache, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+  env = dict(
+      os.environ,
+      **compile_cache,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+  )
   overrides = {**MICRO, **corpus, "mesh.num_processes": 2}  # mesh (2, 2, 2) over 2 x 4 devices
   first = tmp_path / "first"
   first.mkdir()
-  procs = _launch({**overrides, "num_steps": 100000, "mesh.coordinator_address": f"127.0.0.1:{_free_port()}"},
-                  tmp_path / "run", first, env)
+  procs = _launch(
+      {**overrides, "num_steps": 100000, "mesh.coordinator_address": f"127.0.0.1:{_free_port()}"},
+      tmp_path / "run",
+      first,
+      env,
+  )
   try:
     # Step 2 needs both processes, and each takes SIGTERM over once its first step is done: process 1 has by then.
     _wait_for(first / "out0.txt", r"^step 2/100000 ", procs[0])
@@ -794,9 +913,15 @@ def test_two_processes_sigterm_and_resume_match_one_process(micro, corpus, compi
 
   second = tmp_path / "second"
   second.mkdir()
-  resumed = _reports(_launch({**overrides, "num_steps": stop + 2,
-                              "mesh.coordinator_address": f"127.0.0.1:{_free_port()}"}, tmp_path / "run", second, env),
-                     second)
+  resumed = _reports(
+      _launch(
+          {**overrides, "num_steps": stop + 2, "mesh.coordinator_address": f"127.0.0.1:{_free_port()}"},
+          tmp_path / "run",
+          second,
+          env,
+      ),
+      second,
+  )
   assert [(r["start_step"], r["final_step"], r["preempted"]) for r in resumed] == [(stop, stop + 2, False)] * 2
   got = {int(k): v for r in (reports[0], resumed[0]) for k, v in r["losses"].items()}
   assert sorted(got) == list(range(1, stop + 3))
@@ -807,8 +932,12 @@ def test_two_processes_sigterm_and_resume_match_one_process(micro, corpus, compi
     mp.setattr(train.data_lib, "make_train_iterator", lambda *a, **k: _BothHosts(original, *a, **k))
     ref = _losses_by_step(train_rows(run(micro({"num_steps": stop + 2}), tmp_path / "ref")[0]))
   with capsys.disabled():  # the numbers, for notes (pytest -s)
-    print(f"\n2-process losses (SIGTERM after step {stop}, resumed):", {s: round(v, 6) for s, v in got.items()},
-          "\n1-process losses:", {s: round(v, 6) for s, v in ref.items()})
+    print(
+        f"\n2-process losses (SIGTERM after step {stop}, resumed):",
+        {s: round(v, 6) for s, v in got.items()},
+        "\n1-process losses:",
+        {s: round(v, 6) for s, v in ref.items()},
+    )
   for step, loss in got.items():
     np.testing.assert_allclose(loss, ref[step], rtol=MESH_RTOL, err_msg=f"step {step}")
 
@@ -855,7 +984,6 @@ def test_changed_model_is_not_taken_for_damage(micro, straight, tmp_path):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # 10. Profiling and progress lines.
 
@@ -882,12 +1010,15 @@ def golden_checkpoint(golden, tmp_path_factory):
   """The golden BLT and its entropy model as `python -m blt_jax.convert` writes them (via the safetensors layout)."""
   arrays, meta = golden
   root = tmp_path_factory.mktemp("golden_ckpt")
-  for name, prefix, args in (("blt", "blt/", meta["blt_args"]), ("entropy", "entropy_model/",
-                                                                  meta["entropy_model_args"])):
+  for name, prefix, args in (
+      ("blt", "blt/", meta["blt_args"]),
+      ("entropy", "entropy_model/", meta["entropy_model_args"]),
+  ):
     (root / name).mkdir()
     (root / name / "config.json").write_text(json.dumps({"args": args}))
-    safetensors_io.write_safetensors(root / name / "model.safetensors",
-                                     {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+    safetensors_io.write_safetensors(
+        root / name / "model.safetensors", {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+    )
   train_args = {"data": {"patcher_args": {"patching_mode": "entropy", "threshold": meta["threshold"]}}}
   (root / "blt" / "train_args.json").write_text(json.dumps(train_args))
   convert.convert_dir(root / "blt", root / "ckpt", entropy_src=root / "entropy")
@@ -898,8 +1029,13 @@ def _direct_loss(params, model_cfg, patch_cfg, ent, batch, max_patches):
   """Mean loss of `batch` from `BLT(cfg).apply`, patched by the entropy model: no trainer code involved."""
   ent_cfg, ent_params = ent
   tokens = jax.numpy.asarray(batch["tokens"])
-  patches = patching.patch(tokens, compute_entropies(ent_params, tokens, ent_cfg), include_next_token=True,
-                           max_patches=max_patches, **patch_cfg.patch_kwargs())
+  patches = patching.patch(
+      tokens,
+      compute_entropies(ent_params, tokens, ent_cfg),
+      include_next_token=True,
+      max_patches=max_patches,
+      **patch_cfg.patch_kwargs(),
+  )
   logits = BLT(model_cfg).apply({"params": params}, tokens, patches.patch_lengths_BP)
   total, count = cross_entropy_sum(logits, jax.numpy.asarray(batch["targets"]), jax.numpy.asarray(batch["loss_mask"]))
   return float(total / count)
@@ -913,10 +1049,13 @@ def test_init_from_converted_checkpoint_fine_tunes(micro, golden_checkpoint, tmp
     summary, trainer = run(cfg, tmp_path / "run")
   out = capsys.readouterr().out
   assert f"init_from {golden_checkpoint}: its settings replace the config's\n" in out
-  for change in ("model.n_layers_global: 1 -> 2", "model.encoder_hash_byte_group_vocab: 512 -> 1009",
-                 "model.encoder_hash_byte_group_size: (3, 4) -> (3, 4, 5, 6, 7, 8)",
-                 "patching.mode: 'space' -> 'entropy'",
-                 f"entropy_checkpoint: '' -> '{golden_checkpoint / 'entropy_model'}'"):
+  for change in (
+      "model.n_layers_global: 1 -> 2",
+      "model.encoder_hash_byte_group_vocab: 512 -> 1009",
+      "model.encoder_hash_byte_group_size: (3, 4) -> (3, 4, 5, 6, 7, 8)",
+      "patching.mode: 'space' -> 'entropy'",
+      f"entropy_checkpoint: '' -> '{golden_checkpoint / 'entropy_model'}'",
+  ):
     assert f"\n  {change}\n" in out, change
   assert "model.dim_global" not in out  # 64 in both: only changes are listed
   assert f"initialised params from {golden_checkpoint} (step 0, fresh optimizer state)" in out
@@ -931,12 +1070,21 @@ def test_init_from_converted_checkpoint_fine_tunes(micro, golden_checkpoint, tmp
   np.testing.assert_allclose(losses[1], direct, rtol=MESH_RTOL)
   assert abs(fresh - direct) > 100 * MESH_RTOL * direct
   with capsys.disabled():  # the curve, for notes (pytest -s)
-    print("\nfine-tune losses:", {s: round(v, 5) for s, v in losses.items()}, "checkpoint loss:", round(direct, 5),
-          "fresh-init loss:", round(fresh, 5))
+    print(
+        "\nfine-tune losses:",
+        {s: round(v, 5) for s, v in losses.items()},
+        "checkpoint loss:",
+        round(direct, 5),
+        "fresh-init loss:",
+        round(fresh, 5),
+    )
   assert losses[6] < losses[1] - 0.3, losses  # fine-tuning does learn
   assert int(trainer.state.step) == 6
-  counts = [int(x) for path, x in jax.tree_util.tree_leaves_with_path(trainer.state.opt_state)
-            if jax.tree_util.keystr(path).endswith(".count")]
+  counts = [
+      int(x)
+      for path, x in jax.tree_util.tree_leaves_with_path(trainer.state.opt_state)
+      if jax.tree_util.keystr(path).endswith(".count")
+  ]
   assert counts and set(counts) == {6}  # Adam started from zero, not from any saved state
   w1 = trainer.state.params["global_transformer"]["layers_0"]["feed_forward"]["w1"]["kernel"]
   assert w1.sharding.spec == P("fsdp", "tensor")  # read straight into the run's layout on mesh (2, 2, 2)
@@ -946,8 +1094,9 @@ def test_init_from_converted_checkpoint_fine_tunes(micro, golden_checkpoint, tmp
   assert (tmp_path / "run" / "export" / "entropy_model" / "config.json").is_file()
 
   # A checkpoint in the workdir wins: the run resumes (saying so) instead of starting from init_from again.
-  summary, _ = run(micro({"init_from": str(golden_checkpoint), "num_steps": 7, "checkpoint_every": 6}),
-                   tmp_path / "run")
+  summary, _ = run(
+      micro({"init_from": str(golden_checkpoint), "num_steps": 7, "checkpoint_every": 6}), tmp_path / "run"
+  )
   assert summary["start_step"] == 6
   assert f"(init_from {golden_checkpoint} is not loaded: resuming wins)" in capsys.readouterr().out
 
@@ -958,13 +1107,16 @@ def test_init_from_converted_checkpoint_fine_tunes(micro, golden_checkpoint, tmp
   assert trainer.sc.model.n_layers_global == 2 and trainer.sc.patching.mode == "entropy"
 
 
-@pytest.mark.parametrize("config_json,match", [
-    (None, "does not exist"),
-    ("", "no config.json in .*bad or .*bad/export"),
-    ('{"format": "hf"}', "config.json is not a blt_jax checkpoint"),
-    ('{"format": "blt_jax", "model_type": "blt"', "config.json is not valid json"),
-    ('{"format": "blt_jax", "model_type": "blt", "model": {}}', "has config.json but no params/ directory"),
-])
+@pytest.mark.parametrize(
+    "config_json,match",
+    [
+        (None, "does not exist"),
+        ("", "no config.json in .*bad or .*bad/export"),
+        ('{"format": "hf"}', "config.json is not a blt_jax checkpoint"),
+        ('{"format": "blt_jax", "model_type": "blt"', "config.json is not valid json"),
+        ('{"format": "blt_jax", "model_type": "blt", "model": {}}', "has config.json but no params/ directory"),
+    ],
+)
 def test_init_from_errors(micro, tmp_path, config_json, match):
   if config_json is not None:
     (tmp_path / "bad").mkdir()
@@ -972,7 +1124,6 @@ def test_init_from_errors(micro, tmp_path, config_json, match):
       (tmp_path / "bad" / "config.json").write_text(config_json)
   with pytest.raises((FileNotFoundError, ValueError), match=f"^init_from .*{match}"):
     train.Trainer(micro({"init_from": str(tmp_path / "bad")}), str(tmp_path / "run"))
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -985,6 +1136,7 @@ def test_scan_layers_run_resumes_exactly_reads_either_layout_and_exports_per_lay
   is per-layer (the final params exactly), `loading.load` scores it as the unscanned model and generates from it."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from blt_jax import generate, layer_stacking, loading, score  # pylint: disable=g-import-not-at-top
+
   loop = {"model.n_layers_global": 2, "checkpoint_every": 2}
   scan = {**loop, "scan_layers": True}
   straight, trainer = run(micro({**scan, "num_steps": 4}), tmp_path / "straight")
@@ -999,8 +1151,9 @@ def test_scan_layers_run_resumes_exactly_reads_either_layout_and_exports_per_lay
   assert (second["start_step"], second["final_step"]) == (2, 4)
   for step, row in train_rows(second).items():
     assert (row["loss"], row["grad_norm"]) == (ref[step]["loss"], ref[step]["grad_norm"]), step
-  for a, b in zip(jax.tree_util.tree_leaves(as_numpy(resumed.state)), jax.tree_util.tree_leaves(
-      as_numpy(trainer.state))):
+  for a, b in zip(
+      jax.tree_util.tree_leaves(as_numpy(resumed.state)), jax.tree_util.tree_leaves(as_numpy(trainer.state))
+  ):
     np.testing.assert_array_equal(a, b)
 
   # The other layout's checkpoints: per-layer -> scan run, scan -> per-layer run (float32 ulps: scan vs loop).
@@ -1026,13 +1179,14 @@ def test_scan_layers_run_resumes_exactly_reads_either_layout_and_exports_per_lay
   # The export: per-layer, the final params exactly; scoring and cached generation as the unscanned model's.
   loaded = loading.load(tmp_path / "straight")
   assert loaded.config.scan_layers and "layers_1" in loaded.params["global_transformer"]
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(loaded.params), jax.tree_util.tree_leaves(
-      per_layer_ref)):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(loaded.params), jax.tree_util.tree_leaves(per_layer_ref)):
     np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
   unscanned = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, scan_layers=False))
   text = ["def f(x):\n    return x + 1\n", "import os\n"]
-  nll = [[d.nll_nats for d in score.Scorer(m, row_bytes=64, batch_bytes=64 * 8).score_texts(text)]
-         for m in (loaded, unscanned)]
+  nll = [
+      [d.nll_nats for d in score.Scorer(m, row_bytes=64, batch_bytes=64 * 8).score_texts(text)]
+      for m in (loaded, unscanned)
+  ]
   np.testing.assert_allclose(nll[0], nll[1], rtol=1e-5)
   # Cached generation reads the per-layer global stack whatever scan_layers says: the export is all it needs.
   (result,) = generate.generate(loaded, ["def "], 6)

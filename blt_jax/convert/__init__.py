@@ -12,6 +12,7 @@ Output layout of `convert_dir` (each model dir is a `checkpoint.save_params` dir
   out/entropy_model/{config.json,params/}   the BLT's entropy model, when the source ships one
 When `src` is itself an entropy model, `out/` is that model.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,15 +42,23 @@ BLT, ENTROPY = reference.BLT, reference.ENTROPY
 _FORMATS: Dict[str, ModuleType] = {"reference": reference, "hf": hf}
 SUPPORTED_FORMATS = tuple(_FORMATS)
 
-__all__ = ["ConversionError", "ImportChoices", "SUPPORTED_FORMATS", "convert", "convert_dir", "load_converted",
-           "param_count"]
+__all__ = [
+    "ConversionError",
+    "ImportChoices",
+    "SUPPORTED_FORMATS",
+    "convert",
+    "convert_dir",
+    "load_converted",
+    "param_count",
+]
 
 
 # pylint: disable=redefined-builtin  (`format=` is the public argument name, as in the CLI's --format)
 
 
-def convert(src: PathLike, format: str = "reference", choices: Optional[ImportChoices] = None
-            ) -> Tuple[ModelConfig, Dict[str, Any]]:
+def convert(
+    src: PathLike, format: str = "reference", choices: Optional[ImportChoices] = None
+) -> Tuple[ModelConfig, Dict[str, Any]]:
   """(config, float32 numpy params) of the one model in directory `src` (a BLT or an entropy model).
 
   `choices`: format "hf" only, which behaviour the model gets where transformers and the reference differ.
@@ -58,9 +67,15 @@ def convert(src: PathLike, format: str = "reference", choices: Optional[ImportCh
   return main.config, main.params
 
 
-def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
-                entropy_src: Optional[PathLike] = None, overwrite: bool = False,
-                choices: Optional[ImportChoices] = None, dtype: str = "float32") -> Dict[str, Any]:
+def convert_dir(
+    src: PathLike,
+    out: PathLike,
+    format: str = "reference",
+    entropy_src: Optional[PathLike] = None,
+    overwrite: bool = False,
+    choices: Optional[ImportChoices] = None,
+    dtype: str = "float32",
+) -> Dict[str, Any]:
   """Converts `src` (and its entropy model) into the output layout at `out`; returns a summary dict.
 
   `dtype` "bfloat16" stores the floating-point params in bfloat16 (half the size, for inference only: loading
@@ -83,37 +98,54 @@ def convert_dir(src: PathLike, out: PathLike, format: str = "reference",
   choices_dict = (choices or ImportChoices()).to_dict() if format == "hf" else None
 
   with paths.staged_dir(out, "converting") as staging:
-    _write_params(staging, _cast_in_place(main.params, dtype),
-                  _config_json(main, src, format, entropy is not None, choices_dict, dtype))
+    _write_params(
+        staging,
+        _cast_in_place(main.params, dtype),
+        _config_json(main, src, format, entropy is not None, choices_dict, dtype),
+    )
     if entropy is not None:
-      _write_params(staging / reference.ENTROPY_SUBDIR, _cast_in_place(entropy.params, dtype),
-                    _config_json(entropy, entropy_dir, format, False, choices_dict, dtype))
+      _write_params(
+          staging / reference.ENTROPY_SUBDIR,
+          _cast_in_place(entropy.params, dtype),
+          _config_json(entropy, entropy_dir, format, False, choices_dict, dtype),
+      )
 
   models = [_summary(main, out)]
   if entropy is not None:
     models.append(_summary(entropy, out / reference.ENTROPY_SUBDIR))
-  return {"out": str(out), "source": str(src), "format": format, "models": models,
-          "patching": main.patching.to_dict() if main.patching else None, "choices": choices_dict}
+  return {
+      "out": str(out),
+      "source": str(src),
+      "format": format,
+      "models": models,
+      "patching": main.patching.to_dict() if main.patching else None,
+      "choices": choices_dict,
+  }
 
 
-def load_converted(path: PathLike, abstract: Any = None, shardings: Any = None
-                   ) -> Tuple[ModelConfig, Any, Optional[config_lib.PatchingConfig]]:
+def load_converted(
+    path: PathLike, abstract: Any = None, shardings: Any = None
+) -> Tuple[ModelConfig, Any, Optional[config_lib.PatchingConfig]]:
   """(typed config, params, PatchingConfig or None) of a `convert_dir` output dir (or its entropy_model/).
 
   `abstract`: a tree of `jax.ShapeDtypeStruct`s with shardings to restore onto; `shardings`: a tree of
   shardings matching the params (the abstract tree is then built from the config). Neither: default device.
   """
   from blt_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when reading)
+
   meta = checkpoint.read_params_config(path)
   if meta.get("format") != OUTPUT_FORMAT or meta.get("model_type") not in (BLT, ENTROPY):
-    raise ConversionError(f"{pathlib.Path(path) / 'config.json'}: not a blt_jax converted checkpoint "
-                          f"(format={meta.get('format')!r}, model_type={meta.get('model_type')!r})")
+    raise ConversionError(
+        f"{pathlib.Path(path) / 'config.json'}: not a blt_jax converted checkpoint "
+        f"(format={meta.get('format')!r}, model_type={meta.get('model_type')!r})"
+    )
   cls = config_lib.BLTConfig if meta["model_type"] == BLT else config_lib.EntropyModelConfig
   config = cls.from_dict(meta["model"])
   patching = config_lib.PatchingConfig.from_dict(meta["patching"]) if meta.get("patching") else None
   if abstract is None and shardings is not None:
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            abstract_params(config), shardings)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params(config), shardings
+    )
   params, _ = checkpoint.load_params(path, abstract)
   return config, params, patching
 
@@ -121,6 +153,7 @@ def load_converted(path: PathLike, abstract: Any = None, shardings: Any = None
 def abstract_params(config: ModelConfig) -> Any:
   """ShapeDtypeStructs of the params `config` builds (nothing is materialised)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
   if isinstance(config, config_lib.BLTConfig):
     from blt_jax.model import init_blt as init  # pylint: disable=g-import-not-at-top
   else:
@@ -139,10 +172,12 @@ def _write_params(path: pathlib.Path, params: Dict[str, Any], meta: Dict[str, An
   written in place, in chunks of at most 64 MiB, as plain zarr. Single process: conversion runs on one host."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (orbax: only when writing)
   from blt_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
   config_json = json.dumps(meta, indent=2, sort_keys=True)
   registry = ocp.type_handlers.create_type_handler_registry(
       (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-      (jax.Array, ocp.type_handlers.ArrayHandler()))
+      (jax.Array, ocp.type_handlers.ArrayHandler()),
+  )
   handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry)
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)
   path.mkdir(parents=True, exist_ok=True)
@@ -189,14 +224,27 @@ def _cast_in_place(params: Dict[str, Any], dtype: str) -> Dict[str, Any]:
   return params
 
 
-def _config_json(loaded: reference.LoadedModel, src: pathlib.Path, format: str,
-                 has_entropy_model: bool, choices: Optional[Dict[str, str]] = None,
-                 dtype: str = "float32") -> Dict[str, Any]:
-  meta = {"format": OUTPUT_FORMAT, "model_type": loaded.model_type, "model": loaded.config.to_dict(),
-          "source": str(src), "source_format": format, "weights_file": str(loaded.weights_file),
-          "params_dtype": dtype}
+def _config_json(
+    loaded: reference.LoadedModel,
+    src: pathlib.Path,
+    format: str,
+    has_entropy_model: bool,
+    choices: Optional[Dict[str, str]] = None,
+    dtype: str = "float32",
+) -> Dict[str, Any]:
+  meta = {
+      "format": OUTPUT_FORMAT,
+      "model_type": loaded.model_type,
+      "model": loaded.config.to_dict(),
+      "source": str(src),
+      "source_format": format,
+      "weights_file": str(loaded.weights_file),
+      "params_dtype": dtype,
+  }
   if choices is not None:
-    meta["import_choices"] = choices  # where transformers and the reference differ (docs/converting.md, Hugging Face layout)
+    meta["import_choices"] = (
+        choices  # where transformers and the reference differ (docs/converting.md, Hugging Face layout)
+    )
   if loaded.patching is not None:
     meta["patching"] = loaded.patching.to_dict()
   if has_entropy_model:
@@ -207,12 +255,24 @@ def _config_json(loaded: reference.LoadedModel, src: pathlib.Path, format: str,
 def _summary(loaded: reference.LoadedModel, path: pathlib.Path) -> Dict[str, Any]:
   c = loaded.config
   if loaded.model_type == BLT:
-    dims = {"dim_local_encoder": c.dim_local_encoder, "dim_global": c.dim_global,
-            "dim_local_decoder": c.dim_local_decoder, "n_layers_local_encoder": c.n_layers_local_encoder,
-            "n_layers_global": c.n_layers_global, "n_layers_local_decoder": c.n_layers_local_decoder,
-            "cross_attn_k": c.cross_attn_k, "hash_tables": c.num_hash_tables,
-            "hash_vocab": c.encoder_hash_byte_group_vocab}
+    dims = {
+        "dim_local_encoder": c.dim_local_encoder,
+        "dim_global": c.dim_global,
+        "dim_local_decoder": c.dim_local_decoder,
+        "n_layers_local_encoder": c.n_layers_local_encoder,
+        "n_layers_global": c.n_layers_global,
+        "n_layers_local_decoder": c.n_layers_local_decoder,
+        "cross_attn_k": c.cross_attn_k,
+        "hash_tables": c.num_hash_tables,
+        "hash_vocab": c.encoder_hash_byte_group_vocab,
+    }
   else:
     dims = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "vocab_size": c.vocab_size}
-  return {"model_type": loaded.model_type, "path": str(path), "params": param_count(loaded.params), "dims": dims,
-          "weights_file": str(loaded.weights_file), "config_file": str(loaded.config_file)}
+  return {
+      "model_type": loaded.model_type,
+      "path": str(path),
+      "params": param_count(loaded.params),
+      "dims": dims,
+      "weights_file": str(loaded.weights_file),
+      "config_file": str(loaded.config_file),
+  }

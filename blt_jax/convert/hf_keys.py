@@ -6,6 +6,7 @@ BLT under `model.` and its entropy model under `model.patcher.`, moves the decod
 ours are reached through the reference's table in `keys.py`, so there is one mapping per layout and no second
 copy of our param paths.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,11 +17,21 @@ from blt_jax.convert.mapping import HASH_PATH, Target
 
 # Reference word -> transformers word, inside a dotted name.
 _WORDS = {
-    "attention": "self_attn", "wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-    "feed_forward": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj",
-    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "cross_attn_norm_q": "q_norm", "cross_attn_norm_kv": "k_norm",
-    "tok_embeddings": "embed_tokens", "output": "lm_head",
+    "attention": "self_attn",
+    "wq": "q_proj",
+    "wk": "k_proj",
+    "wv": "v_proj",
+    "wo": "o_proj",
+    "feed_forward": "mlp",
+    "w1": "gate_proj",
+    "w3": "up_proj",
+    "w2": "down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "cross_attn_norm_q": "q_norm",
+    "cross_attn_norm_kv": "k_norm",
+    "tok_embeddings": "embed_tokens",
+    "output": "lm_head",
 }
 BLT_PREFIX, PATCHER_PREFIX = "model.", "model.patcher."
 HASH_KEY = "model.encoder_hash_tok_embedding.weight"
@@ -43,8 +54,13 @@ def hf_name(reference_key: str, model: str) -> str:
   return (BLT_PREFIX if model == "blt" else PATCHER_PREFIX) + renamed
 
 
-def blt_targets(shapes: Mapping[K.Path, tuple], encoder_kv_repeat: int = 1, decoder_kv_repeat: int = 1,
-                encoder_head_dim: int = 0, decoder_head_dim: int = 0) -> Dict[str, Target]:
+def blt_targets(
+    shapes: Mapping[K.Path, tuple],
+    encoder_kv_repeat: int = 1,
+    decoder_kv_repeat: int = 1,
+    encoder_head_dim: int = 0,
+    decoder_head_dim: int = 0,
+) -> Dict[str, Target]:
   """transformers key -> Target for every BLT param (with its shape).
 
   `*_kv_repeat`: query heads per kv head of the encoder's / decoder's cross-attention. transformers builds those
@@ -58,8 +74,9 @@ def blt_targets(shapes: Mapping[K.Path, tuple], encoder_kv_repeat: int = 1, deco
       continue
     target = Target(path, kind)
     if len(path) >= 3 and path[1].startswith("cross_attn_layers_") and path[2] in ("wk", "wv"):
-      repeat, head_dim = ((encoder_kv_repeat, encoder_head_dim) if path[0] == "local_encoder"
-                          else (decoder_kv_repeat, decoder_head_dim))
+      repeat, head_dim = (
+          (encoder_kv_repeat, encoder_head_dim) if path[0] == "local_encoder" else (decoder_kv_repeat, decoder_head_dim)
+      )
       if repeat > 1:
         target = Target(path, kind, None, repeat, head_dim)
     out[hf_name(key, "blt")] = target
@@ -68,5 +85,7 @@ def blt_targets(shapes: Mapping[K.Path, tuple], encoder_kv_repeat: int = 1, deco
 
 def patcher_targets(shapes: Mapping[K.Path, tuple]) -> Dict[str, Target]:
   """transformers key (`model.patcher.*`) -> Target for every entropy-model param."""
-  return {hf_name(key, "entropy"): Target(path, kind, table)
-          for key, (path, kind, table) in K.reference_keys_for_shapes(dict(shapes), "entropy").items()}
+  return {
+      hf_name(key, "entropy"): Target(path, kind, table)
+      for key, (path, kind, table) in K.reference_keys_for_shapes(dict(shapes), "entropy").items()
+  }

@@ -3,6 +3,7 @@
 Torch `Linear.weight` is `[out, in]`; our `kernel` is `[in, out]`, so linear weights are transposed. The BLT's
 per-table hash embeddings `encoder_hash_tok_embedding.{m}` are stacked into one `[M, V_hash, dE]` param.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,7 +55,7 @@ def blt_key_to_path(key: str) -> Optional[Tuple[Path, str, Optional[int]]]:
     return ("tok_embeddings", "embedding"), "embedding", None
   for module in ("local_encoder", "global_transformer", "local_decoder"):
     if key.startswith(module + "."):
-      found = _stack_key(key[len(module) + 1:])
+      found = _stack_key(key[len(module) + 1 :])
       if found is not None:
         return (module,) + found[0], found[1], None
   return None

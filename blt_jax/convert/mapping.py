@@ -5,6 +5,7 @@ a config, with where it goes in our tree and how it is stored there. Conversion 
 the file headers, before any data is read), then reads tensor by tensor, so a checkpoint never sits in memory twice:
 each tensor is cast to float32 straight into the params, and the hash tables are filled in row blocks.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple, Union
@@ -27,6 +28,7 @@ class ConversionError(ValueError):
 
 class Target(NamedTuple):
   """Where one source tensor goes in our params, and how it is stored there."""
+
   path: K.Path
   kind: str  # "linear" (torch [out, in], ours transposed) | "norm" | "embedding" | "hash"
   table: Optional[int] = None  # hash: this table of our [M, V, dE] stack; None: all M tables fused as [M*V, dE]
@@ -73,8 +75,10 @@ def from_ours(target: Target, leaf: np.ndarray) -> np.ndarray:
   if target.kv_repeat > 1:
     heads = w.reshape(-1, target.kv_repeat, target.head_dim, w.shape[-1])
     if not np.array_equal(heads, np.broadcast_to(heads[:, :1], heads.shape)):
-      raise ConversionError(f"{'/'.join(target.path)}: {target.kv_repeat} query heads share each kv head in the "
-                            f"target layout, but these weights differ between them")
+      raise ConversionError(
+          f"{'/'.join(target.path)}: {target.kv_repeat} query heads share each kv head in the "
+          f"target layout, but these weights differ between them"
+      )
     w = heads[:, 0].reshape(-1, w.shape[-1])
   return w
 
@@ -94,12 +98,18 @@ class DictSource:
 
   def read(self, key: str, rows: Optional[Tuple[int, int]] = None) -> np.ndarray:
     value = self._tensors[key]
-    return self._to_numpy(value if rows is None else value[rows[0]:rows[1]])
+    return self._to_numpy(value if rows is None else value[rows[0] : rows[1]])
 
 
-def params_from_source(source, targets: Mapping[str, Target], shapes: Mapping[K.Path, tuple], where: str,
-                       is_ignored: Callable[[str], bool] = lambda key: False, dtype=np.float32,
-                       model_name: str = "model") -> Dict:
+def params_from_source(
+    source,
+    targets: Mapping[str, Target],
+    shapes: Mapping[K.Path, tuple],
+    where: str,
+    is_ignored: Callable[[str], bool] = lambda key: False,
+    dtype=np.float32,
+    model_name: str = "model",
+) -> Dict:
   """Reads every target of `source` into a params tree; raises `ConversionError` naming every bad tensor first."""
   present = set(source.keys())
   missing = sorted(key for key in targets if key not in present)
@@ -148,17 +158,30 @@ def _row_blocks(array: np.ndarray) -> Iterator[Tuple[int, int]]:
 
 def reference_targets(shapes: Mapping[K.Path, tuple], model: str) -> Dict[str, Target]:
   """Reference state-dict key -> Target for every param of the model with these param shapes."""
-  return {key: Target(path, kind, table) for key, (path, kind, table) in K.reference_keys_for_shapes(
-      dict(shapes), model).items()}
+  return {
+      key: Target(path, kind, table)
+      for key, (path, kind, table) in K.reference_keys_for_shapes(dict(shapes), model).items()
+  }
 
 
-def params_from_state_dict(state_dict: Mapping[str, Any], config: Union[BLTConfig, EntropyModelConfig],
-                           source: str = "checkpoint", dtype=np.float32) -> Dict:
+def params_from_state_dict(
+    state_dict: Mapping[str, Any],
+    config: Union[BLTConfig, EntropyModelConfig],
+    source: str = "checkpoint",
+    dtype=np.float32,
+) -> Dict:
   """Map a reference state dict onto our params; raise `ConversionError` naming every bad tensor."""
   is_blt = isinstance(config, BLTConfig)
   shapes = expected_shapes(config)
-  return params_from_source(DictSource(state_dict), reference_targets(shapes, "blt" if is_blt else "entropy"),
-                            shapes, source, K.is_ignored, dtype, "BLT" if is_blt else "entropy model")
+  return params_from_source(
+      DictSource(state_dict),
+      reference_targets(shapes, "blt" if is_blt else "entropy"),
+      shapes,
+      source,
+      K.is_ignored,
+      dtype,
+      "BLT" if is_blt else "entropy model",
+  )
 
 
 def state_dict_from_params(params: Mapping, model: str) -> Dict[str, np.ndarray]:

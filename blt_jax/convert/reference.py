@@ -7,6 +7,7 @@ One model directory holds one weights file and one config json:
 Whether a directory holds a BLT or an entropy model is read from its tensor names (the json of a BLT also
 carries an `entropy_model` section). A BLT directory may hold its entropy model in `entropy_model/`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,21 +31,34 @@ ModelConfig = Union[config_lib.BLTConfig, config_lib.EntropyModelConfig]
 BLT, ENTROPY = "blt", "entropy_model"
 # Searched in this order; the first one present is the model's weights. The safetensors file comes first: it needs
 # neither pickle nor torch, and a directory holding both carries the same weights twice.
-WEIGHT_FILES = ("model.safetensors", "consolidated.pth", "consolidated/consolidated.pth",
-                "consolidated_with_rope.pth")
+WEIGHT_FILES = ("model.safetensors", "consolidated.pth", "consolidated/consolidated.pth", "consolidated_with_rope.pth")
 CONFIG_FILES = ("params.json", "config.json")
 TRAIN_ARGS_FILE = "train_args.json"  # HF-hub copy of params.json, read for the patcher args only
 ENTROPY_SUBDIR = "entropy_model"
 
 # Fields without which no dimension can be read (the reference's json dumps always contain them).
 _REQUIRED = {
-    BLT: ("dim_local_encoder", "n_layers_local_encoder", "n_heads_local_encoder", "dim_global", "n_layers_global",
-          "n_heads_global", "dim_local_decoder", "n_layers_local_decoder", "n_heads_local_decoder"),
+    BLT: (
+        "dim_local_encoder",
+        "n_layers_local_encoder",
+        "n_heads_local_encoder",
+        "dim_global",
+        "n_layers_global",
+        "n_heads_global",
+        "dim_local_decoder",
+        "n_layers_local_decoder",
+        "n_heads_local_decoder",
+    ),
     ENTROPY: ("dim", "n_layers", "n_heads"),
 }
 _TRANSFORMERS_PREFIXES = ("model.local_encoder.", "model.encoder_hash_tok_embedding.", "model.patcher.")
-_BLT_PREFIXES = ("local_encoder.", "global_transformer.", "local_decoder.", "encoder_hash_tok_embedding.",
-                 "encoder_ngram_embedding.")
+_BLT_PREFIXES = (
+    "local_encoder.",
+    "global_transformer.",
+    "local_decoder.",
+    "encoder_hash_tok_embedding.",
+    "encoder_ngram_embedding.",
+)
 
 
 # One error type for every conversion problem (files, configs, tensors): a ValueError naming file and problem.
@@ -54,6 +68,7 @@ ConversionError = mapping.ConversionError
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
   """One converted model: typed config, float32 numpy params and where they came from."""
+
   model_type: str  # "blt" | "entropy_model"
   config: ModelConfig
   params: Dict[str, Any]
@@ -72,8 +87,7 @@ def find_weights(src: PathLike) -> pathlib.Path:
   for name in WEIGHT_FILES:
     if (src / name).is_file():
       return src / name
-  raise ConversionError(f"{src}: no weights file (looked for {', '.join(WEIGHT_FILES)}; found "
-                        f"{_listing(src)})")
+  raise ConversionError(f"{src}: no weights file (looked for {', '.join(WEIGHT_FILES)}; found " f"{_listing(src)})")
 
 
 def find_config(src: PathLike) -> pathlib.Path:
@@ -135,6 +149,7 @@ class SafetensorsSource:
 def _torch_to_numpy(value) -> np.ndarray:
   """A torch tensor as numpy, floating point as float32 (numpy has no bfloat16)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   return (value.to(torch.float32) if value.is_floating_point() else value).numpy()
 
 
@@ -142,14 +157,17 @@ def _read_torch(path: pathlib.Path) -> Mapping[str, Any]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ConversionError(f"{path}: reading .pth checkpoints needs PyTorch (pip install torch); "
-                          f"a model.safetensors checkpoint can be read without it") from None
+    raise ConversionError(
+        f"{path}: reading .pth checkpoints needs PyTorch (pip install torch); "
+        f"a model.safetensors checkpoint can be read without it"
+    ) from None
   try:
     # mmap avoids a second in-memory copy of multi-GB checkpoints; the legacy (non-zip) format cannot be mapped.
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
   except Exception as e:  # torch raises many types (RuntimeError, UnpicklingError, EOFError, ...) for bad files
-    raise ConversionError(f"{path}: cannot load torch checkpoint (corrupt or truncated?): "
-                          f"{type(e).__name__}: {e}") from None
+    raise ConversionError(
+        f"{path}: cannot load torch checkpoint (corrupt or truncated?): " f"{type(e).__name__}: {e}"
+    ) from None
   if isinstance(checkpoint, Mapping) and "model" in checkpoint:
     state_dict = checkpoint["model"]
   elif isinstance(checkpoint, Mapping) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -168,7 +186,7 @@ def _read_torch(path: pathlib.Path) -> Mapping[str, Any]:
 
 
 def model_type_of(state_dict: Mapping[str, Any]) -> Optional[str]:
-  """"blt" or "entropy_model" from tensor names; None when they say neither."""
+  """ "blt" or "entropy_model" from tensor names; None when they say neither."""
   if any(k.startswith(_BLT_PREFIXES) for k in state_dict):
     return BLT
   if any(k == "tok_embeddings.weight" or k.startswith("layers.") for k in state_dict):
@@ -184,8 +202,9 @@ def model_args(config_file: pathlib.Path, raw: Mapping[str, Any], model_type: st
     section = "model" if model_type == BLT else "entropy_model"
     args = raw.get(section)
   if not isinstance(args, Mapping):
-    raise ConversionError(f"{config_file}: no {section!r} section describing the {_NAME[model_type]} "
-                          f"(top-level keys: {sorted(raw)})")
+    raise ConversionError(
+        f"{config_file}: no {section!r} section describing the {_NAME[model_type]} " f"(top-level keys: {sorted(raw)})"
+    )
   if model_type == ENTROPY and "dim_global" in args:
     raise ConversionError(f"{config_file}: {section!r} describes a BLT, but the weights are an entropy model")
   return args
@@ -195,31 +214,36 @@ def model_config(config_file: pathlib.Path, args: Mapping[str, Any], model_type:
   missing = [k for k in _REQUIRED[model_type] if args.get(k) is None]
   if missing:
     raise ConversionError(f"{config_file}: {_NAME[model_type]} config is missing field(s) {', '.join(missing)}")
-  build = (config_lib.blt_config_from_reference if model_type == BLT
-           else config_lib.entropy_config_from_reference)
+  build = config_lib.blt_config_from_reference if model_type == BLT else config_lib.entropy_config_from_reference
   try:
     return build(args)
   except (KeyError, TypeError, ValueError) as e:
     raise ConversionError(f"{config_file}: invalid {_NAME[model_type]} config: {e}") from None
 
 
-def patching_config(src: pathlib.Path, config_file: pathlib.Path, raw: Mapping[str, Any],
-                    blt_args: Mapping[str, Any]) -> Optional[config_lib.PatchingConfig]:
+def patching_config(
+    src: pathlib.Path, config_file: pathlib.Path, raw: Mapping[str, Any], blt_args: Mapping[str, Any]
+) -> Optional[config_lib.PatchingConfig]:
   """The patcher the BLT was trained with: `data.patcher_args`, else the BLT args' own patching fields."""
   patcher_args = _patcher_args(raw)
   if patcher_args is None and (src / TRAIN_ARGS_FILE).is_file():
     patcher_args = _patcher_args(read_json(src / TRAIN_ARGS_FILE))
   if patcher_args is None and "patching_mode" in blt_args:
-    patcher_args = {"patching_mode": blt_args["patching_mode"], "threshold": blt_args.get("patching_threshold"),
-                    "threshold_add": blt_args.get("patching_threshold_add"),
-                    "monotonicity": blt_args.get("monotonicity", False),
-                    "max_patch_length": blt_args.get("max_patch_length"), "patch_size": blt_args.get("patch_size")}
+    patcher_args = {
+        "patching_mode": blt_args["patching_mode"],
+        "threshold": blt_args.get("patching_threshold"),
+        "threshold_add": blt_args.get("patching_threshold_add"),
+        "monotonicity": blt_args.get("monotonicity", False),
+        "max_patch_length": blt_args.get("max_patch_length"),
+        "patch_size": blt_args.get("patch_size"),
+    }
   if patcher_args is None:
     return None
   if patcher_args.get("patching_mode", "entropy") == "entropy" and patcher_args.get("threshold", 0.0) is None:
     # threshold=None is the reference's broken top-k mode (spec 3.3, Q15).
-    logging.warning("%s: entropy patching without a threshold is not supported; no patching config written",
-                    config_file)
+    logging.warning(
+        "%s: entropy patching without a threshold is not supported; no patching config written", config_file
+    )
     return None
   try:
     return config_lib.patching_config_from_reference(patcher_args)
@@ -252,22 +276,29 @@ def load_model(src: PathLike, parent: Optional[PathLike] = None) -> LoadedModel:
   raw = read_json(config_file)
   source = open_weights(weights_file)
   if any(k.startswith(_TRANSFORMERS_PREFIXES) for k in source.keys()):
-    raise ConversionError(f"{weights_file}: tensor names of the Hugging Face transformers layout "
-                          f"(model.local_encoder..., lm_head.weight); convert it with --format hf")
+    raise ConversionError(
+        f"{weights_file}: tensor names of the Hugging Face transformers layout "
+        f"(model.local_encoder..., lm_head.weight); convert it with --format hf"
+    )
   model_type = model_type_of(source.keys()) or _model_type_from_json(config_file, raw)
   args = model_args(config_file, raw, model_type)
   config = model_config(config_file, args, model_type)
   shapes = mapping.expected_shapes(config)
-  params = mapping.params_from_source(source, mapping.reference_targets(shapes, "blt" if model_type == BLT else
-                                                                        "entropy"), shapes,
-                                      f"{weights_file} (config {config_file.name})", keys.is_ignored,
-                                      model_name=_NAME[model_type])
+  params = mapping.params_from_source(
+      source,
+      mapping.reference_targets(shapes, "blt" if model_type == BLT else "entropy"),
+      shapes,
+      f"{weights_file} (config {config_file.name})",
+      keys.is_ignored,
+      model_name=_NAME[model_type],
+  )
   patching = patching_config(src, config_file, raw, args) if model_type == BLT else None
   return LoadedModel(model_type, config, params, patching, weights_file, config_file, src)
 
 
-def load_models(src: PathLike, entropy_src: Optional[PathLike] = None, with_entropy: bool = True
-                ) -> "tuple[LoadedModel, Optional[LoadedModel]]":
+def load_models(
+    src: PathLike, entropy_src: Optional[PathLike] = None, with_entropy: bool = True
+) -> "tuple[LoadedModel, Optional[LoadedModel]]":
   """(model in `src`, its entropy model or None): `entropy_src`, else `src/entropy_model/` when it has weights."""
   main = load_model(src)
   if main.model_type != BLT:

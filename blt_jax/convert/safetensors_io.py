@@ -4,6 +4,7 @@ Format: an 8-byte little-endian header length `n`, then `n` bytes of JSON mappin
 `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative to the end of the header), then the raw
 little-endian buffer. An optional `"__metadata__"` entry holds string pairs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,7 @@ class SafetensorsError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
   """Where one tensor lives: its file, dtype, shape and byte range (absolute offsets into the file)."""
+
   path: str
   dtype: np.dtype
   shape: Tuple[int, ...]
@@ -63,8 +65,10 @@ def read_header(path: PathLike) -> Dict[str, TensorInfo]:
   with open(path, "rb") as f:
     (header_len,) = struct.unpack("<Q", f.read(8))
     if header_len > min(_MAX_HEADER, size - 8):
-      raise SafetensorsError(f"{path}: corrupt or truncated safetensors file (header length {header_len} but the "
-                             f"file has {size} bytes)")
+      raise SafetensorsError(
+          f"{path}: corrupt or truncated safetensors file (header length {header_len} but the "
+          f"file has {size} bytes)"
+      )
     raw_header = f.read(header_len)
   try:
     header = json.loads(raw_header.decode("utf-8"))
@@ -83,16 +87,22 @@ def read_header(path: PathLike) -> Dict[str, TensorInfo]:
     except (KeyError, TypeError, ValueError):
       raise SafetensorsError(f"{path}: corrupt safetensors header entry for {name!r}: {info!r}") from None
     if dtype_name not in DTYPES:
-      raise SafetensorsError(f"{path}: tensor {name!r} has dtype {dtype_name!r}, which is not supported "
-                             f"(supported: {', '.join(DTYPES)})")
+      raise SafetensorsError(
+          f"{path}: tensor {name!r} has dtype {dtype_name!r}, which is not supported "
+          f"(supported: {', '.join(DTYPES)})"
+      )
     dtype = DTYPES[dtype_name]
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if not 0 <= begin <= end or end - begin != nbytes:
-      raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {name!r} of {dtype_name}{list(shape)} "
-                             f"needs {nbytes} bytes but has data_offsets [{begin}, {end}]")
+      raise SafetensorsError(
+          f"{path}: corrupt safetensors header: tensor {name!r} of {dtype_name}{list(shape)} "
+          f"needs {nbytes} bytes but has data_offsets [{begin}, {end}]"
+      )
     if end > buffer_len:
-      raise SafetensorsError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {start + end} "
-                             f"but the file has {size} bytes")
+      raise SafetensorsError(
+          f"{path}: truncated safetensors file: tensor {name!r} ends at byte {start + end} "
+          f"but the file has {size} bytes"
+      )
     out[name] = TensorInfo(path, dtype, shape, start + begin, start + end)
   return out
 
@@ -123,7 +133,7 @@ def read_safetensors(path: PathLike, mmap: bool = True) -> Dict[str, np.ndarray]
       continue
     if buffer is None:
       buffer = np.memmap(info.path, dtype=np.uint8, mode="r")
-    out[name] = np.asarray(buffer[info.begin:info.end]).view(info.dtype).reshape(info.shape)
+    out[name] = np.asarray(buffer[info.begin : info.end]).view(info.dtype).reshape(info.shape)
   return out
 
 
@@ -140,15 +150,19 @@ def dtype_name(dtype) -> str:
   return _NAMES[dtype]
 
 
-def write_safetensors_streaming(path: PathLike, specs: Mapping[str, TensorSpec],
-                                metadata: Optional[Mapping[str, str]] = None) -> int:
+def write_safetensors_streaming(
+    path: PathLike, specs: Mapping[str, TensorSpec], metadata: Optional[Mapping[str, str]] = None
+) -> int:
   """Writes tensors produced chunk by chunk (see TensorSpec); returns the number of data bytes written."""
   header, offset = {}, 0
   for name in sorted(specs):
     dtype, shape, _ = specs[name]
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    header[name] = {"dtype": dtype_name(dtype), "shape": [int(d) for d in shape],
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+        "dtype": dtype_name(dtype),
+        "shape": [int(d) for d in shape],
+        "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -170,8 +184,9 @@ def write_safetensors_streaming(path: PathLike, specs: Mapping[str, TensorSpec],
   return offset
 
 
-def write_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Optional[Mapping[str, str]] = None) -> None:
+def write_safetensors(
+    path: PathLike, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None
+) -> None:
   """Writes `tensors` (numpy arrays of a dtype in `DTYPES`) to `path`."""
   specs = {}
   for name, array in tensors.items():

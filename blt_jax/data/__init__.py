@@ -2,6 +2,7 @@
 
 See `pipeline` for the batch contract and `default_data_config` for settings.
 """
+
 from blt_jax.data.packing import PackedWindowsIterDataset
 from blt_jax.data.packing import to_token_doc
 from blt_jax.data.pipeline import build_sources

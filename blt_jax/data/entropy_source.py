@@ -6,6 +6,7 @@ A store directory (local, or a URL both epath and tensorstore reach: `gs://`,
 model config, the corpus name). `index.json` is written last, so a store
 without it is incomplete. `blt_jax.entropy_store` writes stores.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,7 @@ class EntropyAnnotatedSource:
     index_file = store / INDEX_FILE
     if not index_file.exists():
       raise FileNotFoundError(
-          f"entropy store {str(store)!r}: no {INDEX_FILE} (write one with"
-          " scripts/precompute_entropies.py)"
+          f"entropy store {str(store)!r}: no {INDEX_FILE} (write one with" " scripts/precompute_entropies.py)"
       )
     index = json.loads(index_file.read_text())
     position = {k: i for i, k in enumerate(index["keys"])}
@@ -56,9 +56,7 @@ class EntropyAnnotatedSource:
         )
       self._rows[i] = position[key]
     self._source = source
-    self._offsets = (
-        ts.open(array_spec(store_path, OFFSETS)).result().read().result()
-    )
+    self._offsets = ts.open(array_spec(store_path, OFFSETS)).result().read().result()
     self._entropies = ts.open(array_spec(store_path, ENTROPIES)).result()
     self.name = f"{getattr(source, 'name', 'documents')}+entropies"
 

@@ -10,6 +10,7 @@ exactly once and every token after the first is a target exactly once.
 Extra per-token float arrays (e.g. precomputed entropies) are carried through
 packing aligned with `tokens`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,7 @@ def to_token_doc(doc: Any) -> dict[str, np.ndarray]:
   if isinstance(doc, (bytes, bytearray, memoryview, str)):
     return {IDS: tokenizer.encode(doc)}
   if not isinstance(doc, Mapping):
-    raise TypeError(
-        f"documents must be bytes, str or a mapping, got {type(doc).__name__}"
-    )
+    raise TypeError(f"documents must be bytes, str or a mapping, got {type(doc).__name__}")
   if IDS in doc:
     ids = np.asarray(doc[IDS], np.int32)
   elif "text" in doc:
@@ -50,10 +49,7 @@ def to_token_doc(doc: Any) -> dict[str, np.ndarray]:
       continue
     value = np.asarray(value, np.float32).reshape(-1)
     if value.shape != out[IDS].shape:
-      raise ValueError(
-          f"extra field {name!r} has {value.size} values for"
-          f" {out[IDS].size} tokens"
-      )
+      raise ValueError(f"extra field {name!r} has {value.size} values for" f" {out[IDS].size} tokens")
     out[name] = value
   return out
 
@@ -95,10 +91,7 @@ class PackedWindowsIterDataset(grain.IterDataset):
     )
 
   def __str__(self) -> str:
-    return (
-        f"PackedWindowsIterDataset(seq_len={self._seq_len},"
-        f" pad_final={self._pad_final})"
-    )
+    return f"PackedWindowsIterDataset(seq_len={self._seq_len}," f" pad_final={self._pad_final})"
 
 
 class PackedWindowsIterator(grain.DatasetIterator):
@@ -140,10 +133,7 @@ class PackedWindowsIterator(grain.DatasetIterator):
       if self._carry is None:
         self._carry = _empty_like(keys)
     elif keys != self._keys:
-      raise ValueError(
-          f"documents must all have the same fields; got {keys}, expected"
-          f" {self._keys}"
-      )
+      raise ValueError(f"documents must all have the same fields; got {keys}, expected" f" {self._keys}")
     return {k: np.asarray(doc[k]) for k in keys}
 
   def _pending(self) -> int:
@@ -156,12 +146,7 @@ class PackedWindowsIterator(grain.DatasetIterator):
     """Reads the next document as the new head; False when exhausted."""
     if self._head is not None:
       # Fewer than seq_len + 1 tokens are pending here, so carry stays short.
-      self._carry = {
-          k: np.concatenate(
-              [self._carry[k], self._head[k][self._head_offset :]]
-          )
-          for k in self._keys
-      }
+      self._carry = {k: np.concatenate([self._carry[k], self._head[k][self._head_offset :]]) for k in self._keys}
       self._head = None
       self._head_offset = 0
     self._head_parent_state = copy.deepcopy(self._parent.get_state())
@@ -193,10 +178,7 @@ class PackedWindowsIterator(grain.DatasetIterator):
     if self._head is not None:
       start = self._head_offset
       stop = start + n - n_carry
-      window = {
-          k: np.concatenate([self._carry[k], self._head[k][start:stop]])
-          for k in self._keys
-      }
+      window = {k: np.concatenate([self._carry[k], self._head[k][start:stop]]) for k in self._keys}
     else:
       window = {k: self._carry[k][:n] for k in self._keys}
     # Consume L tokens; the window's last token stays as the next input.
@@ -220,11 +202,7 @@ class PackedWindowsIterator(grain.DatasetIterator):
     return example
 
   def get_state(self) -> dict[str, Any]:
-    carry = (
-        None
-        if self._carry is None
-        else {k: v.tolist() for k, v in self._carry.items()}
-    )
+    carry = None if self._carry is None else {k: v.tolist() for k, v in self._carry.items()}
     return {
         "version": _STATE_VERSION,
         "seq_len": self._seq_len,
@@ -241,13 +219,11 @@ class PackedWindowsIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     if state.get("version") != _STATE_VERSION:
       raise ValueError(
-          f"unsupported data iterator state version {state.get('version')!r}"
-          f" (expected {_STATE_VERSION})"
+          f"unsupported data iterator state version {state.get('version')!r}" f" (expected {_STATE_VERSION})"
       )
     if state["seq_len"] != self._seq_len:
       raise ValueError(
-          f"data iterator state is for seq_len={state['seq_len']}, this"
-          f" iterator has seq_len={self._seq_len}"
+          f"data iterator state is for seq_len={state['seq_len']}, this" f" iterator has seq_len={self._seq_len}"
       )
     if state["metadata"] != self._metadata:
       raise ValueError(
@@ -261,10 +237,7 @@ class PackedWindowsIterator(grain.DatasetIterator):
       self._keys, self._carry = None, None
     else:
       self._keys = (IDS,) + tuple(sorted(k for k in carry if k != IDS))
-      self._carry = {
-          k: np.asarray(carry[k], np.int32 if k == IDS else np.float32)
-          for k in self._keys
-      }
+      self._carry = {k: np.asarray(carry[k], np.int32 if k == IDS else np.float32) for k in self._keys}
     self._head = None
     self._head_offset = 0
     if state["has_head"]:
@@ -272,8 +245,7 @@ class PackedWindowsIterator(grain.DatasetIterator):
         head = next(self._parent)
       except StopIteration:
         raise ValueError(
-            "data iterator state points past the end of the data; has the"
-            " corpus changed since the checkpoint?"
+            "data iterator state points past the end of the data; has the" " corpus changed since the checkpoint?"
         ) from None
       self._head = self._check_doc(head)
       if len(self._head[IDS]) != state["head_length"]:

@@ -16,6 +16,7 @@ Batches are dicts of numpy arrays of shape [B_host, seq_len]:
   loss_mask  float32  1 for real targets, 0 for padding (eval only)
   <extra>    float32  per-token arrays a source provides, e.g. `entropies`
 """
+
 from __future__ import annotations
 
 import json
@@ -80,9 +81,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def _resolve_host(
-    process_index: int | None, process_count: int | None
-) -> tuple[int, int]:
+def _resolve_host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
 
@@ -91,18 +90,14 @@ def _resolve_host(
     if process_count is None:
       process_count = jax.process_count()
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(
-        f"invalid host shard: process_index={process_index},"
-        f" process_count={process_count}"
-    )
+    raise ValueError(f"invalid host shard: process_index={process_index}," f" process_count={process_count}")
   return int(process_index), int(process_count)
 
 
 def _per_host_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(
-        f"global_batch_size={global_batch_size} must be a positive multiple"
-        f" of process_count={process_count}"
+        f"global_batch_size={global_batch_size} must be a positive multiple" f" of process_count={process_count}"
     )
   return global_batch_size // process_count
 
@@ -151,19 +146,18 @@ def _check_keys_across(data_cfg: ml_collections.ConfigDict) -> None:
     sources_lib.list_files(_as_list(_get(data_cfg, "sources")) + val_patterns)
 
 
-def _corpus(
-    data_cfg: ml_collections.ConfigDict, shard: tuple[int, int] = (0, 1)
-) -> sources_lib.DocumentSource:
+def _corpus(data_cfg: ml_collections.ConfigDict, shard: tuple[int, int] = (0, 1)) -> sources_lib.DocumentSource:
   """The training corpus (`sources`, else the stdlib), or a process's share."""
   patterns = _as_list(_get(data_cfg, "sources"))
   if patterns:
     return sources_lib.file_corpus(
-        patterns, _get(data_cfg, "text_field"), name="sources", shard=shard,
+        patterns,
+        _get(data_cfg, "text_field"),
+        name="sources",
+        shard=shard,
         on_bad_record=_get(data_cfg, "on_bad_record"),
     )
-  return sources_lib.stdlib_corpus(
-      _get(data_cfg, "stdlib_include_tests"), shard=shard
-  )
+  return sources_lib.stdlib_corpus(_get(data_cfg, "stdlib_include_tests"), shard=shard)
 
 
 def _validation_fraction(data_cfg: ml_collections.ConfigDict) -> float:
@@ -175,9 +169,7 @@ def _validation_fraction(data_cfg: ml_collections.ConfigDict) -> float:
 
 def has_validation(data_cfg: ml_collections.ConfigDict) -> bool:
   """Whether the config holds out validation data (else evaluation is off)."""
-  return bool(_as_list(_get(data_cfg, "validation_sources"))) or bool(
-      _validation_fraction(data_cfg)
-  )
+  return bool(_as_list(_get(data_cfg, "validation_sources"))) or bool(_validation_fraction(data_cfg))
 
 
 def build_document_sources(
@@ -194,7 +186,9 @@ def build_document_sources(
     if for_store:
       _check_keys_across(data_cfg)
     val = sources_lib.file_corpus(
-        val_patterns, _get(data_cfg, "text_field"), name="validation_sources",
+        val_patterns,
+        _get(data_cfg, "text_field"),
+        name="validation_sources",
         on_bad_record=_get(data_cfg, "on_bad_record"),
     )
     _report_bad_records("data.sources", docs.bad_records())
@@ -207,8 +201,7 @@ def build_document_sources(
   train, val = docs.split_by_hash(threshold, hashes)
   if not len(train):
     raise ValueError(
-        f"no training documents left after holding out validation_fraction="
-        f"{fraction} of {len(docs)} documents"
+        f"no training documents left after holding out validation_fraction=" f"{fraction} of {len(docs)} documents"
     )
   return train, val
 
@@ -220,18 +213,13 @@ def _hash_summary(hashes: Sequence[int], fraction: float) -> list[int]:
   return [len(hashes), sum(h < cut for h in hashes), min(hashes, default=0)]
 
 
-def _report_bad_records(
-    what: str, bad: sources_lib.BadRecords, total: int | None = None
-) -> None:
+def _report_bad_records(what: str, bad: sources_lib.BadRecords, total: int | None = None) -> None:
   """Logs the records skipped in `what` (`total` over all processes' shares
   when known; `bad` names the first few of this one's)."""
   total = bad.count if total is None else total
   if total:
     first = f"; the first: {'; '.join(bad.examples)}" if bad.examples else ""
-    _warn_once(
-        f"{what}: skipped {total} bad record(s) (data.on_bad_record='skip')"
-        + first
-    )
+    _warn_once(f"{what}: skipped {total} bad record(s) (data.on_bad_record='skip')" + first)
 
 
 def _split_threshold(fraction: float, summaries: Sequence[list[int]]) -> float:
@@ -303,14 +291,9 @@ def _share_summaries(
 
     # Each number as four 16-bit pieces: int32 carries them whole.
     mine = [index] + [(v >> (16 * j)) & 0xFFFF for v in own for j in range(4)]
-    rows = np.asarray(
-        multihost_utils.process_allgather(np.array(mine, np.int32))
-    ).reshape(-1, len(mine))
+    rows = np.asarray(multihost_utils.process_allgather(np.array(mine, np.int32))).reshape(-1, len(mine))
     for row in rows.tolist():
-      summaries[row[0]] = [
-          sum(row[1 + 4 * v + j] << (16 * j) for j in range(4))
-          for v in range(len(own))
-      ]
+      summaries[row[0]] = [sum(row[1 + 4 * v + j] << (16 * j) for j in range(4)) for v in range(len(own))]
   for k in range(count):
     if k not in summaries:
       summaries[k] = _share_summary(data_cfg, _corpus(data_cfg, (k, count)))[0]
@@ -379,9 +362,7 @@ def _share_tokens(
     if sorted(tokens) == list(range(count)):
       return [tokens[k] for k in range(count)]
   return [
-      own if k == index else int(_byte_share(data_cfg, k, count, threshold)
-                                 .token_counts().sum())
-      for k in range(count)
+      own if k == index else int(_byte_share(data_cfg, k, count, threshold).token_counts().sum()) for k in range(count)
   ]
 
 
@@ -398,8 +379,7 @@ def _token_share(
   byte shares this range overlaps are read (its own and, typically, a
   neighbour's). A range inside one document (longer than T/n) gets that one.
   """
-  tokens = _share_tokens(data_cfg, int(own.token_counts().sum()), index, count,
-                         threshold)
+  tokens = _share_tokens(data_cfg, int(own.token_counts().sum()), index, count, threshold)
   share_starts = np.cumsum([0] + tokens)
   lo, hi = sources_lib.shard_bounds(int(share_starts[-1]), (index, count))
   pieces, covering = [], None
@@ -410,11 +390,9 @@ def _token_share(
     docs = own if k == index else _byte_share(data_cfg, k, count, threshold)
     counts = docs.token_counts()
     starts = first + np.cumsum(counts) - counts
-    pieces.append(docs.select(np.flatnonzero((starts >= lo) & (starts < hi)),
-                              docs.name))
+    pieces.append(docs.select(np.flatnonzero((starts >= lo) & (starts < hi)), docs.name))
     if first <= lo < end:  # The document holding token lo.
-      covering = docs.select(
-          [int(np.searchsorted(starts, lo, side="right")) - 1], docs.name)
+      covering = docs.select([int(np.searchsorted(starts, lo, side="right")) - 1], docs.name)
   name = f"{own.name}[tokens {index} of {count}]"
   share = sources_lib.concat(pieces, name)
   if not len(share) and covering is not None:
@@ -440,18 +418,14 @@ def build_train_source(
   return _build_train_source(data_cfg, process_index, process_count)[0]
 
 
-def _build_train_source(
-    data_cfg: ml_collections.ConfigDict, process_index: int, process_count: int
-) -> tuple[Any, int]:
+def _build_train_source(data_cfg: ml_collections.ConfigDict, process_index: int, process_count: int) -> tuple[Any, int]:
   """(`build_train_source`, the bad records skipped in the whole corpus)."""
   docs, threshold, bad = _train_documents(data_cfg, process_index, process_count)
   if process_count > 1:
-    docs = _token_share(data_cfg, docs, process_index, process_count,
-                        threshold)
+    docs = _token_share(data_cfg, docs, process_index, process_count, threshold)
   if not len(docs):
     raise ValueError(
-        f"no training documents in the corpus ({docs.name}) for process"
-        f" {process_index} of {process_count}"
+        f"no training documents in the corpus ({docs.name}) for process" f" {process_index} of {process_count}"
     )
   return _annotate(docs, data_cfg), bad
 
@@ -513,11 +487,7 @@ def build_train_dataset(
       process_index=0 if source_is_share else process_index,
       process_count=1 if source_is_share else process_count,
   )
-  ds = docs.to_iter_dataset(
-      grain.ReadOptions(
-          num_threads=num_threads, prefetch_buffer_size=read_buffer_size
-      )
-  )
+  ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=read_buffer_size))
   # Restoring a state under a different data setup would silently shift the
   # data position; the packer checks this metadata on set_state.
   metadata = {
@@ -531,9 +501,7 @@ def build_train_dataset(
   ds = packing.PackedWindowsIterDataset(ds, seq_len, metadata=metadata)
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
   if prefetch > 0:
-    ds = grain.experimental.ThreadPrefetchIterDataset(
-        ds, prefetch_buffer_size=prefetch
-    )
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
   return ds
 
 
@@ -638,10 +606,7 @@ class EvalIterator:
       num_batches = min(num_batches, max_batches)
     self.num_batches = num_batches
     mine = windows[process_index]
-    self.num_real_rows = [
-        int(np.clip(mine - b * batch_size, 0, batch_size))
-        for b in range(num_batches)
-    ]
+    self.num_real_rows = [int(np.clip(mine - b * batch_size, 0, batch_size)) for b in range(num_batches)]
 
   def __len__(self) -> int:
     return self.num_batches
@@ -675,9 +640,7 @@ class EvalIterator:
     ds = packing.PackedWindowsIterDataset(ds, self.seq_len, pad_final=True)
     ds = ds.batch(self.batch_size, drop_remainder=False, batch_fn=_stack)
     if self._prefetch > 0:
-      ds = grain.experimental.ThreadPrefetchIterDataset(
-          ds, prefetch_buffer_size=self._prefetch
-      )
+      ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self._prefetch)
     it = iter(ds)
     try:
       for b in range(self.num_batches):
@@ -685,8 +648,7 @@ class EvalIterator:
         n = 0 if batch is None else len(batch["tokens"])
         if n != self.num_real_rows[b]:
           raise RuntimeError(
-              f"eval batch {b} has {n} windows, expected"
-              f" {self.num_real_rows[b]}; did the validation data change?"
+              f"eval batch {b} has {n} windows, expected" f" {self.num_real_rows[b]}; did the validation data change?"
           )
         if n == 0:
           yield self._padding_rows(self.batch_size)
@@ -715,10 +677,7 @@ def make_eval_iterator(
   batch_size = _per_host_batch_size(global_batch_size, process_count)
   _, val = build_sources(data_cfg)
   if not len(val):
-    raise ValueError(
-        "no validation documents: set data.validation_sources or a positive"
-        " data.validation_fraction"
-    )
+    raise ValueError("no validation documents: set data.validation_sources or a positive" " data.validation_fraction")
   return EvalIterator(
       val,
       seq_len=seq_len,

@@ -19,6 +19,7 @@ file split between processes count the newlines before the share's first
 line (no parsing), read only when keys are asked for (the hash split, an
 entropy store).
 """
+
 from __future__ import annotations
 
 import array
@@ -79,20 +80,27 @@ def shard_bounds(total: int, shard: tuple[int, int]) -> tuple[int, float]:
   """
   i, n = shard
   if n < 1 or not 0 <= i < n:
-    raise ValueError(
-        f"invalid shard {shard}: expected (index, count), 0 <= index < count"
-    )
+    raise ValueError(f"invalid shard {shard}: expected (index, count), 0 <= index < count")
   return total * i // n, (total * (i + 1) // n if i < n - 1 else math.inf)
 
 
 class _Part(Protocol):
   """A run of documents from one kind of file (internal)."""
 
-  def __len__(self) -> int: ...
-  def get(self, i: int) -> bytes: ...
-  def key(self, i: int) -> str: ...
-  def num_bytes(self, i: int) -> int: ...
-  def sizes(self) -> np.ndarray: ...  # num_bytes of every document, int64
+  def __len__(self) -> int:
+    ...
+
+  def get(self, i: int) -> bytes:
+    ...
+
+  def key(self, i: int) -> str:
+    ...
+
+  def num_bytes(self, i: int) -> int:
+    ...
+
+  def sizes(self) -> np.ndarray:
+    ...  # num_bytes of every document, int64
 
   bad: BadRecords  # Records skipped as unreadable.
 
@@ -113,15 +121,13 @@ class BadRecords:
   def merge(self, other: BadRecords) -> None:
     self.count += other.count
     room = _BAD_EXAMPLES - len(self.examples)
-    self.examples += other.examples[:max(room, 0)]
+    self.examples += other.examples[: max(room, 0)]
 
 
 def _check_on_bad_record(on_bad_record: str) -> bool:
   """Whether bad records are skipped (else they are an error)."""
   if on_bad_record not in ("error", "skip"):
-    raise ValueError(
-        f"data.on_bad_record={on_bad_record!r}: expected 'error' or 'skip'"
-    )
+    raise ValueError(f"data.on_bad_record={on_bad_record!r}: expected 'error' or 'skip'")
   return on_bad_record == "skip"
 
 
@@ -165,9 +171,7 @@ def _jsonl_text(line: bytes, field: str) -> bytes:
     raise _BadLine(f"missing text field {field!r} (keys: {sorted(record)})")
   text = record[field]
   if not isinstance(text, str):
-    raise _BadLine(
-        f"field {field!r} must be a string, got {type(text).__name__}"
-    )
+    raise _BadLine(f"field {field!r} must be a string, got {type(text).__name__}")
   # JSON may hold lone surrogates ("\ud800"); keep them as bytes, not an error.
   return text.encode("utf-8", "surrogatepass")
 
@@ -298,9 +302,7 @@ class _JsonlLines:
     try:
       return _jsonl_text(line, self._field)
     except _BadLine as e:
-      raise ValueError(
-          f"{self._where(int(self._line_indices[i]))}: {e}"
-      ) from None
+      raise ValueError(f"{self._where(int(self._line_indices[i]))}: {e}") from None
 
   def key(self, i: int) -> str:
     return f"{self._file.key}:{self._line_number(int(self._line_indices[i]))}"
@@ -312,9 +314,7 @@ class _JsonlLines:
     return self._sizes
 
 
-def _row_range(
-    size: int, num_rows: int, start: int, stop: float
-) -> tuple[int, int]:
+def _row_range(size: int, num_rows: int, start: int, stop: float) -> tuple[int, int]:
   """The rows [lo, hi) of a file in its bytes [start, stop).
 
   Row r counts as sitting at byte `size * r // num_rows`: a file's rows are
@@ -343,9 +343,7 @@ def _read_parquet(file: _File, column: str, start: int, stop: float):
       pf = pq.ParquetFile(f)
       names = pf.schema_arrow.names
       if column not in names:
-        raise ValueError(
-            f"{file.path}: no column {column!r}; available columns: {names}"
-        )
+        raise ValueError(f"{file.path}: no column {column!r}; available columns: {names}")
       lo, hi = _row_range(file.size, pf.metadata.num_rows, start, stop)
       groups, group_start, first = [], 0, None
       for g in range(pf.metadata.num_row_groups):
@@ -392,15 +390,9 @@ def _read_arrow(file: _File, column: str, start: int, stop: float):
     except (pa.ArrowException, OSError) as e:
       errors.append(str(e))
   if table is None:
-    raise ValueError(
-        f"{file.path}: cannot read as an Arrow IPC file/stream or feather"
-        f" file ({'; '.join(errors)})"
-    )
+    raise ValueError(f"{file.path}: cannot read as an Arrow IPC file/stream or feather" f" file ({'; '.join(errors)})")
   if column not in table.column_names:
-    raise ValueError(
-        f"{file.path}: no column {column!r}; available columns:"
-        f" {table.column_names}"
-    )
+    raise ValueError(f"{file.path}: no column {column!r}; available columns:" f" {table.column_names}")
   lo, hi = _row_range(file.size, table.num_rows, start, stop)
   return lo, table.column(column).slice(lo, hi - lo)
 
@@ -430,13 +422,8 @@ class _ArrowColumn:
       array = array.cast(pa.binary())  # Same layout, so no copy.
     elif pa.types.is_large_string(array.type):
       array = array.cast(pa.large_binary())
-    elif not (
-        pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)
-    ):
-      raise ValueError(
-          f"{file.path}: column {column!r} has type {array.type}; expected"
-          " string or binary"
-      )
+    elif not (pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)):
+      raise ValueError(f"{file.path}: column {column!r} has type {array.type}; expected" " string or binary")
     self.bad = BadRecords()
     self._rows = None  # Rows of `array` that hold documents, if not all.
     if array.null_count:
@@ -444,12 +431,10 @@ class _ArrowColumn:
       first_null = self._first_row + int(np.flatnonzero(nulls)[0])
       if not skip_bad:
         raise ValueError(
-            f"{file.path}: column {column!r} has {array.null_count} null"
-            f" value(s), first at row {first_null}"
+            f"{file.path}: column {column!r} has {array.null_count} null" f" value(s), first at row {first_null}"
         )
       for row in np.flatnonzero(nulls)[:_BAD_EXAMPLES]:
-        self.bad.add(f"{file.path}:{self._first_row + int(row)}",
-                     f"null {column!r}")
+        self.bad.add(f"{file.path}:{self._first_row + int(row)}", f"null {column!r}")
       self.bad.count = int(array.null_count)
       self._rows = np.flatnonzero(~nulls)
     self._key_prefix = file.key
@@ -504,11 +489,7 @@ class DocumentSource:
     self._parts = list(parts)
     self._starts = np.cumsum([0] + [len(p) for p in self._parts])
     total = int(self._starts[-1])
-    self._indices = (
-        np.arange(total, dtype=np.int64)
-        if indices is None
-        else np.asarray(indices, np.int64)
-    )
+    self._indices = np.arange(total, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
     self.name = name
 
   def __len__(self) -> int:
@@ -558,9 +539,7 @@ class DocumentSource:
     """`key_hash` of every document's key (Python ints: exact 64 bits)."""
     return [key_hash(self.key(i)) for i in range(len(self))]
 
-  def split(
-      self, validation_fraction: float
-  ) -> tuple[DocumentSource, DocumentSource]:
+  def split(self, validation_fraction: float) -> tuple[DocumentSource, DocumentSource]:
     """Deterministic (train, validation) split by a stable hash of each key."""
     return self.split_by_hash(validation_fraction * 2.0**64)
 
@@ -601,9 +580,7 @@ def in_validation(key: str, validation_fraction: float) -> bool:
 
 def key_hash(key: str) -> int:
   """A document key's stable 64-bit hash, which places it in the split."""
-  digest = hashlib.blake2b(
-      key.encode("utf-8", "surrogateescape"), digest_size=8
-  ).digest()
+  digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
   return int.from_bytes(digest, "big")
 
 
@@ -618,9 +595,7 @@ def _stat_sizes(files: Sequence[epath.Path]) -> list[int]:
 def stdlib_files(include_tests: bool = False) -> list[tuple[epath.Path, str]]:
   """(path, relative posix path) of each stdlib `*.py`, sorted by the latter."""
   root = epath.Path(sysconfig.get_paths()["stdlib"])
-  skip = _STDLIB_THIRD_PARTY_DIRS | (
-      frozenset() if include_tests else _STDLIB_TEST_DIRS
-  )
+  skip = _STDLIB_THIRD_PARTY_DIRS | (frozenset() if include_tests else _STDLIB_TEST_DIRS)
   found = []
   for dirpath, dirnames, filenames in root.walk():
     dirnames[:] = [d for d in dirnames if d not in skip and d != "__pycache__"]
@@ -632,29 +607,20 @@ def stdlib_files(include_tests: bool = False) -> list[tuple[epath.Path, str]]:
   return found
 
 
-def stdlib_corpus(
-    include_tests: bool = False, shard: tuple[int, int] = (0, 1)
-) -> DocumentSource:
+def stdlib_corpus(include_tests: bool = False, shard: tuple[int, int] = (0, 1)) -> DocumentSource:
   """The running Python's standard library sources, one document per file.
 
   With `shard=(i, n)`, process i's share (see the module docstring).
   """
   found = stdlib_files(include_tests)
   if not found:
-    raise ValueError(
-        f"no *.py files under the stdlib {sysconfig.get_paths()['stdlib']!r}"
-    )
+    raise ValueError(f"no *.py files under the stdlib {sysconfig.get_paths()['stdlib']!r}")
   sizes = _stat_sizes([path for path, _ in found])
-  files = [
-      _File(path, key, "text", size)
-      for (path, key), size in zip(found, sizes)
-  ]
+  files = [_File(path, key, "text", size) for (path, key), size in zip(found, sizes)]
   return _corpus(files, "", "stdlib", shard)
 
 
-def _check_unique_key(
-    owners: dict[str, tuple[str, str]], key: str, path: epath.Path, pattern: str
-) -> None:
+def _check_unique_key(owners: dict[str, tuple[str, str]], key: str, path: epath.Path, pattern: str) -> None:
   """Records `key` for `path`; a key already naming another file is an error.
 
   Keys decide the split and find a document's stored entropies, so two files
@@ -703,8 +669,7 @@ def list_files(patterns: str | Sequence[str]) -> list[_File]:
         raise ValueError(f"data source {text!r} does not exist")
       if path.is_dir():
         raise ValueError(
-            f"data source {text!r} is a directory; give files or a glob"
-            f" such as {str(path / '**' / '*.txt')!r}"
+            f"data source {text!r} is a directory; give files or a glob" f" such as {str(path / '**' / '*.txt')!r}"
         )
       root, matches = path.parent, [path]
     for path in matches:
@@ -721,10 +686,7 @@ def list_files(patterns: str | Sequence[str]) -> list[_File]:
       _check_unique_key(owners, key, path, text)
       found.append((path, key, ext))
   sizes = _stat_sizes([path for path, _, _ in found])
-  return [
-      _File(path, key, SUPPORTED_EXTENSIONS[ext], size)
-      for (path, key, ext), size in zip(found, sizes)
-  ]
+  return [_File(path, key, SUPPORTED_EXTENSIONS[ext], size) for (path, key, ext), size in zip(found, sizes)]
 
 
 def _corpus(

@@ -5,6 +5,7 @@ Ids 0-3 are the package's special ids (BOE/pad, BOS, EOS, BPE; `blt_jax.tokenize
 The model is the package's causal transformer (`EntropyModel`) with a vocabulary-sized head, trained with the
 package's steps and optimizer; the trainer itself reads bytes, hence this small loop.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,12 +31,17 @@ SPECIAL_TOKENS = ("<|blt:boe|>", "<|blt:bos|>", "<|blt:eos|>", "<|blt:bpe|>")
 def train_tokenizer(texts: Sequence[str], num_merges: int, path: str):
   """Byte-level BPE with `num_merges` merges over 256 byte symbols and the 4 special ids; saved to `path`."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=len(SPECIAL_TOKENS) + 256 + num_merges, min_frequency=2,
-                                special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+      vocab_size=len(SPECIAL_TOKENS) + 256 + num_merges,
+      min_frequency=2,
+      special_tokens=list(SPECIAL_TOKENS),
+      show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(texts, trainer)
   _check_special_ids(tok)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -45,6 +51,7 @@ def train_tokenizer(texts: Sequence[str], num_merges: int, path: str):
 
 def load_tokenizer(path: str):
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+
   tok = Tokenizer.from_file(path)
   _check_special_ids(tok)
   return tok
@@ -68,8 +75,9 @@ def encode_documents(tok, texts: Sequence[str], add_eos: bool) -> List[np.ndarra
   return out
 
 
-def heldout_scores(tok, model: EntropyModelConfig, params, texts: Sequence[str], row_len: int,
-                   rows_per_batch: int) -> Dict[str, float]:
+def heldout_scores(
+    tok, model: EntropyModelConfig, params, texts: Sequence[str], row_len: int, rows_per_batch: int
+) -> Dict[str, float]:
   """bpb of `texts` (clean or noised) under the token LM: each text tokenized by `tok`, as a user's text would be,
   then its total token NLL in bits / the texts' UTF-8 bytes. Also the bytes per token of these texts."""
   docs = encode_documents(tok, texts, add_eos=False)
@@ -94,6 +102,7 @@ def bytes_per_token(texts: Sequence[str], token_docs: Sequence[np.ndarray]) -> f
 @dataclasses.dataclass
 class TokenRun:
   """What `train_token_lm` needs besides the model: data order, shapes and schedule."""
+
   seq_len: int  # tokens per row
   batch_size: int  # rows per step
   num_steps: int
@@ -102,8 +111,14 @@ class TokenRun:
   eval_steps: Sequence[int]  # steps after which `evaluate` runs
 
 
-def train_token_lm(model: EntropyModelConfig, opt_cfg, run: TokenRun, token_docs: Sequence[np.ndarray],
-                   evaluate: Callable[[object, int], None], log: Callable[[str], None] = print) -> Dict:
+def train_token_lm(
+    model: EntropyModelConfig,
+    opt_cfg,
+    run: TokenRun,
+    token_docs: Sequence[np.ndarray],
+    evaluate: Callable[[object, int], None],
+    log: Callable[[str], None] = print,
+) -> Dict:
   """Trains a causal token LM on packed `token_docs`; calls `evaluate(params, step)` at `run.eval_steps`.
 
   Returns wall time, the last logged training loss, and the final params (`params`).
@@ -114,8 +129,11 @@ def train_token_lm(model: EntropyModelConfig, opt_cfg, run: TokenRun, token_docs
   state = jax.jit(lambda: nn.meta.unbox(steps.make_init_fn(sc, tx, jax.random.PRNGKey(run.seed))()))()
   train_step = jax.jit(steps.make_train_step(sc, tx, schedule), donate_argnums=0)
   source = [{"ids": d} for d in token_docs]
-  batches = iter(data_lib.build_train_dataset(source, seq_len=run.seq_len, batch_size=run.batch_size,
-                                              seed=run.data_seed, process_index=0, process_count=1))
+  batches = iter(
+      data_lib.build_train_dataset(
+          source, seq_len=run.seq_len, batch_size=run.batch_size, seed=run.data_seed, process_index=0, process_count=1
+      )
+  )
   start, losses = time.perf_counter(), []
   for step in range(1, run.num_steps + 1):
     batch = {k: v[None] for k, v in next(batches).items()}  # one micro-batch: [1, B, N]
@@ -125,16 +143,19 @@ def train_token_lm(model: EntropyModelConfig, opt_cfg, run: TokenRun, token_docs
       if not bool(host["finite"]):
         raise RuntimeError(f"BPE transformer: non-finite loss at step {step}")
       losses.append(float(host["loss"]))
-      log(f"  bpe step {step}/{run.num_steps} loss {losses[-1]:.3f} nats/token "
-          f"({time.perf_counter() - start:.0f}s)")
+      log(
+          f"  bpe step {step}/{run.num_steps} loss {losses[-1]:.3f} nats/token " f"({time.perf_counter() - start:.0f}s)"
+      )
     if step in run.eval_steps:
       evaluate(state.params, step)
-  return dict(wall_s=time.perf_counter() - start, final_train_loss_per_token=losses[-1] if losses else None,
-              params=state.params)
+  return dict(
+      wall_s=time.perf_counter() - start, final_train_loss_per_token=losses[-1] if losses else None, params=state.params
+  )
 
 
-def measure_step_rate(model: EntropyModelConfig, opt_cfg, run: TokenRun, token_docs: Sequence[np.ndarray],
-                      steps_timed: int) -> Dict[str, float]:
+def measure_step_rate(
+    model: EntropyModelConfig, opt_cfg, run: TokenRun, token_docs: Sequence[np.ndarray], steps_timed: int
+) -> Dict[str, float]:
   """Seconds per step after compilation (median of `steps_timed`) and the first step's compile overhead."""
   times: List[float] = []
   t0 = time.perf_counter()

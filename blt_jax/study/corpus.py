@@ -10,6 +10,7 @@ models and the BPE tokenizer see exactly the same bytes.
 `--smoke` needs no package: it trains on some stdlib files and holds out other stdlib files (not another source;
 it only checks that the pipeline runs).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,6 +43,7 @@ class Document:
 @dataclasses.dataclass(frozen=True)
 class CorpusSpec:
   """How much of what: the split and its seed are fixed by these fields."""
+
   train_bytes: int  # training documents, split evenly over the training sources
   heldout_bytes: int
   heldout_doc_bytes: int = 4096  # held-out documents: runs of whole paragraphs up to this many bytes
@@ -65,6 +67,7 @@ def _utf8(raw: bytes) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Debian packages.
 
+
 def fetch_deb(package: str, debs_dir: str) -> str:
   """Path of `package`'s .deb in `debs_dir`, downloaded there with `apt-get download` when it is not yet there."""
   os.makedirs(debs_dir, exist_ok=True)
@@ -73,8 +76,10 @@ def fetch_deb(package: str, debs_dir: str) -> str:
     try:
       subprocess.run(["apt-get", "download", package], cwd=debs_dir, check=True, capture_output=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as e:
-      raise RuntimeError(f"no {package}_*.deb in {debs_dir} and `apt-get download {package}` failed ({e}); "
-                         f"download it once on a machine with Debian's archive and put it in {debs_dir}") from None
+      raise RuntimeError(
+          f"no {package}_*.deb in {debs_dir} and `apt-get download {package}` failed ({e}); "
+          f"download it once on a machine with Debian's archive and put it in {debs_dir}"
+      ) from None
     found = sorted(glob.glob(os.path.join(debs_dir, f"{package}_*.deb")))
   if not found:
     raise RuntimeError(f"`apt-get download {package}` left no {package}_*.deb in {debs_dir}")
@@ -93,8 +98,27 @@ def extract_deb(deb: str, into: str) -> str:
 
 class _TextOfHtml(html.parser.HTMLParser):
   """The visible text of an HTML page, one paragraph per block element; <head>, scripts and styles dropped."""
-  BLOCKS = {"p", "div", "pre", "li", "dt", "dd", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "br", "table",
-            "blockquote", "section", "title"}
+
+  BLOCKS = {
+      "p",
+      "div",
+      "pre",
+      "li",
+      "dt",
+      "dd",
+      "tr",
+      "h1",
+      "h2",
+      "h3",
+      "h4",
+      "h5",
+      "h6",
+      "br",
+      "table",
+      "blockquote",
+      "section",
+      "title",
+  }
   SKIP = {"head", "script", "style"}
 
   def __init__(self):
@@ -151,13 +175,20 @@ def group_paragraphs(paragraphs: Sequence[str], max_bytes: int) -> List[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Sources: (file record, documents of that file) in a fixed order.
 
+
 def _file_record(source: str, root: str, path: str, package: str = "") -> dict:
-  return dict(source=source, package=package, path=os.path.relpath(path, root), size=os.path.getsize(path),
-              sha256=sha256_file(path))
+  return dict(
+      source=source,
+      package=package,
+      path=os.path.relpath(path, root),
+      size=os.path.getsize(path),
+      sha256=sha256_file(path),
+  )
 
 
 def stdlib_files(max_bytes: int = MAX_FILE_BYTES) -> List[Tuple[dict, List[str]]]:
   import sysconfig  # pylint: disable=g-import-not-at-top
+
   root = sysconfig.get_paths()["stdlib"]
   out = []
   for path, _ in sources_lib.stdlib_files(include_tests=False):
@@ -184,12 +215,18 @@ def python_doc_files(root: str) -> List[Tuple[dict, List[str]]]:
 
 
 def handbook_files(root: str, doc_bytes: int) -> List[Tuple[dict, List[str]]]:
-  return _package_files("debian-handbook", HANDBOOK_PACKAGE, root, HANDBOOK_GLOB,
-                        lambda raw: group_paragraphs(html_paragraphs(raw), doc_bytes))
+  return _package_files(
+      "debian-handbook",
+      HANDBOOK_PACKAGE,
+      root,
+      HANDBOOK_GLOB,
+      lambda raw: group_paragraphs(html_paragraphs(raw), doc_bytes),
+  )
 
 
-def take(files: Sequence[Tuple[dict, List[str]]], budget: int, rng: random.Random,
-         split: str) -> Tuple[List[Document], List[dict]]:
+def take(
+    files: Sequence[Tuple[dict, List[str]]], budget: int, rng: random.Random, split: str
+) -> Tuple[List[Document], List[dict]]:
   """Documents from `files`, whole files in a seeded order, until `budget` bytes; and the files' records."""
   order = list(range(len(files)))
   rng.shuffle(order)
@@ -210,6 +247,7 @@ def take(files: Sequence[Tuple[dict, List[str]]], budget: int, rng: random.Rando
 # ---------------------------------------------------------------------------------------------------------------
 # The prepared corpus on disk.
 
+
 def _write_jsonl(path: str, docs: Iterable[Document]) -> None:
   io.write_text(path, "".join(json.dumps(dict(text=d.text, origin=d.origin)) + "\n" for d in docs))
 
@@ -228,8 +266,7 @@ def _packages(debs_dir: str, extract_root: str) -> Tuple[Dict[str, str], List[di
   for package in (PYTHON_DOC_PACKAGE, HANDBOOK_PACKAGE):
     deb = fetch_deb(package, debs_dir)
     roots[package] = extract_deb(deb, os.path.join(extract_root, package))
-    records.append(dict(package=package, deb=os.path.basename(deb), size=os.path.getsize(deb),
-                        sha256=sha256_file(deb)))
+    records.append(dict(package=package, deb=os.path.basename(deb), size=os.path.getsize(deb), sha256=sha256_file(deb)))
   return roots, records
 
 
@@ -245,8 +282,9 @@ def _select(spec: CorpusSpec, debs_dir: str, extract_root: str):
   roots, packages = _packages(debs_dir, extract_root)
   code_docs, code_files = take(code, spec.train_bytes // 2, rng, "train")
   prose_docs, prose_files = take(python_doc_files(roots[PYTHON_DOC_PACKAGE]), spec.train_bytes // 2, rng, "train")
-  heldout, heldout_files = take(handbook_files(roots[HANDBOOK_PACKAGE], spec.heldout_doc_bytes),
-                                spec.heldout_bytes, rng, "heldout")
+  heldout, heldout_files = take(
+      handbook_files(roots[HANDBOOK_PACKAGE], spec.heldout_doc_bytes), spec.heldout_bytes, rng, "heldout"
+  )
   train = code_docs + prose_docs
   rng.shuffle(train)
   return train, heldout, code_files + prose_files + heldout_files, packages
@@ -264,10 +302,18 @@ def prepare(spec: CorpusSpec, data_dir: str, debs_dir: str) -> dict:
   paths = dict(train=os.path.join(data_dir, "train.jsonl"), heldout=os.path.join(data_dir, "heldout.jsonl"))
   _write_jsonl(paths["train"], train)
   _write_jsonl(paths["heldout"], heldout)
-  manifest = dict(spec=dataclasses.asdict(spec), paths=paths, train=_stats(train), heldout=_stats(heldout),
-                  packages=packages, files=files,
-                  sources=dict(train=sorted({f["source"] for f in files if f["split"] == "train"}),
-                               heldout=sorted({f["source"] for f in files if f["split"] == "heldout"})),
-                  jsonl_sha256={k: sha256_file(p) for k, p in paths.items()})
+  manifest = dict(
+      spec=dataclasses.asdict(spec),
+      paths=paths,
+      train=_stats(train),
+      heldout=_stats(heldout),
+      packages=packages,
+      files=files,
+      sources=dict(
+          train=sorted({f["source"] for f in files if f["split"] == "train"}),
+          heldout=sorted({f["source"] for f in files if f["split"] == "heldout"}),
+      ),
+      jsonl_sha256={k: sha256_file(p) for k, p in paths.items()},
+  )
   io.write_json(manifest_path, manifest)
   return manifest

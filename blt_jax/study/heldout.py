@@ -11,6 +11,7 @@ Noised text (`blt_jax.study.noise`) is scored the same way: every model reads th
 BPE tokens of it) and the denominator is the noised text's bytes. A finished run is scored from its `export/`
 (`HeldOutBLT.from_export`, `load_lm_export`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,16 @@ class HeldOutBLT:
   def __call__(self, step_config, params, entropy_params, texts: Optional[Sequence[str]] = None) -> dict:
     """bpb, NLL, bytes and patches of the texts (default: the held-out texts) under a BLT (`steps.StepConfig`)."""
     if self.scorer is None:
-      self._start(loading.LoadedModel(step_config.model, params, step_config.patching, step_config.entropy_model,
-                                      entropy_params, path="<training run>"))
+      self._start(
+          loading.LoadedModel(
+              step_config.model,
+              params,
+              step_config.patching,
+              step_config.entropy_model,
+              entropy_params,
+              path="<training run>",
+          )
+      )
     else:  # same shapes: the Scorer's compiled programs are reused
       self.scorer.set_params(params)
     return self.score(texts)
@@ -53,8 +62,12 @@ class HeldOutBLT:
     return scorer
 
   def _start(self, model: loading.LoadedModel) -> None:
-    self.scorer = score.Scorer(model, row_bytes=self.row_bytes, min_context=self.row_bytes // 2,
-                               batch_bytes=self.row_bytes * self.rows_per_batch)
+    self.scorer = score.Scorer(
+        model,
+        row_bytes=self.row_bytes,
+        min_context=self.row_bytes // 2,
+        batch_bytes=self.row_bytes * self.rows_per_batch,
+    )
 
   def score(self, texts: Optional[Sequence[str]] = None) -> dict:
     """Scores of `texts` (default: the held-out texts): bits per byte of those texts' own UTF-8 bytes."""
@@ -62,8 +75,13 @@ class HeldOutBLT:
     nll = sum(d.nll_nats for d in docs)
     n_bytes = sum(d.n_bytes for d in docs)
     n_patches = sum(d.n_patches for d in docs)
-    return dict(bpb=bits_per_byte(nll, n_bytes), nll_nats=nll, n_bytes=n_bytes, n_patches=n_patches,
-                mean_patch_length=n_bytes / max(n_patches, 1))
+    return dict(
+        bpb=bits_per_byte(nll, n_bytes),
+        nll_nats=nll,
+        n_bytes=n_bytes,
+        n_patches=n_patches,
+        mean_patch_length=n_bytes / max(n_patches, 1),
+    )
 
 
 def load_lm_export(path: str) -> Tuple[EntropyModelConfig, object]:
@@ -72,8 +90,9 @@ def load_lm_export(path: str) -> Tuple[EntropyModelConfig, object]:
   return dataclasses.replace(config, scan_layers=False), params  # exports are per-layer
 
 
-def lm_scores(params, config: EntropyModelConfig, docs: Sequence[np.ndarray], n_bytes: int, row_len: int,
-              rows_per_batch: int) -> dict:
+def lm_scores(
+    params, config: EntropyModelConfig, docs: Sequence[np.ndarray], n_bytes: int, row_len: int, rows_per_batch: int
+) -> dict:
   """bpb of `docs` (`[BOS] ids`) under a causal LM: total NLL in bits / `n_bytes`, the bytes the docs encode."""
   nll, count = total_nll_nats(params, config, docs, row_len, rows_per_batch)
   return dict(bpb=bits_per_byte(nll, n_bytes), nll_nats=nll, n_bytes=n_bytes, n_scored=count)
@@ -107,20 +126,21 @@ def windows(docs: Sequence[np.ndarray], row_len: int, min_context: int) -> List[
   return out
 
 
-def total_nll_nats(params, config: EntropyModelConfig, docs: Sequence[np.ndarray], row_len: int,
-                   rows_per_batch: int) -> Tuple[float, int]:
+def total_nll_nats(
+    params, config: EntropyModelConfig, docs: Sequence[np.ndarray], row_len: int, rows_per_batch: int
+) -> Tuple[float, int]:
   """(summed NLL in nats, number of scored ids) of `docs` under the model; rows padded with BOE, one shape."""
   if row_len > config.max_seqlen:
     raise ValueError(f"row_len={row_len} exceeds the model's max_seqlen={config.max_seqlen}")
   pieces = windows(docs, row_len, row_len // 2)
   total, count = 0.0, 0
   for start in range(0, len(pieces), rows_per_batch):
-    batch = pieces[start:start + rows_per_batch]
+    batch = pieces[start : start + rows_per_batch]
     tokens = np.full((rows_per_batch, row_len), tokenizer.BOE_ID, np.int32)
     mask = np.zeros((rows_per_batch, row_len), bool)
     for r, (ids, score_from) in enumerate(batch):
-      tokens[r, :len(ids)] = ids
-      mask[r, score_from - 1:len(ids) - 1] = True  # targets score_from..L-1 are predicted at positions -1
+      tokens[r, : len(ids)] = ids
+      mask[r, score_from - 1 : len(ids) - 1] = True  # targets score_from..L-1 are predicted at positions -1
     nll = np.asarray(_nll_BN(params, jnp.asarray(tokens), config), np.float64)
     total += float(nll[mask].sum())
     count += int(mask.sum())

@@ -1,4 +1,5 @@
 """Atomic json/text writes (tmp + rename): an interrupted study never leaves a half-written result behind."""
+
 from __future__ import annotations
 
 import json

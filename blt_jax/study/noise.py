@@ -19,6 +19,7 @@ sequence of ints). A word is a maximal run of non-whitespace characters; the whi
 `apply(noise, texts, seed)` noises documents at the study's rate, document i from the seed (seed, i): a document's
 noise depends on nothing but itself, its index and the seed, so every model reads the same noised text.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,6 +43,7 @@ def _noise(fn: Callable[[str, float, np.random.Generator], str]) -> Callable[...
     chars = text.decode("utf-8") if isinstance(text, bytes) else text
     out = chars if rate == 0 or not chars else fn(chars, rate, np.random.default_rng(seed))
     return out.encode("utf-8") if isinstance(text, bytes) else out
+
   return noised
 
 

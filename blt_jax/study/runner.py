@@ -15,6 +15,7 @@ plan are shared), runs at a multiple of the plan's budget (`budget_scale`, same 
 variant filter, and noised held-out scoring of every finished run from its export. A run lives in
 `runs/<variant>[_seed<k>][_x<scale>]/`, so round one's `runs/<variant>/` is seed 0 at the plan's budget, as it was.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,13 +61,23 @@ class Settings:
 
 
 def smoke_settings(out: str, budget_minutes: float = 3.0, debs_dir: str = "") -> Settings:
-  return Settings(out=out, budget_minutes=budget_minutes, smoke=True, debs_dir=debs_dir, bpe_merges=200,
-                  train_bytes=150_000, heldout_bytes=3_000, evals=1, score_rows=8)
+  return Settings(
+      out=out,
+      budget_minutes=budget_minutes,
+      smoke=True,
+      debs_dir=debs_dir,
+      bpe_merges=200,
+      train_bytes=150_000,
+      heldout_bytes=3_000,
+      evals=1,
+      score_rows=8,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class RunKey:
   """One training run: a variant, a run seed and a multiple of the plan's budget."""
+
   variant: Variant
   seed: int = 0
   budget_scale: float = 1.0
@@ -99,6 +110,7 @@ class _StudyTrainer(train.Trainer):
     def counted(*args):
       self.step_now += 1
       return dispatch(*args)
+
     self.train_step = counted
 
   def _initial_state(self):
@@ -151,16 +163,22 @@ class Study:
   # Stages.
 
   def prepare_data(self) -> dict:
-    spec = corpus.CorpusSpec(train_bytes=self.s.train_bytes, heldout_bytes=self.s.heldout_bytes,
-                             seed=self.s.data_seed, smoke=self.s.smoke,
-                             max_file_bytes=4_000 if self.s.smoke else corpus.MAX_FILE_BYTES)
+    spec = corpus.CorpusSpec(
+        train_bytes=self.s.train_bytes,
+        heldout_bytes=self.s.heldout_bytes,
+        seed=self.s.data_seed,
+        smoke=self.s.smoke,
+        max_file_bytes=4_000 if self.s.smoke else corpus.MAX_FILE_BYTES,
+    )
     manifest = corpus.prepare(spec, self.path("data"), self.s.debs_dir or self.path("debs"))
     self.train_texts = [d.text for d in corpus.read_jsonl(manifest["paths"]["train"])]
     self.heldout_texts = [d.text for d in corpus.read_jsonl(manifest["paths"]["heldout"])]
     self.heldout_bytes = sum(len(t.encode("utf-8")) for t in self.heldout_texts)
     self.data_paths = manifest["paths"]
-    _say(f"data: {manifest['train']['bytes']:,} training bytes ({', '.join(manifest['sources']['train'])}), "
-         f"{manifest['heldout']['bytes']:,} held-out bytes ({', '.join(manifest['sources']['heldout'])})")
+    _say(
+        f"data: {manifest['train']['bytes']:,} training bytes ({', '.join(manifest['sources']['train'])}), "
+        f"{manifest['heldout']['bytes']:,} held-out bytes ({', '.join(manifest['sources']['heldout'])})"
+    )
     return manifest
 
   def prepare_bpe(self) -> dict:
@@ -172,9 +190,14 @@ class Study:
     self.bpe_train = bpe.encode_documents(tok, self.train_texts, add_eos=True)
     self.bpe_heldout = bpe.encode_documents(tok, self.heldout_texts, add_eos=False)
     heldout_bpt = bpe.bytes_per_token(self.heldout_texts, [np.append(d, tokenizer.EOS_ID) for d in self.bpe_heldout])
-    stats = dict(merges_requested=self.s.bpe_merges, vocab_size=tok.get_vocab_size(),
-                 train_bytes_per_token=bpe.bytes_per_token(self.train_texts, self.bpe_train),
-                 heldout_bytes_per_token=heldout_bpt, library="tokenizers", path=path)
+    stats = dict(
+        merges_requested=self.s.bpe_merges,
+        vocab_size=tok.get_vocab_size(),
+        train_bytes_per_token=bpe.bytes_per_token(self.train_texts, self.bpe_train),
+        heldout_bytes_per_token=heldout_bpt,
+        library="tokenizers",
+        path=path,
+    )
     io.write_json(self.path("bpe", "stats.json"), stats)
     _say(f"BPE: vocab {stats['vocab_size']}, {stats['train_bytes_per_token']:.2f} byte positions per token")
     return stats
@@ -203,9 +226,16 @@ class Study:
     model_cfg = summary["trainer"].sc.model
     fpb = flops.entropy_model_train_flops_per_byte(model_cfg, cfg.seq_len)
     bytes_seen = cfg.num_steps * cfg.global_batch_size * cfg.seq_len
-    result = dict(steps=cfg.num_steps, bytes_seen=bytes_seen, train_flops=fpb * bytes_seen,
-                  train_flops_per_byte=fpb, inference_flops_per_byte=flops.inference_flops_per_byte(fpb),
-                  heldout=scores.get(cfg.num_steps), wall_s=summary["wall_s"], config=_config_json(cfg))
+    result = dict(
+        steps=cfg.num_steps,
+        bytes_seen=bytes_seen,
+        train_flops=fpb * bytes_seen,
+        train_flops_per_byte=fpb,
+        inference_flops_per_byte=flops.inference_flops_per_byte(fpb),
+        heldout=scores.get(cfg.num_steps),
+        wall_s=summary["wall_s"],
+        config=_config_json(cfg),
+    )
     io.write_json(result_path, result)
     return result
 
@@ -226,18 +256,24 @@ class Study:
         threshold = _threshold_for(v, batches, entropy_cfg, self.scale.seq_len)
       length, most = _patch_stats(_patching_config(v, threshold), batches, self.scale.seq_len)
       slots = 0 if self.s.smoke else min(self.scale.seq_len + 1, int(math.ceil(most * 1.25)) + 4)
-      result[v.name] = dict(threshold=threshold, train_mean_patch_length=length, max_patches_seen=most,
-                            max_patches=slots)
-      _say(f"patching {v.name}: mean patch length {length:.2f} on training rows"
-           + (f", threshold {threshold:.4f} nats" if threshold is not None else "") + f", slots {slots or 'all'}")
+      result[v.name] = dict(
+          threshold=threshold, train_mean_patch_length=length, max_patches_seen=most, max_patches=slots
+      )
+      _say(
+          f"patching {v.name}: mean patch length {length:.2f} on training rows"
+          + (f", threshold {threshold:.4f} nats" if threshold is not None else "")
+          + f", slots {slots or 'all'}"
+      )
     io.write_json(out_path, result)
     return result
 
   def _sample_batches(self, entropy_cfg, entropy_params) -> List[dict]:
-    cfg = variants.byte_lm_config(self.scale, self.data_paths, num_steps=1, seed=SHARED_SEED,
-                                  data_seed=self.s.data_seed, evals=1)
-    iterator = data_lib.make_train_iterator(cfg.data, self.scale.seq_len, self.scale.batch_size, self.s.data_seed,
-                                            process_index=0, process_count=1)
+    cfg = variants.byte_lm_config(
+        self.scale, self.data_paths, num_steps=1, seed=SHARED_SEED, data_seed=self.s.data_seed, evals=1
+    )
+    iterator = data_lib.make_train_iterator(
+        cfg.data, self.scale.seq_len, self.scale.batch_size, self.s.data_seed, process_index=0, process_count=1
+    )
     batches = []
     for _ in range(2 if self.s.smoke else 16):
       batch = next(iterator)
@@ -253,15 +289,23 @@ class Study:
     if v.kind == "byte":
       return variants.byte_lm_config(self.scale, self.data_paths, **common)
     p = patching[v.name]
-    return variants.blt_config(v, self.scale, self.data_paths, threshold=p["threshold"], max_patches=p["max_patches"],
-                               entropy_checkpoint=self.path("runs", "entropy_model"), **common)
+    return variants.blt_config(
+        v,
+        self.scale,
+        self.data_paths,
+        threshold=p["threshold"],
+        max_patches=p["max_patches"],
+        entropy_checkpoint=self.path("runs", "entropy_model"),
+        **common,
+    )
 
   def bpe_setup(self, bpe_stats: dict):
     model = variants.bpe_model_config(self.scale, bpe_stats["vocab_size"])
     return model, variants.bpe_seq_len(self.scale, bpe_stats["train_bytes_per_token"])
 
-  def train_flops_per_byte(self, v: Variant, patching: dict, bpe_stats: dict,
-                           mean_patch_length: Optional[float] = None) -> float:
+  def train_flops_per_byte(
+      self, v: Variant, patching: dict, bpe_stats: dict, mean_patch_length: Optional[float] = None
+  ) -> float:
     if v.kind == "bpe":
       model, seq = self.bpe_setup(bpe_stats)
       return flops.token_model_train_flops_per_byte(model, seq, bpe_stats["train_bytes_per_token"])
@@ -290,8 +334,9 @@ class Study:
       if v.kind == "bpe":
         model, seq = self.bpe_setup(bpe_stats)
         run = bpe.TokenRun(seq, self.scale.batch_size, CALIBRATION_STEPS, SHARED_SEED, self.s.data_seed, ())
-        result[v.name] = bpe.measure_step_rate(model, variants.optimizer_config(self.scale, CALIBRATION_STEPS), run,
-                                               self.bpe_train, CALIBRATION_STEPS)
+        result[v.name] = bpe.measure_step_rate(
+            model, variants.optimizer_config(self.scale, CALIBRATION_STEPS), run, self.bpe_train, CALIBRATION_STEPS
+        )
       else:
         result[v.name] = self._calibrate_trainer(v, patching)
       _say(f"calibration {v.name}: {result[v.name]['step_s']:.3f} s/step, compile {result[v.name]['compile_s']:.0f} s")
@@ -300,7 +345,7 @@ class Study:
 
   def _calibrate_trainer(self, v: Variant, patching: dict) -> dict:
     cfg = self.trainer_config(v, CALIBRATION_STEPS, patching)
-    cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 1, 0, 10 ** 6
+    cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 1, 0, 10**6
     workdir = self.path("calibration", v.name)
     shutil.rmtree(workdir, ignore_errors=True)
     summary = _run_trainer(cfg, workdir, lambda *_: {})
@@ -315,8 +360,10 @@ class Study:
     done = io.read_json(out_path)
     if done is not None:
       return done
-    per_step = {v.name: self.train_flops_per_byte(v, patching, bpe_stats) * self.bytes_per_step(v, bpe_stats)
-                for v in variants.VARIANTS}
+    per_step = {
+        v.name: self.train_flops_per_byte(v, patching, bpe_stats) * self.bytes_per_step(v, bpe_stats)
+        for v in variants.VARIANTS
+    }
     if self.s.smoke:
       budget = max(per_step.values()) * 4  # the costliest variant takes 4 steps
       left_s = None
@@ -325,20 +372,24 @@ class Study:
     runs = {}
     for v in variants.VARIANTS:
       n = max(2, int(round(budget / per_step[v.name])))
-      runs[v.name] = dict(steps=n, flops_per_step=per_step[v.name], planned_flops=n * per_step[v.name],
-                          est_seconds=n * calibration[v.name]["step_s"] if calibration else None)
+      runs[v.name] = dict(
+          steps=n,
+          flops_per_step=per_step[v.name],
+          planned_flops=n * per_step[v.name],
+          est_seconds=n * calibration[v.name]["step_s"] if calibration else None,
+      )
     plan = dict(flops_per_run=budget, training_seconds_left=left_s, runs=runs)
     io.write_json(out_path, plan)
-    _say(f"plan: {budget:.3g} training FLOPs per run; steps " +
-         ", ".join(f"{k} {r['steps']}" for k, r in runs.items()))
+    _say(f"plan: {budget:.3g} training FLOPs per run; steps " + ", ".join(f"{k} {r['steps']}" for k, r in runs.items()))
     return plan
 
   def _flop_budget(self, per_step: dict, patching: dict, bpe_stats: dict, calibration: dict):
     """(FLOPs per run, training seconds): every variant at each of this invocation's seeds fits the time left."""
     left = self.s.budget_minutes * 60 - (time.time() - self.t0)
     # Bytes each run scores after training: the clean text once more and every noised text (from its export).
-    noise_bytes = (self.heldout_bytes + sum(heldout.utf8_bytes(self.noised_texts(n)) for n in self.noises)
-                   if self.noises else 0)
+    noise_bytes = (
+        self.heldout_bytes + sum(heldout.utf8_bytes(self.noised_texts(n)) for n in self.noises) if self.noises else 0
+    )
     seeds = len(self.s.seeds)
     overhead, inverse_rate = 0.0, 0.0
     for v in variants.VARIANTS:
@@ -351,9 +402,11 @@ class Study:
       inverse_rate += seeds / rate
     train_s = 0.95 * left - overhead - 30
     if train_s <= 0:
-      raise RuntimeError(f"--budget-minutes={self.s.budget_minutes} leaves no training time: {left:.0f} s left "
-                         f"after data, tokenizer, entropy model and calibration, {overhead:.0f} s of compiles and "
-                         f"scoring to come; give a larger budget")
+      raise RuntimeError(
+          f"--budget-minutes={self.s.budget_minutes} leaves no training time: {left:.0f} s left "
+          f"after data, tokenizer, entropy model and calibration, {overhead:.0f} s of compiles and "
+          f"scoring to come; give a larger budget"
+      )
     return train_s / inverse_rate, train_s
 
   # -------------------------------------------------------------------------------------------------------------
@@ -377,19 +430,30 @@ class Study:
     if done is not None and not self._needs_bpe_params(key):
       return done
     if done is not None:
-      _say(f"run {key.id}: finished without saved params (round one's BPE loop kept none); trained again, same "
-           f"seeds and data, for the noise scoring")
+      _say(
+          f"run {key.id}: finished without saved params (round one's BPE loop kept none); trained again, same "
+          f"seeds and data, for the noise scoring"
+      )
     n = self.steps_for(key, plan)
     _say(f"run {key.id}: {n} steps")
     if v.kind == "bpe":
       result = self._run_bpe(key, n, bpe_stats)
     else:
       result = self._run_trainer_variant(key, n, patching, bpe_stats)
-    result.update(name=v.name, label=v.label, kind=v.kind, seed=key.seed, budget_scale=key.budget_scale, steps=n,
-                  planned_flops=n * plan["runs"][v.name]["flops_per_step"])
+    result.update(
+        name=v.name,
+        label=v.label,
+        kind=v.kind,
+        seed=key.seed,
+        budget_scale=key.budget_scale,
+        steps=n,
+        planned_flops=n * plan["runs"][v.name]["flops_per_step"],
+    )
     io.write_json(result_path, result)
-    _say(f"run {key.id}: held-out {result['heldout']['bpb']:.4f} bpb after {result['train_flops']:.3g} FLOPs "
-         f"({result['wall_s']:.0f} s)")
+    _say(
+        f"run {key.id}: held-out {result['heldout']['bpb']:.4f} bpb after {result['train_flops']:.3g} FLOPs "
+        f"({result['wall_s']:.0f} s)"
+    )
     return result
 
   def _curve(self, key: RunKey) -> "_Curve":
@@ -404,6 +468,7 @@ class Study:
 
       def score(trainer, params, step):
         return curve.add(step, blt_scorer(trainer.sc, params, trainer.entropy_params))
+
     else:
       docs = self._heldout_byte_docs()
 
@@ -418,20 +483,32 @@ class Study:
     bytes_seen = n * self.bytes_per_step(v, bpe_stats)
     final = curve.points[-1]
     if v.kind == "blt":
-      infer = flops.inference_flops_per_byte(flops.blt_train_flops_per_byte(model, cfg.seq_len,
-                                                                            final["mean_patch_length"]))
+      infer = flops.inference_flops_per_byte(
+          flops.blt_train_flops_per_byte(model, cfg.seq_len, final["mean_patch_length"])
+      )
     else:
       infer = flops.inference_flops_per_byte(per_byte)
-    result = dict(bytes_seen=bytes_seen, train_flops_per_byte=per_byte, train_flops=per_byte * bytes_seen,
-                  train_mean_patch_length=train_length, heldout=final, inference_flops_per_byte=infer,
-                  curve=[dict(p, flops=p["step"] * per_byte * self.bytes_per_step(v, bpe_stats)) for p in curve.points],
-                  wall_s=summary["wall_s"], config=_config_json(cfg),
-                  overflow_rows_logged=sum(m.get("overflow_rows", 0.0) for _, m in summary["history"]))
+    result = dict(
+        bytes_seen=bytes_seen,
+        train_flops_per_byte=per_byte,
+        train_flops=per_byte * bytes_seen,
+        train_mean_patch_length=train_length,
+        heldout=final,
+        inference_flops_per_byte=infer,
+        curve=[dict(p, flops=p["step"] * per_byte * self.bytes_per_step(v, bpe_stats)) for p in curve.points],
+        wall_s=summary["wall_s"],
+        config=_config_json(cfg),
+        overflow_rows_logged=sum(m.get("overflow_rows", 0.0) for _, m in summary["history"]),
+    )
     if v.mode == "entropy":
-      patcher = flops.inference_flops_per_byte(flops.entropy_model_train_flops_per_byte(
-          summary["trainer"].sc.entropy_model, cfg.seq_len))
-      result.update(threshold=patching[v.name]["threshold"], patcher_inference_flops_per_byte=patcher,
-                    patcher_flops_during_training=patcher * bytes_seen)
+      patcher = flops.inference_flops_per_byte(
+          flops.entropy_model_train_flops_per_byte(summary["trainer"].sc.entropy_model, cfg.seq_len)
+      )
+      result.update(
+          threshold=patching[v.name]["threshold"],
+          patcher_inference_flops_per_byte=patcher,
+          patcher_flops_during_training=patcher * bytes_seen,
+      )
     return result
 
   def _run_bpe(self, key: RunKey, n: int, bpe_stats: dict) -> dict:
@@ -445,20 +522,31 @@ class Study:
       curve.add(step, self._lm_heldout(model, params, self.bpe_heldout, self.heldout_bytes, seq))
 
     run = bpe.TokenRun(seq, self.scale.batch_size, n, key.seed, self.s.data_seed + key.seed, eval_steps)
-    summary = bpe.train_token_lm(model, variants.optimizer_config(self.scale, n), run, self.bpe_train, score,
-                                 log=_say)
+    summary = bpe.train_token_lm(model, variants.optimizer_config(self.scale, n), run, self.bpe_train, score, log=_say)
     bpe.save_export(self._export_dir(key), model, summary.pop("params"))
     per_byte = self.train_flops_per_byte(v, {}, bpe_stats)
     per_step_bytes = self.bytes_per_step(v, bpe_stats)
-    infer = flops.inference_flops_per_byte(flops.token_model_train_flops_per_byte(
-        model, seq, bpe_stats["heldout_bytes_per_token"]))
-    return dict(bytes_seen=n * per_step_bytes, train_flops_per_byte=per_byte, train_flops=per_byte * n * per_step_bytes,
-                heldout=curve.points[-1], inference_flops_per_byte=infer, seq_len_tokens=seq,
-                curve=[dict(p, flops=p["step"] * per_byte * per_step_bytes) for p in curve.points],
-                wall_s=summary["wall_s"], config=dict(model=model.to_dict(), seq_len_tokens=seq,
-                                                      batch_size=self.scale.batch_size, seed=run.seed,
-                                                      data_seed=run.data_seed,
-                                                      optimizer=variants.optimizer_config(self.scale, n).to_dict()))
+    infer = flops.inference_flops_per_byte(
+        flops.token_model_train_flops_per_byte(model, seq, bpe_stats["heldout_bytes_per_token"])
+    )
+    return dict(
+        bytes_seen=n * per_step_bytes,
+        train_flops_per_byte=per_byte,
+        train_flops=per_byte * n * per_step_bytes,
+        heldout=curve.points[-1],
+        inference_flops_per_byte=infer,
+        seq_len_tokens=seq,
+        curve=[dict(p, flops=p["step"] * per_byte * per_step_bytes) for p in curve.points],
+        wall_s=summary["wall_s"],
+        config=dict(
+            model=model.to_dict(),
+            seq_len_tokens=seq,
+            batch_size=self.scale.batch_size,
+            seed=run.seed,
+            data_seed=run.data_seed,
+            optimizer=variants.optimizer_config(self.scale, n).to_dict(),
+        ),
+    )
 
   # -------------------------------------------------------------------------------------------------------------
   # Noised held-out text, scored by every finished run.
@@ -482,21 +570,27 @@ class Study:
     return [name for name in names if io.read_json(self._noise_path(key, name)) is None]
 
   def _needs_bpe_params(self, key: RunKey) -> bool:
-    return (key.variant.kind == "bpe" and bool(self._noise_todo(key))
-            and not os.path.isfile(os.path.join(self._export_dir(key), "config.json")))
+    return (
+        key.variant.kind == "bpe"
+        and bool(self._noise_todo(key))
+        and not os.path.isfile(os.path.join(self._export_dir(key), "config.json"))
+    )
 
   def _export_scorer(self, key: RunKey, result: dict) -> Callable[[List[str]], dict]:
     """Scores texts with the run's final model, read back from its export."""
     kind = key.variant.kind
     if kind == "blt":
-      return heldout.HeldOutBLT.from_export(self.path("runs", key.id), self.heldout_texts, self.scale.seq_len,
-                                            self.s.score_rows).score
+      return heldout.HeldOutBLT.from_export(
+          self.path("runs", key.id), self.heldout_texts, self.scale.seq_len, self.s.score_rows
+      ).score
     config, params = heldout.load_lm_export(self._export_dir(key))
     if kind == "bpe":
-      return lambda texts: bpe.heldout_scores(self.bpe_tok, config, params, texts, result["seq_len_tokens"],
-                                              self.s.score_rows)
-    return lambda texts: heldout.lm_scores(params, config, heldout.byte_docs(texts), heldout.utf8_bytes(texts),
-                                           self.scale.seq_len, self.s.score_rows)
+      return lambda texts: bpe.heldout_scores(
+          self.bpe_tok, config, params, texts, result["seq_len_tokens"], self.s.score_rows
+      )
+    return lambda texts: heldout.lm_scores(
+        params, config, heldout.byte_docs(texts), heldout.utf8_bytes(texts), self.scale.seq_len, self.s.score_rows
+    )
 
   def score_noise(self, key: RunKey, result: dict) -> None:
     """runs/<id>/noise/<type>.json: the final model's bits per byte of each noised text (its own bytes)."""
@@ -508,19 +602,32 @@ class Study:
     for name in todo:
       n = None if name == "clean" else noise.noise(name)
       scores = scorer(self.heldout_texts if n is None else self.noised_texts(n))
-      scores.update(noise=name, rate=0.0 if n is None else n.rate, seed=self.s.data_seed,
-                    bits_per_clean_byte=heldout.bits_per_byte(scores["nll_nats"], self.heldout_bytes))
+      scores.update(
+          noise=name,
+          rate=0.0 if n is None else n.rate,
+          seed=self.s.data_seed,
+          bits_per_clean_byte=heldout.bits_per_byte(scores["nll_nats"], self.heldout_bytes),
+      )
       io.write_json(self._noise_path(key, name), scores)
-    _say(f"noise {key.id}: " + ", ".join(f"{name} {io.read_json(self._noise_path(key, name))['bpb']:.4f}"
-                                         for name in todo) + f" bpb ({time.perf_counter() - t0:.0f} s)")
+    _say(
+        f"noise {key.id}: "
+        + ", ".join(f"{name} {io.read_json(self._noise_path(key, name))['bpb']:.4f}" for name in todo)
+        + f" bpb ({time.perf_counter() - t0:.0f} s)"
+    )
 
   def noise_info(self) -> Dict[str, dict]:
     """Each noise type's rate, seed, and its noised held-out text's size, sha256 and compressor floors."""
     out = {}
     for n in noise.NOISES:
       blob = "".join(self.noised_texts(n)).encode("utf-8")
-      out[n.name] = dict(label=n.label, rate=n.rate, seed=self.s.data_seed, bytes=len(blob),
-                         sha256=hashlib.sha256(blob).hexdigest(), compressors=report.compressors(blob))
+      out[n.name] = dict(
+          label=n.label,
+          rate=n.rate,
+          seed=self.s.data_seed,
+          bytes=len(blob),
+          sha256=hashlib.sha256(blob).hexdigest(),
+          compressors=report.compressors(blob),
+      )
     return out
 
   def collect_runs(self) -> List[dict]:
@@ -554,12 +661,22 @@ class Study:
       self.score_noise(key, self.run_variant(key, plan, patching, bpe_stats))
     runs = self.collect_runs()
     heldout_blob = "".join(self.heldout_texts).encode("utf-8")
-    study = dict(settings=dataclasses.asdict(self.s), scale=dataclasses.asdict(self.scale), data=manifest,
-                 bpe=bpe_stats, entropy_model=entropy, patching=patching, calibration=calibration, plan=plan,
-                 runs=runs, compressors=report.compressors(heldout_blob),
-                 noise=self.noise_info() if any(r["noise"] for r in runs) else {},
-                 wall_s_this_session=time.time() - self.t0, jax_version=jax.__version__,
-                 devices=[str(d) for d in jax.devices()])
+    study = dict(
+        settings=dataclasses.asdict(self.s),
+        scale=dataclasses.asdict(self.scale),
+        data=manifest,
+        bpe=bpe_stats,
+        entropy_model=entropy,
+        patching=patching,
+        calibration=calibration,
+        plan=plan,
+        runs=runs,
+        compressors=report.compressors(heldout_blob),
+        noise=self.noise_info() if any(r["noise"] for r in runs) else {},
+        wall_s_this_session=time.time() - self.t0,
+        jax_version=jax.__version__,
+        devices=[str(d) for d in jax.devices()],
+    )
     report.write(self.s.out, study)
     _say(f"done: {self.path('study.md')}")
     return study
@@ -592,8 +709,9 @@ def _patcher(pc: PatchingConfig, seq_len: int):
 
 def _patch_stats(pc: PatchingConfig, batches: List[dict], seq_len: int):
   """(mean patch length as the trainer counts it, most patches in one row) over `batches`."""
-  counts = np.concatenate([np.asarray(_patcher(pc, seq_len)({k: b[k] for k in ("tokens", "entropies")}))
-                           for b in batches])
+  counts = np.concatenate(
+      [np.asarray(_patcher(pc, seq_len)({k: b[k] for k in ("tokens", "entropies")})) for b in batches]
+  )
   return counts.size * (seq_len + 1) / counts.sum(), int(counts.max())
 
 

@@ -6,6 +6,7 @@ and the optimizer; only the model and its patching differ. The BLTs are `configs
 the global transformer's size (2 layers, width 128), the BPE one with a vocabulary-sized head and rows of about the
 same bytes; the entropy model is `configs/entropy_tiny.py`. `--smoke` shrinks every width.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(blt_j
 @dataclasses.dataclass(frozen=True)
 class Scale:
   """Sizes shared by every variant."""
+
   seq_len: int  # bytes per training row (and per scoring row)
   batch_size: int  # rows per step
   lm_dim: int  # byte / BPE transformer width (= the BLT global width)
@@ -57,10 +59,10 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("byte", "byte", "byte-level transformer"),
     Variant("blt_static4", "blt", "BLT, static patches of 4", mode="static", patch_size=4),
     Variant("blt_space", "blt", "BLT, space patching", mode="space"),
-    Variant("blt_entropy_short", "blt", "BLT, entropy patching (short patches)", mode="entropy",
-            target_patch_length=3.0),
-    Variant("blt_entropy_long", "blt", "BLT, entropy patching (long patches)", mode="entropy",
-            target_patch_length=6.0),
+    Variant(
+        "blt_entropy_short", "blt", "BLT, entropy patching (short patches)", mode="entropy", target_patch_length=3.0
+    ),
+    Variant("blt_entropy_long", "blt", "BLT, entropy patching (long patches)", mode="entropy", target_patch_length=6.0),
 )
 
 
@@ -78,8 +80,9 @@ def _repo_config(name: str) -> ml_collections.ConfigDict:
   return train_config.load_config_file(path)
 
 
-def _run_settings(c: ml_collections.ConfigDict, scale: Scale, data: dict, num_steps: int, seed: int,
-                  data_seed: int, evals: int) -> ml_collections.ConfigDict:
+def _run_settings(
+    c: ml_collections.ConfigDict, scale: Scale, data: dict, num_steps: int, seed: int, data_seed: int, evals: int
+) -> ml_collections.ConfigDict:
   """What every trainer-run variant shares: data, order, seeds, batch, schedule, logging."""
   c.data.sources = (data["train"],)
   c.data.validation_sources = (data["heldout"],)  # unused: the study scores held-out text itself
@@ -100,9 +103,19 @@ def _run_settings(c: ml_collections.ConfigDict, scale: Scale, data: dict, num_st
   return c
 
 
-def blt_config(v: Variant, scale: Scale, data: dict, *, num_steps: int, seed: int, data_seed: int, evals: int,
-               threshold: Optional[float] = None, max_patches: int = 0,
-               entropy_checkpoint: str = "") -> ml_collections.ConfigDict:
+def blt_config(
+    v: Variant,
+    scale: Scale,
+    data: dict,
+    *,
+    num_steps: int,
+    seed: int,
+    data_seed: int,
+    evals: int,
+    threshold: Optional[float] = None,
+    max_patches: int = 0,
+    entropy_checkpoint: str = "",
+) -> ml_collections.ConfigDict:
   c = _run_settings(_repo_config("tiny.py"), scale, data, num_steps, seed, data_seed, evals)
   if scale.smoke:
     m = c.model
@@ -139,8 +152,9 @@ def entropy_model_config(scale: Scale, data: dict, *, seed: int, data_seed: int)
   return c
 
 
-def byte_lm_config(scale: Scale, data: dict, *, num_steps: int, seed: int, data_seed: int,
-                   evals: int) -> ml_collections.ConfigDict:
+def byte_lm_config(
+    scale: Scale, data: dict, *, num_steps: int, seed: int, data_seed: int, evals: int
+) -> ml_collections.ConfigDict:
   """The byte-level transformer: the entropy-model stack (a plain causal byte LM) at the LM size, full causal."""
   c = _run_settings(_repo_config("entropy_tiny.py"), scale, data, num_steps, seed, data_seed, evals)
   _lm_section(c, scale, scale.lm_dim, scale.lm_layers, scale.lm_heads, None)
@@ -161,5 +175,4 @@ def bpe_seq_len(scale: Scale, bytes_per_token: float) -> int:
 
 def optimizer_config(scale: Scale, num_steps: int) -> ml_collections.ConfigDict:
   """The optimizer section every variant trains with (the BPE loop reads it directly)."""
-  return byte_lm_config(scale, dict(train="", heldout=""), num_steps=num_steps, seed=0, data_seed=0,
-                        evals=1).optimizer
+  return byte_lm_config(scale, dict(train="", heldout=""), num_steps=num_steps, seed=0, data_seed=0, evals=1).optimizer
