@@ -122,8 +122,11 @@ def targets(abstract_boxed: Any, dtype: str, mesh: Optional[Mesh], rules=None) -
 
 
 def place(params: Any, target: Any) -> Any:
-  """`params` (arrays anywhere) cast and laid out as `target` (ShapeDtypeStructs with shardings)."""
-  return jax.tree_util.tree_map(lambda x, t: jax.device_put(jnp.asarray(x, t.dtype), t.sharding), params, target)
+  """`params` (arrays anywhere) cast and laid out as `target` (ShapeDtypeStructs with shardings).
+
+  Laid out first, then cast shard by shard: casting first would build each whole array on one device.
+  """
+  return jax.tree_util.tree_map(lambda x, t: jax.device_put(x, t.sharding).astype(t.dtype), params, target)
 
 
 # ---------------------------------------------------------------------------------------------------------------

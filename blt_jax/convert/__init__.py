@@ -151,14 +151,12 @@ def load_converted(
 
 
 def abstract_params(config: ModelConfig) -> Any:
-  """ShapeDtypeStructs of the params `config` builds (nothing is materialised)."""
+  """ShapeDtypeStructs of the params `config` builds (nothing is materialised): `loading.abstract_params`, unboxed."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
-  if isinstance(config, config_lib.BLTConfig):
-    from blt_jax.model import init_blt as init  # pylint: disable=g-import-not-at-top
-  else:
-    from blt_jax.entropy_model import init_entropy_model as init  # pylint: disable=g-import-not-at-top
-  return nn.meta.unbox(jax.eval_shape(lambda: init(jax.random.PRNGKey(0), config)))
+  from blt_jax import loading  # pylint: disable=g-import-not-at-top  (orbax and the model: only when needed)
+
+  return nn.meta.unbox(loading.abstract_params(config))
 
 
 def param_count(params: Any) -> int:
