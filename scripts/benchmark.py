@@ -8,6 +8,8 @@ Sections:
   attention   fast paths vs dense masked attention (encoder/decoder cross-attention, windowed self-attention)
   patching    BLT train step with in-graph entropy patching vs precomputed entropies (the entropy model's cost)
   train       BLT train-step throughput (bytes/s, patches/s) and MFU with the one FLOP model of blt_jax.flops
+  calibration the entropy threshold and max_patches `blt_jax.calibrate` fits for 3, 4.5 and 6 bytes per patch on 4
+              and 14 KiB rows of the default corpus, and what they give on its validation split (--entropy-checkpoint)
   scoring     the scoring CLI on ~1 MB of stdlib sources: packed rows vs one document per row (--sections scoring)
   generation  cached generation vs full recompute per byte, and per-byte cost against prompt length
   compile     train-step compile time, 4 vs 25 global layers: loop, scan over a per-layer state, scan (stacked)
@@ -358,6 +360,49 @@ def _stdlib_corpus(path, target_bytes):
       if total >= target_bytes:
         break
   return total
+
+
+def _validation_rows(seq_len):
+  """Every row of the default corpus's validation split, packed as the trainer's evaluation packs them."""
+  from blt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  cfg = data_lib.default_data_config()
+  cfg.prefetch = 0
+  it = data_lib.make_eval_iterator(cfg, seq_len, 16, 0, 1)
+  return np.concatenate([b["tokens"][:n] for b, n in zip(it, it.num_real_rows) if n])
+
+
+def bench_calibration(entropy_checkpoint):
+  """`blt_jax.calibrate` on the default corpus at 3, 4.5 and 6 bytes per patch, 4 KiB and 14 KiB rows, with and
+  without max_patch_length 16: the threshold, the slots it asks for, the padding those leave next to seq_len + 1,
+  and the bytes per patch the threshold gives on the validation split, which the calibration did not see."""
+  from blt_jax import calibrate, data as data_lib, train, train_config  # pylint: disable=g-import-not-at-top
+
+  entropy_config, params = train.load_entropy_model(entropy_checkpoint, run=train_config.base_config())
+  out = []
+  for seq_len, num_rows in ((4096, 512), (14336, 256)):
+    t = time.perf_counter()
+    rows = calibrate.sample_rows(data_lib.default_data_config(), seq_len, num_rows, seed=0)
+    rows["entropies"] = calibrate.row_entropies(rows["tokens"], params, entropy_config)
+    held_out = _validation_rows(seq_len)
+    held_out_entropies = calibrate.row_entropies(held_out, params, entropy_config)
+    entropy_s = time.perf_counter() - t
+    for max_patch_length in (None, 16):
+      patching_cfg = PatchingConfig(mode="entropy", max_patch_length=max_patch_length)
+      for target in (3.0, 4.5, 6.0):
+        c = calibrate.calibrate(rows, patching_cfg, target, overflow=1e-3, multiple_of=128)
+        counts = calibrate.patches_per_row(held_out, held_out_entropies, patching_cfg, c.threshold)
+        out.append(
+            dict(
+                c.to_json(),
+                max_patch_length=max_patch_length,
+                entropy_s=entropy_s,
+                held_out_rows=len(counts),
+                held_out_bytes_per_patch=calibrate.bytes_per_patch(counts, seq_len),
+                held_out_overflow_rows=float(np.mean(counts > c.max_patches)),
+            )
+        )
+  return out
 
 
 def bench_scoring(preset, workdir, corpus_bytes):
@@ -889,6 +934,9 @@ def main():
   parser.add_argument("--workdir", default="runs/benchmark", help="scoring: corpus and random checkpoints go here")
   parser.add_argument("--corpus-bytes", type=int, default=1_000_000, help="scoring: corpus size")
   parser.add_argument(
+      "--entropy-checkpoint", default="runs/entropy_tiny", help="calibration: the entropy model (README flow's)"
+  )
+  parser.add_argument(
       "--compare",
       choices=["transformers"],
       default=None,
@@ -960,6 +1008,26 @@ def main():
       print(
           f"| {r['model']} | {r['packed']['bytes_per_s']:.0f} | {r['one document per row']['bytes_per_s']:.0f} | "
           f"{r['packing_speedup']:.2f}x | {r['packed']['programs']} | {r['packed']['bpb']:.3f} |"
+      )
+  if "calibration" in args.sections:
+    results["calibration"] = bench_calibration(args.entropy_checkpoint)
+    print(
+        f"\npatching calibration of {args.entropy_checkpoint} on the default corpus (--overflow 1e-3 --multiple-of 128;"
+        f" held out: the validation split, every row)"
+    )
+    print(
+        "| seq_len | max_patch_length | target | threshold | bytes/patch | held-out bytes/patch | patches per row "
+        "p50 / p90 / p99 / max | max_patches | held-out rows over it | padding | seq_len + 1 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["calibration"]:
+      q = r["patches_per_row"]
+      print(
+          f"| {r['seq_len']} | {r['max_patch_length'] or '-'} | {r['target_bytes_per_patch']:g} | "
+          f"{r['threshold']:.4f} | {r['bytes_per_patch']:.3f} | {r['held_out_bytes_per_patch']:.3f} "
+          f"({r['held_out_rows']} rows) | {q['p50']} / {q['p90']} / {q['p99']} / {q['max']} | {r['max_patches']} | "
+          f"{100 * r['held_out_overflow_rows']:.2g}% | {r['slots_per_patch']:.2f} | "
+          f"{r['slots_per_patch'] * (r['seq_len'] + 1) / r['max_patches']:.2f} |"
       )
   if "generation" in args.sections:
     r = results["generation"] = bench_generation()

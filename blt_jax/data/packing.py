@@ -226,9 +226,16 @@ class PackedWindowsIterator(grain.DatasetIterator):
           f"data iterator state is for seq_len={state['seq_len']}, this" f" iterator has seq_len={self._seq_len}"
       )
     if state["metadata"] != self._metadata:
+      hint = ""
+      if state["metadata"].get("num_documents") != self._metadata.get("num_documents"):
+        hint = (
+            " (the training documents differ: resume with the data settings the run started with; a stdlib-corpus"
+            " run started before data.stdlib_skip_generated became the default needs"
+            " --config.data.stdlib_skip_generated=False)"
+        )
       raise ValueError(
           "data iterator state was saved for a different data setup:"
-          f" saved {state['metadata']}, current {self._metadata}"
+          f" saved {state['metadata']}, current {self._metadata}{hint}"
       )
     self._parent.set_state(copy.deepcopy(state["parent"]))
     self._head_parent_state = copy.deepcopy(state["parent"])
