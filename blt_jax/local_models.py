@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blt_jax import attention, layers, masks
+from blt_jax import attention, layers, masks, sharding
 from blt_jax.config import BLTConfig
 
 
@@ -124,5 +124,7 @@ class LocalDecoder(nn.Module):
         h = h + xattn(h, patch_BQD, attend)  # cross-attention before the self-attention block; double residual (Q1)
       h = layers.block(stack, i, f"layers_{i}")(h, cos, sin, doc_BN)
     h = layers.RMSNorm(c.norm_eps, c.dtype, name="norm")(h)
+    # The 260-way output is not split over "tensor" (too small): its positions are, so no chip repeats another's.
+    h = sharding.positions_over_tensor(h)
     logits = layers.Linear(c.vocab_size, ("embed", "vocab"), dD**-0.5, c.dtype, name="output")(h)
     return logits.astype(jnp.float32)

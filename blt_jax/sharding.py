@@ -124,12 +124,26 @@ def make_mesh(mesh_cfg: Any, devices: Optional[Sequence[Any]] = None) -> Mesh:
     ici = (shape[0] // slices, shape[1], shape[2])
     device_array = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
     return Mesh(device_array, MESH_AXES, **kwargs)
-  try:
-    return jax.make_mesh(shape, MESH_AXES, devices=devices, **kwargs)
-  except TypeError:  # older jax without the `devices` / `axis_types` keywords
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
 
-    return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES, **kwargs)
+  try:
+    try:
+      return jax.make_mesh(shape, MESH_AXES, devices=devices, **kwargs)
+    except TypeError:  # older jax without the `devices` / `axis_types` keywords
+      return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES, **kwargs)
+  except NotImplementedError as e:
+    # An axis that is no product of the slice's torus dimensions (tensor=4 on a 16 x 16 v6e): lay it on consecutive
+    # chips of one ring instead, split into segments. Its collectives then run over part of a ring; slower than a
+    # whole ring, but the config runs on every slice its chip count allows.
+    try:
+      device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (NotImplementedError, ValueError, AssertionError):
+      raise e from None
+    _log_once(
+        f"mesh data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}: sizes that are not products of this slice's "
+        f"torus dimensions; an axis is laid on segments of a physical ring (allow_split_physical_axes)"
+    )
+    return Mesh(device_array, MESH_AXES, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,6 +377,40 @@ def mesh_while_tracing(mesh: Optional[Mesh], rules: Optional[Rules] = None):
   stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
   stack.enter_context(axis_rules_context(rules))
   return stack
+
+
+def rows_over_every_device(x_B: jax.Array) -> jax.Array:
+  """Pins the rows of `x_B` `[B, ...]` over every device of the mesh being traced for (data x fsdp x tensor).
+
+  For work with replicated weights (the in-graph entropy model): over the batch axes alone, the chips of one
+  tensor group would each repeat the same rows. A no-op without a mesh, or when B does not divide evenly.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or x_B.shape[0] % mesh.size:
+    return x_B
+  return jax.lax.with_sharding_constraint(x_B, PartitionSpec(tuple(mesh.axis_names)))
+
+
+def positions_over_tensor(x_BND: jax.Array) -> jax.Array:
+  """Pins `[B, N, ...]` to the batch axes and its positions N over "tensor".
+
+  For a per-position matmul whose weights are not split over "tensor" (the decoder's 260-way output): with the
+  positions split, each chip of a tensor group computes its own share instead of all of them repeating every row.
+  A no-op without a mesh, without a tensor axis, or when the sizes do not divide evenly.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get("tensor", 1) == 1 or x_BND.shape[1] % mesh.shape["tensor"]:
+    return x_BND
+  batch = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  if x_BND.shape[0] % math.prod(mesh.shape[a] for a in batch):
+    return x_BND
+  spec = PartitionSpec(batch, "tensor", *([None] * (x_BND.ndim - 2)))
+  return jax.lax.with_sharding_constraint(x_BND, spec)
+
+
+def rows_over_batch_axes(x_BN: jax.Array) -> jax.Array:
+  """Pins `[B, N]` rows back to the batch axes (the model's layout; `rows_over_every_device`'s inverse)."""
+  return nn.with_logical_constraint(x_BN, ("activation_batch", "activation_length"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

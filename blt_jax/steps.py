@@ -73,7 +73,10 @@ def make_patches(sc: StepConfig, batch, entropy_params) -> patching.Patches:
     elif entropy_params is None or sc.entropy_model is None:
       raise ValueError("entropy patching needs an entropy model (entropy_params) or batches with 'entropies'")
     else:
-      entropies = compute_entropies(entropy_params, tokens, sc.entropy_model)
+      # The entropy model's params are replicated: its rows go over every chip, tensor axis included, so the chips
+      # of one tensor group do not each repeat the same rows (issue 25).
+      entropies = compute_entropies(entropy_params, sharding.rows_over_every_device(tokens), sc.entropy_model)
+      entropies = sharding.rows_over_batch_axes(entropies)
     entropies = jax.lax.stop_gradient(entropies)
   return patching.patch(
       tokens, entropies, include_next_token=True, max_patches=sc.max_patches, **sc.patching.patch_kwargs()
