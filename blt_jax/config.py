@@ -66,9 +66,12 @@ class StackConfig:
 
 # Self-attention kernels (attention.self_attention's `impl`).
 ATTENTION_IMPLS = ("auto", "dense", "blocked", "splash", "cudnn")
-# With remat, what a block's backward pass keeps instead of recomputing: nothing ("full" recompute), every matmul
-# output ("dots"), or the matmul outputs without batch dimensions, i.e. the projections, not attention ("dots_no_batch").
-REMAT_POLICIES = ("full", "dots", "dots_no_batch")
+# With remat, what a block's backward pass keeps instead of recomputing (layers.remat_policy): nothing ("full"
+# recompute), every matmul output ("dots"), the matmul outputs without batch dimensions, i.e. the projections, not
+# attention ("dots_no_batch"); by name, MaxText's way: the q/k/v projections ("save_qkv_proj"), those and the
+# attention output projection ("save_attention_proj"); or the projections kept in host memory rather than HBM
+# ("offload_dots_no_batch", where the platform has pinned host memory: TPU, GPU).
+REMAT_POLICIES = ("full", "dots", "dots_no_batch", "save_qkv_proj", "save_attention_proj", "offload_dots_no_batch")
 
 
 def _check_common(

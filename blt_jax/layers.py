@@ -11,9 +11,10 @@ from typing import Callable, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from blt_jax import attention, layer_stacking
-from blt_jax.config import StackConfig, init_std_factor
+from blt_jax.config import REMAT_POLICIES, StackConfig, init_std_factor
 
 
 def trunc_normal(std: float):
@@ -156,14 +157,16 @@ class SelfAttention(nn.Module):
     c = self.stack
     B, S, _ = x_BSD.shape
     H, K, D = c.n_heads, c.kv_heads, c.hd
-    q = Linear(H * D, ("embed", "heads"), self.std, c.dtype, name="wq")(x_BSD).reshape(B, S, H, D)
-    k = Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wk")(x_BSD).reshape(B, S, K, D)
-    v = Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wv")(x_BSD).reshape(B, S, K, D)
+    q = checkpoint_name(Linear(H * D, ("embed", "heads"), self.std, c.dtype, name="wq")(x_BSD), "query_proj")
+    k = checkpoint_name(Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wk")(x_BSD), "key_proj")
+    v = checkpoint_name(Linear(K * D, ("embed", "heads"), self.std, c.dtype, name="wv")(x_BSD), "value_proj")
+    q, k, v = q.reshape(B, S, H, D), k.reshape(B, S, K, D), v.reshape(B, S, K, D)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = attention.self_attention(
         q, k, v, doc_BS if c.document_mask else None, c.sliding_window, impl=c.attention_impl
     )
-    return Linear(c.dim, ("heads", "embed"), self.std, c.dtype, name="wo")(out.reshape(B, S, H * D))
+    out = Linear(c.dim, ("heads", "embed"), self.std, c.dtype, name="wo")(out.reshape(B, S, H * D))
+    return checkpoint_name(out, "out_proj")
 
 
 class FeedForward(nn.Module):
@@ -198,12 +201,23 @@ class TransformerBlock(nn.Module):
 
 
 def remat_policy(stack: StackConfig):
-  """The `jax.checkpoint` policy of the stack's `remat_policy` (config.REMAT_POLICIES)."""
-  return {
-      "full": None,
-      "dots": jax.checkpoint_policies.dots_saveable,
-      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }[stack.remat_policy]
+  """The `jax.checkpoint` policy of the stack's `remat_policy` (config.REMAT_POLICIES). The named ones keep the
+  projections `SelfAttention` tags (`query_proj`, `key_proj`, `value_proj`, `out_proj`)."""
+  policies = jax.checkpoint_policies
+  name = stack.remat_policy
+  if name == "full":
+    return None
+  if name == "dots":
+    return policies.dots_saveable
+  if name == "dots_no_batch":
+    return policies.dots_with_no_batch_dims_saveable
+  if name == "save_qkv_proj":
+    return policies.save_only_these_names("query_proj", "key_proj", "value_proj")
+  if name == "save_attention_proj":
+    return policies.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj")
+  if name == "offload_dots_no_batch":
+    return policies.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+  raise ValueError(f"remat_policy={name!r}: expected one of {REMAT_POLICIES}")
 
 
 def block(stack: StackConfig, depth: int, name: str) -> TransformerBlock:

@@ -77,7 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # master weights
   c.compute_dtype = "bfloat16"  # activations and matmuls
   c.remat = False  # rematerialise every transformer block in the backward pass
-  c.remat_policy = "full"  # with remat, what is kept: full (recompute all), dots, dots_no_batch (config.REMAT_POLICIES)
+  c.remat_policy = (
+      "full"  # with remat, what is kept (config.REMAT_POLICIES): full (recompute all), dots, save_qkv_proj...
+  )
   c.scan_layers = False  # deep stacks (global, entropy model) as one lax.scan: compile time flat in depth
   c.attention_impl = "auto"  # self-attention kernel: auto (splash on TPU, cuDNN on GPU where it can), dense, blocked
   # data/fsdp/tensor sizes (one may be -1), logical rules (on the command line a tuple of pairs:

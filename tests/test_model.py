@@ -1,6 +1,10 @@
 """The full BLT forward: golden parity with the reference, invariances, causality, no recompiles."""
 
+import collections
+import contextlib
 import dataclasses
+import io
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +12,7 @@ import numpy as np
 import pytest
 
 from blt_jax import patching
-from blt_jax.config import BLTConfig, EntropyModelConfig, blt_config_from_reference, entropy_config_from_reference
+from blt_jax.config import REMAT_POLICIES, BLTConfig, EntropyModelConfig, blt_config_from_reference, entropy_config_from_reference
 from blt_jax.convert.mapping import params_from_state_dict
 from blt_jax.entropy_model import compute_entropies, init_entropy_model
 from blt_jax.model import BLT, init_blt
@@ -227,10 +231,36 @@ def test_remat_gives_the_same_gradients():
     return jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(params))
 
   reference = grads(blt_cfg)
-  for policy in ("full", "dots", "dots_no_batch"):
+  for policy in REMAT_POLICIES:
     remat = grads(dataclasses.replace(blt_cfg, remat=True, remat_policy=policy))
     for a, b in zip(reference, remat):
       np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"remat_policy={policy}")
+
+
+@pytest.mark.parametrize(
+    "policy, kept",
+    [
+        ("full", set()),
+        ("save_qkv_proj", {"query_proj", "key_proj", "value_proj"}),
+        ("save_attention_proj", {"query_proj", "key_proj", "value_proj", "out_proj"}),
+    ],
+)
+def test_named_remat_policies_keep_their_projections(policy, kept):
+  """A named policy keeps exactly the projections it names for the backward pass (a misspelt tag would keep
+  nothing and silently recompute them, with the same gradients)."""
+  blt_cfg, _ = _tiny_configs()
+  cfg = dataclasses.replace(blt_cfg, remat=True, remat_policy=policy)
+  params = init_blt(jax.random.PRNGKey(0), cfg)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(4, 260, size=(2, 24)), jnp.int32)
+  lengths = patching.patch(tokens, None, mode="static", patch_size=4, max_patches=25).patch_lengths_BP
+  loss = lambda p: jnp.mean(jax.nn.logsumexp(BLT(cfg).apply({"params": p}, tokens, lengths), -1))
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    jax.ad_checkpoint.print_saved_residuals(loss, params)
+  named = collections.Counter(re.findall(r"named '(\w+)'", out.getvalue()))
+  assert set(named) == kept
+  blocks = cfg.n_layers_local_encoder + cfg.n_layers_global + cfg.n_layers_local_decoder
+  assert all(n == blocks for n in named.values()), named  # one of each per block of every stack
 
 
 @pytest.mark.parametrize("remat", [False, True])
