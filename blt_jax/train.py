@@ -434,6 +434,13 @@ class Trainer:
     self._compile_s: Optional[float] = None
     self.peak_flops, peak_source = flops_lib.peak_flops(jax.devices())
     _say(f"MFU is measured against {self.peak_flops / 1e12:.4g} TFLOP/s: {peak_source}")
+    if self.sc.is_blt and self.sc.entropy_model is not None:
+      # The patcher's forward runs in every step, over every chip's rows, but is not the model's FLOPs (flops.py).
+      patcher = flops_lib.entropy_model_train_flops_per_byte(self.sc.entropy_model, self.seq_len) / 3
+      _say(
+          f"FLOPs per byte: model {self.flops_per_byte:.4g} (at 4.5 bytes per patch, what MFU counts), in-graph "
+          f"entropy model {patcher:.4g} more ({patcher / self.flops_per_byte:.1%}; data.entropy_store removes it)"
+      )
     self.stop_request = StopRequest(self.mesh)
     profile_dir = self.workdir / "profile"
     if jax.process_count() > 1:  # hosts of one machine would write over each other's trace files

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 import helpers
 from blt_jax import checkpoint as ckpt_lib
-from blt_jax import convert, entropy_store, patching, train
+from blt_jax import convert, entropy_store, flops, patching, train
 from blt_jax.convert import safetensors_io
 from blt_jax.entropy_model import compute_entropies
 from blt_jax.loss import cross_entropy_sum
@@ -508,7 +508,7 @@ def test_entropy_model_then_entropy_patched_blt(micro, corpus, tmp_path):
     assert np.isfinite(m["loss"]) and 1.0 <= m["mean_patch_length"] <= 8.0
 
 
-def test_in_graph_entropy_model_takes_the_runs_settings_not_its_checkpoints(micro, tmp_path):
+def test_in_graph_entropy_model_takes_the_runs_settings_not_its_checkpoints(micro, tmp_path, capsys):
   from blt_jax.config import EntropyModelConfig  # pylint: disable=g-import-not-at-top
   from blt_jax.entropy_model import init_entropy_model  # pylint: disable=g-import-not-at-top
 
@@ -536,6 +536,13 @@ def test_in_graph_entropy_model_takes_the_runs_settings_not_its_checkpoints(micr
     got = compute_entropies(trainer.entropy_params, tokens, used)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, compute_entropies(params, tokens, arch), rtol=1e-5, atol=1e-5)
+    # The patcher's cost, printed beside the model's: its forward per byte, which MFU does not count.
+    patcher = flops.entropy_model_train_flops_per_byte(arch, cfg.seq_len) / 3
+    model = flops.blt_train_flops_per_byte(trainer.sc.model, cfg.seq_len, 4.5)
+    assert (
+        f"FLOPs per byte: model {model:.4g} (at 4.5 bytes per patch, what MFU counts), in-graph entropy model "
+        f"{patcher:.4g} more ({patcher / model:.1%}" in capsys.readouterr().out
+    )
   finally:
     trainer.close()
 
