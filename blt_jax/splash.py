@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec
 
 MIN_BLOCK = 128  # sequence lengths must be multiples of the kernel's (lane-sized) blocks
 BATCH_AXES = ("data", "fsdp")  # the mesh axes rows are sharded over (sharding.BATCH_AXES)
+HEAD_AXIS = "tensor"  # the mesh axis the attention heads are sharded over (the "heads" logical rule)
 
 
 def _block(seq_len: int, largest: int = 512) -> int:
@@ -56,16 +57,19 @@ def _kernel(seq_len: int, n_heads: int, window: Optional[int], interpret: bool):
     )
 
 
-def _batch_axes(batch: int):
-  """The mesh axes of the abstract mesh set while tracing that shard the batch (empty without a mesh)."""
+def _shard_axes(batch: int, heads: int):
+  """(mesh, batch axes, head axis) of the abstract mesh set while tracing: the axes that shard the rows, and "tensor"
+  when it splits the heads evenly (the attention projections' layout); empty / None without a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
-    return mesh, ()
+    return mesh, (), None
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
   size = 1
   for a in axes:
     size *= mesh.shape[a]
-  return mesh, (axes if axes and batch % size == 0 else ())
+  tensor = mesh.shape[HEAD_AXIS] if HEAD_AXIS in mesh.axis_names else 1
+  head_axis = HEAD_AXIS if tensor > 1 and heads % tensor == 0 else None
+  return mesh, (axes if axes and batch % size == 0 else ()), head_axis
 
 
 def self_attention(
@@ -84,18 +88,28 @@ def self_attention(
   rep = H // k_BSKD.shape[2]
   k = k_BSKD if rep == 1 else jnp.repeat(k_BSKD, rep, axis=2)
   v = v_BSKD if rep == 1 else jnp.repeat(v_BSKD, rep, axis=2)
-  kernel = _kernel(S, H, window, interpret)
   scale = jnp.asarray(D**-0.5, q_BSHD.dtype)
   to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # [B, S, H, D] <-> [B, H, S, D]
   docs = jnp.zeros((B, S), jnp.int32) if doc_BS is None else doc_BS.astype(jnp.int32)
+  # Under a mesh the kernel runs per shard: rows over the batch axes and heads over "tensor", where the projections
+  # put them. Heads left whole would make every chip of a tensor group attend (and, as XLA then lays the program
+  # out, project q, k and v) for all heads: 1.7x the 7B's global-stack matmuls on v5p:4x4x8 (issue 25).
+  mesh, axes, head_axis = _shard_axes(B, H)
+  kernel = _kernel(S, H // mesh.shape[head_axis] if head_axis else H, window, interpret)
 
   def run(q, k, v, docs):
     one = lambda q1, k1, v1, d1: kernel(q1, k1, v1, segment_ids=kernel_lib.SegmentIds(q=d1, kv=d1))
     return jax.vmap(one)(q, k, v, docs)
 
   args = (to_heads(q_BSHD * scale), to_heads(k), to_heads(v), docs)
-  mesh, axes = _batch_axes(B)
-  if axes:
-    rows = PartitionSpec(axes)
-    run = jax.shard_map(run, mesh=mesh, in_specs=(rows, rows, rows, rows), out_specs=rows, check_vma=False)
+  if axes or head_axis:
+    rows = axes or None
+    per_head = PartitionSpec(rows, head_axis)
+    run = jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(per_head, per_head, per_head, PartitionSpec(rows)),
+        out_specs=per_head,
+        check_vma=False,
+    )
   return to_heads(run(*args)).astype(v_BSKD.dtype)
