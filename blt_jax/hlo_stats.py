@@ -146,7 +146,7 @@ class _FlopCounter:
     if i.op == "while":
       body = re.search(r"body=%([\w.\-]+)", i.attributes)
       condition = re.search(r"condition=%([\w.\-]+)", i.attributes)
-      trips = self._trip_count(i, condition.group(1) if condition else None)
+      trips = self._trip_count(i, condition.group(1) if condition else None, body.group(1) if body else None)
       return {k: trips * v for k, v in self.computation(body.group(1)).items()} if body else {}
     if i.op == "conditional":
       branches = re.findall(
@@ -215,9 +215,10 @@ class _FlopCounter:
     b, f = out_dims[out_labels.index("b")], out_dims[out_labels.index("f")]
     return 2.0 * b * f * rhs_dims[rhs_labels.index("i")] * pairs
 
-  def _trip_count(self, loop: Instruction, condition: Optional[str]) -> int:
-    """N - start for a loop whose condition is `counter < N` (or N > counter), counter's start read from the init
-    tuple; 1 (and counted as unknown) otherwise."""
+  def _trip_count(self, loop: Instruction, condition: Optional[str], body: Optional[str] = None) -> int:
+    """ceil((N - start) / step) for a loop whose condition is `counter < N` (or N > counter), counter's start read
+    from the init tuple and its step from the body (XLA's windowed einsums step by 2: two chunks an iteration);
+    1 (and counted as unknown) otherwise."""
     for i in self.computations.get(condition or "", []):
       if i.op != "compare" or len(i.operands) != 2:
         continue
@@ -235,9 +236,28 @@ class _FlopCounter:
       start = self._init_value(loop, int(index.group(1))) if index else None
       if limit is None or start is None:
         break
-      return max(int(limit - start + (direction == "LE")), 0)
+      step = self._step(body, int(index.group(1)))
+      return max(-(-(limit - start + (direction == "LE")) // step), 0)
     self.unknown_trip_counts += 1
     return 1
+
+  def _step(self, body: Optional[str], index: int) -> int:
+    """What the body adds to tuple element `index` each iteration when its ROOT tuple holds
+    `add(get-tuple-element(index), constant)`; else 1 (jax's own loops count by one)."""
+    instructions = self.computations.get(body or "", [])
+    root = next((i for i in reversed(instructions) if i.op == "tuple"), None)
+    update = self.by_name.get(root.operands[index]) if root is not None and index < len(root.operands) else None
+    if update is None or update.op != "add" or len(update.operands) != 2:
+      return 1
+    a, b = (self.by_name.get(n) for n in update.operands)
+    if a is not None and a.op == "constant":
+      a, b = b, a
+    if a is None or b is None or a.op != "get-tuple-element" or b.op != "constant":
+      return 1
+    if not re.search(rf"index={index}\b", a.attributes):
+      return 1
+    step = _constant_value(b)
+    return step if step and step > 0 else 1
 
   def _init_value(self, loop: Instruction, index: int) -> Optional[int]:
     init = self.by_name.get(loop.operands[0]) if loop.operands else None

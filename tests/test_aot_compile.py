@@ -172,6 +172,15 @@ def test_matmul_flops_count_loops_by_their_trip_count():
   assert flops == 25 * 2 * 64 * 32 * 32 + 2 * 64 * 32 * 64
 
 
+def test_a_loop_that_steps_by_two_runs_half_its_range():
+  """XLA's windowed einsums (an FSDP all-gather overlapped with its matmul) run two chunks an iteration and step their
+  counter by 2: `i < 16` from 0 is 8 trips. Counted as 16, the 7B's v5p:4x4x8 step read 1.7x flops.py's matmuls."""
+  stepped = _LOOP_HLO.replace("%one = s32[] constant(1)", "%one = s32[] constant(2)")
+  flops, unknown = hlo_stats.matmul_flops(stepped)
+  assert unknown == 0
+  assert flops == 13 * 2 * 64 * 32 * 32 + 2 * 64 * 32 * 64  # ceil(25 / 2) trips
+
+
 def test_a_kernel_config_over_several_lines_does_not_end_its_computation():
   # A Pallas kernel's custom call prints its config over lines, one starting with "}}": the dot after it counts.
   hlo = """
