@@ -23,5 +23,9 @@ def get_config():
   c.entropy_checkpoint = "checkpoints/blt_7b/entropy_model"
   c.mesh.data = 1
   c.mesh.fsdp = -1
-  c.mesh.tensor = 4  # 7B global layers: tensor parallel within a host
+  c.mesh.tensor = 4  # 7B global layers: tensor parallel within a host (on a 16 x 16 v6e: segments of one ring)
+  # As the 1B: the projections kept in host memory, no recompute (BENCHMARKS.md "Pod steps that run the model's
+  # FLOPs"), per chip 1.19x flops.py's model FLOPs. v5p:4x4x8: 51.5 of 95 GiB ("dots", kept in HBM: 90.8 GiB, over
+  # the 10% margin). v6e:16x16: 26.0 of 32 GiB.
+  c.remat_policy = "offload_dots_no_batch"
   return c
