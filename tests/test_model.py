@@ -219,16 +219,19 @@ def test_forward_and_grad_compile_once():
   assert len(traces) == 1
 
 
+def _remat_loss(cfg):
+  """A scalar loss of the tiny BLT's logits on fixed bytes (static patches of 4), as a function of its params."""
+  tokens = jnp.asarray(np.random.default_rng(3).integers(4, 260, size=(2, 24)), jnp.int32)
+  lengths = patching.patch(tokens, None, mode="static", patch_size=4, max_patches=25).patch_lengths_BP
+  return lambda p: jnp.mean(jax.nn.logsumexp(BLT(cfg).apply({"params": p}, tokens, lengths), -1))
+
+
 def test_remat_gives_the_same_gradients():
   blt_cfg, _ = _tiny_configs()
   params = init_blt(jax.random.PRNGKey(0), blt_cfg)
-  rng = np.random.default_rng(3)
-  tokens = jnp.asarray(rng.integers(4, 260, size=(2, 24)), jnp.int32)
-  lengths = patching.patch(tokens, None, mode="static", patch_size=4, max_patches=25).patch_lengths_BP
 
   def grads(cfg):
-    loss = lambda p: jnp.mean(jax.nn.logsumexp(BLT(cfg).apply({"params": p}, tokens, lengths), -1))
-    return jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(params))
+    return jax.tree_util.tree_leaves(jax.jit(jax.grad(_remat_loss(cfg)))(params))
 
   reference = grads(blt_cfg)
   for policy in REMAT_POLICIES:
@@ -251,12 +254,9 @@ def test_named_remat_policies_keep_their_projections(policy, kept):
   blt_cfg, _ = _tiny_configs()
   cfg = dataclasses.replace(blt_cfg, remat=True, remat_policy=policy)
   params = init_blt(jax.random.PRNGKey(0), cfg)
-  tokens = jnp.asarray(np.random.default_rng(3).integers(4, 260, size=(2, 24)), jnp.int32)
-  lengths = patching.patch(tokens, None, mode="static", patch_size=4, max_patches=25).patch_lengths_BP
-  loss = lambda p: jnp.mean(jax.nn.logsumexp(BLT(cfg).apply({"params": p}, tokens, lengths), -1))
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    jax.ad_checkpoint.print_saved_residuals(loss, params)
+    jax.ad_checkpoint.print_saved_residuals(_remat_loss(cfg), params)
   named = collections.Counter(re.findall(r"named '(\w+)'", out.getvalue()))
   assert set(named) == kept
   blocks = cfg.n_layers_local_encoder + cfg.n_layers_global + cfg.n_layers_local_decoder
