@@ -22,6 +22,7 @@ import ml_collections
 from blt_jax import flops as flops_lib
 from blt_jax import hlo_stats, layer_stacking, sharding, train, train_config
 from blt_jax.config import EntropyModelConfig
+from blt_jax.data import patch_rows
 from blt_jax.entropy_model import init_entropy_model
 
 GiB = 1024**3
@@ -105,6 +106,8 @@ def abstract_inputs(
   batch = dict(tokens=spec(jnp.int32), targets=spec(jnp.int32), loss_mask=spec(jnp.float32))
   if cfg.model_type == "blt" and parts.sc.patching.mode == "entropy" and cfg.data.entropy_store:
     batch["entropies"] = spec(jnp.float32)
+  if cfg.model_type == "blt" and cfg.patching.get("rows", "bytes") == "patches":
+    batch[patch_rows.STARTS] = spec(jnp.float32)  # the loader's patches: the step runs no patcher
   entropy_params = None
   if entropy_cfg is not None:
     rep = sharding.replicated(parts.batch_sharding.mesh)

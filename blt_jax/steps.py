@@ -18,6 +18,7 @@ import optax
 from blt_jax import loss as loss_lib
 from blt_jax import optimizer as optimizer_lib
 from blt_jax import layer_stacking, patching, sharding
+from blt_jax.data import patch_rows
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
 from blt_jax.entropy_model import EntropyModel, compute_entropies
 from blt_jax.model import BLT, init_blt
@@ -66,6 +67,8 @@ def make_init_fn(sc: StepConfig, tx: optax.GradientTransformation, rng: jax.Arra
 def make_patches(sc: StepConfig, batch, entropy_params) -> patching.Patches:
   """Fixed-shape patches of `batch["tokens"]` with the next-token convention the model needs (spec 3.2)."""
   tokens = batch["tokens"]
+  if patch_rows.STARTS in batch:  # rows the loader cut to a patch budget carry their starts (patching.rows="patches")
+    return patching.starts_to_patches(patch_rows.step_starts(batch[patch_rows.STARTS]), sc.max_patches)
   entropies = None
   if sc.patching.mode == "entropy":
     if "entropies" in batch:  # precomputed by scripts/precompute_entropies.py (data.entropy_store)

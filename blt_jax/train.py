@@ -36,6 +36,7 @@ from blt_jax import metrics as metrics_lib
 from blt_jax import optimizer as optimizer_lib
 from blt_jax import paths, sharding, steps, train_config
 from blt_jax.config import BLTConfig, EntropyModelConfig
+from blt_jax.data import patch_rows
 
 log = logging.getLogger("blt_jax.train")
 
@@ -452,6 +453,12 @@ class Trainer:
       return flops_lib.blt_train_flops_per_byte(self.sc.model, self.seq_len, mean_patch_length)
     return flops_lib.entropy_model_train_flops_per_byte(self.sc.model, self.seq_len)
 
+  def _row_patcher(self):
+    """With `patching.rows="patches"`, the loader's patcher: the step's rule and threshold (calibrated ones too)."""
+    if not self.sc.is_blt or self.cfg.patching.get("rows", "bytes") != "patches":
+      return None
+    return patch_rows.RowPatcher(self.sc.patching.patch_kwargs(), self.sc.max_patches, self.cfg.seq_len)
+
   def _initial_state(self):
     """(state, data iterator, start step): the newest readable checkpoint, else init_from's params, else fresh."""
     cfg = self.cfg
@@ -462,6 +469,7 @@ class Trainer:
         cfg.seed,
         process_index=self.data_index,
         process_count=self.data_count,
+        row_patcher=self._row_patcher(),
     )
     self.bad_records = int(getattr(iterator, "bad_records", 0))
     target = sharding.abstract_with_shardings(self._abstract, self.state_shardings)
@@ -562,7 +570,12 @@ class Trainer:
       return {}
     if self._eval_iterator is None:  # re-iterable; building it counts every validation token, so only once
       self._eval_iterator = data_lib.make_eval_iterator(
-          cfg.data, cfg.seq_len, cfg.global_batch_size, process_index=self.data_index, process_count=self.data_count
+          cfg.data,
+          cfg.seq_len,
+          cfg.global_batch_size,
+          process_index=self.data_index,
+          process_count=self.data_count,
+          row_patcher=self._row_patcher(),
       )
     total, count, patches = 0.0, 0.0, 0.0
     for i, batch in enumerate(self._eval_iterator):
@@ -658,18 +671,25 @@ class Trainer:
     cfg = self.cfg
     now = time.perf_counter()
     elapsed = max(now - window["t"], 1e-9)
-    rows_bytes = cfg.global_batch_size * cfg.grad_accum_steps * cfg.seq_len * window["steps"]
+    rows = cfg.global_batch_size * cfg.grad_accum_steps
+    # The step's counted bytes (every row position in byte rows; fewer where a patch budget ends rows), the last
+    # step's count standing for the window's.
+    step_bytes = float(host["bytes"])
+    rows_bytes = step_bytes * window["steps"]
     line = dict(
         loss=host["loss"], bpb=host["bpb"], grad_norm=host["grad_norm"], lr=host["lr"], bytes_per_s=rows_bytes / elapsed
     )
     if self.sc.is_blt:
-      positions = cfg.global_batch_size * cfg.grad_accum_steps * (cfg.seq_len + 1)
-      mean_patch = positions / max(float(host["num_patches"]), 1.0)
+      num_patches = max(float(host["num_patches"]), 1.0)
+      mean_patch = (step_bytes + rows) / num_patches  # a row of k bytes is patched over k + 1 positions
       line.update(
           mean_patch_length=mean_patch,
           patches_per_s=rows_bytes / elapsed / mean_patch,
           overflow_rows=host["overflow_rows"],
+          slot_fill=num_patches / (rows * self.sc.max_patches),  # the global stack's slots that hold a patch
       )
+      if cfg.patching.get("rows", "bytes") == "patches":
+        line["row_fill"] = step_bytes / (rows * cfg.seq_len)  # the local models' positions that hold a byte
       self.flops_per_byte = self._flops_per_byte(mean_patch)
     line["mfu"] = flops_lib.mfu(self.flops_per_byte, line["bytes_per_s"], self.peak_flops)
     if self._compile_s is not None:

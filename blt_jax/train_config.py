@@ -19,6 +19,7 @@ from ml_collections import config_dict
 from blt_jax import data as data_lib
 from blt_jax import optimizer as optimizer_lib
 from blt_jax import sharding
+from blt_jax.data import patch_rows
 from blt_jax.config import BLTConfig, EntropyModelConfig, PatchingConfig
 
 
@@ -60,6 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.patching = _dataclass_config(PatchingConfig())  # PatchingConfig fields (ignored for model_type=entropy_model)
   c.patching.max_patches = 0  # patches per row (P_max); 0 = seq_len + 1, which can never overflow
   c.patching.on_overflow = "count"  # "count": merge the tail into the last patch and log; "error": stop the run
+  # What fills a row. "bytes": seq_len bytes, patched inside the step (a dense row can need more than max_patches:
+  # overflow). "patches": the loader patches (the same rule, on the host) and ends each row after max_patches patches
+  # or seq_len bytes, whichever comes first, so the global stack's slots hold real patches and nothing overflows
+  # (`blt_jax/data/patch_rows.py`); entropy patching then needs data.entropy_store.
+  c.patching.rows = "bytes"
   # > 0: the mean patch length entropy patching aims at. The threshold is calibrated for it at start-up on rows from
   # the start of the training stream (`blt_jax.calibrate`), replaces patching.threshold and is stored with the run
   # (checkpoints, export), so a resume, the scorer and generation reuse it. 0: patching.threshold as given.
@@ -137,6 +143,7 @@ def patching_config(cfg: ml_collections.ConfigDict) -> PatchingConfig:
   d.pop("on_overflow")
   d.pop("target_bytes_per_patch", None)
   d.pop("calibration_rows", None)
+  d.pop("rows", None)
   return PatchingConfig.from_dict(d)
 
 
@@ -155,6 +162,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
           "entropy model dir) or config.data.entropy_store (precomputed entropies); or pick "
           "patching.mode in space/static/byte"
       )
+    rows = cfg.patching.get("rows", "bytes")
+    if rows not in patch_rows.ROW_MODES:
+      raise ValueError(f"config.patching.rows={rows!r}: expected one of {patch_rows.ROW_MODES}")
+    if rows == "patches" and pc.mode == "entropy" and not cfg.data.entropy_store:
+      raise ValueError(
+          "config.patching.rows='patches' with entropy patching needs config.data.entropy_store: the loader "
+          "patches each row from stored entropies (scripts/precompute_entropies.py)"
+      )
+    if rows == "patches" and cfg.patching.max_patches == 1:
+      raise ValueError("config.patching.rows='patches' needs config.patching.max_patches >= 2 (0: seq_len + 1)")
     if cfg.patching.on_overflow not in ("count", "error"):
       raise ValueError(f"config.patching.on_overflow={cfg.patching.on_overflow!r}: expected 'count' or 'error'")
     target = cfg.patching.get("target_bytes_per_patch", 0.0)

@@ -9,6 +9,11 @@ exactly once and every token after the first is a target exactly once.
 
 Extra per-token float arrays (e.g. precomputed entropies) are carried through
 packing aligned with `tokens`.
+
+With a `RowPatcher` (`patching.rows="patches"`, `data/patch_rows.py`) a window
+ends after at most `max_patches` patches instead: it holds k <= L tokens, the
+rest is padding (loss_mask 0), it carries its patch starts, and the next
+window starts at token k (the invariant above holds with k for L).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import grain
 import numpy as np
 
 from blt_jax import tokenizer
+from blt_jax.data import patch_rows
 
 _STATE_VERSION = 1
 IDS = "ids"
@@ -74,13 +80,17 @@ class PackedWindowsIterDataset(grain.IterDataset):
       *,
       pad_final: bool = False,
       metadata: dict[str, Any] | None = None,
+      row_patcher: patch_rows.RowPatcher | None = None,
   ):
     super().__init__(parent)
     if seq_len < 1:
       raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if row_patcher is not None and row_patcher.seq_len != seq_len:
+      raise ValueError(f"row_patcher is for seq_len={row_patcher.seq_len}, the packer's is {seq_len}")
     self._seq_len = seq_len
     self._pad_final = pad_final
     self._metadata = dict(metadata or {})
+    self._row_patcher = row_patcher
 
   def __iter__(self) -> PackedWindowsIterator:
     return PackedWindowsIterator(
@@ -88,10 +98,12 @@ class PackedWindowsIterDataset(grain.IterDataset):
         self._seq_len,
         pad_final=self._pad_final,
         metadata=self._metadata,
+        row_patcher=self._row_patcher,
     )
 
   def __str__(self) -> str:
-    return f"PackedWindowsIterDataset(seq_len={self._seq_len}," f" pad_final={self._pad_final})"
+    budget = "" if self._row_patcher is None else f", max_patches={self._row_patcher.max_patches}"
+    return f"PackedWindowsIterDataset(seq_len={self._seq_len}, pad_final={self._pad_final}{budget})"
 
 
 class PackedWindowsIterator(grain.DatasetIterator):
@@ -111,11 +123,14 @@ class PackedWindowsIterator(grain.DatasetIterator):
       *,
       pad_final: bool,
       metadata: dict[str, Any],
+      row_patcher: patch_rows.RowPatcher | None = None,
   ):
     super().__init__(parent)
     self._seq_len = seq_len
     self._pad_final = pad_final
     self._metadata = metadata
+    self._row_patcher = row_patcher
+    self._max_patches = 0 if row_patcher is None else row_patcher.max_patches
     self._keys: tuple[str, ...] | None = None  # Set by the first document.
     self._carry: dict[str, np.ndarray] | None = None
     self._head: dict[str, np.ndarray] | None = None
@@ -159,17 +174,16 @@ class PackedWindowsIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
-    if self._done:
-      raise StopIteration
     L = self._seq_len  # pylint: disable=invalid-name
-    while self._pending() < L + 1:
+    while not self._done and self._pending() < L + 1:
       if not self._pull():
-        self._done = True
-        # A final window needs >= 2 tokens to hold at least one target.
-        if self._pad_final and self._pending() >= 2:
-          return self._emit()
-        raise StopIteration
-    return self._emit()
+        self._done = True  # the parent is exhausted; what is pending is the stream's tail
+    if self._pending() >= L + 1:
+      return self._emit()
+    # A final (padded) window needs >= 2 tokens to hold at least one target.
+    if self._done and self._pad_final and self._pending() >= 2:
+      return self._emit()
+    raise StopIteration
 
   def _emit(self) -> dict[str, np.ndarray]:
     L = self._seq_len  # pylint: disable=invalid-name
@@ -181,24 +195,31 @@ class PackedWindowsIterator(grain.DatasetIterator):
       window = {k: np.concatenate([self._carry[k], self._head[k][start:stop]]) for k in self._keys}
     else:
       window = {k: self._carry[k][:n] for k in self._keys}
-    # Consume L tokens; the window's last token stays as the next input.
-    from_carry = min(L, n_carry)
+    # The first `length` tokens are inputs with a target (L, or fewer in the stream's final window or where a patch
+    # budget ends the row); past them is BOE padding.
+    length = min(L, n - 1)
+    starts = None
+    if self._row_patcher is not None:
+      starts = self._row_patcher.starts(window[IDS], window.get("entropies"))
+      length = self._row_patcher.row_length(starts, length)
+    # Consume `length` tokens; the window's token `length` stays as the next input.
+    from_carry = min(length, n_carry)
     self._carry = {k: v[from_carry:] for k, v in self._carry.items()}
     if self._head is not None:
-      self._head_offset += L - from_carry
+      self._head_offset += length - from_carry
     self._num_windows += 1
 
-    # Only the first n - 1 tokens have a target; past them is BOE padding
-    # (just the stream's final window, when pad_final).
-    pad = L - (n - 1)
+    pad = L - length
     ids = window[IDS]
     example = {
-        "tokens": np.pad(ids[:-1], (0, pad), constant_values=tokenizer.BOE_ID),
-        "targets": np.pad(ids[1:], (0, pad), constant_values=tokenizer.BOE_ID),
-        "loss_mask": (np.arange(L) < n - 1).astype(np.float32),
+        "tokens": np.pad(ids[:length], (0, pad), constant_values=tokenizer.BOE_ID),
+        "targets": np.pad(ids[1 : length + 1], (0, pad), constant_values=tokenizer.BOE_ID),
+        "loss_mask": (np.arange(L) < length).astype(np.float32),
     }
-    for k in self._keys[1:]:
-      example[k] = np.pad(window[k][:-1], (0, pad)).astype(np.float32)
+    for name in self._keys[1:]:
+      example[name] = np.pad(window[name][:length], (0, pad)).astype(np.float32)
+    if starts is not None:
+      example[patch_rows.STARTS] = patch_rows.starts_field(starts, length, L)
     return example
 
   def get_state(self) -> dict[str, Any]:
@@ -206,6 +227,7 @@ class PackedWindowsIterator(grain.DatasetIterator):
     return {
         "version": _STATE_VERSION,
         "seq_len": self._seq_len,
+        "max_patches": self._max_patches,
         "metadata": copy.deepcopy(self._metadata),
         "parent": copy.deepcopy(self._head_parent_state),
         "has_head": self._head is not None,
@@ -224,6 +246,12 @@ class PackedWindowsIterator(grain.DatasetIterator):
     if state["seq_len"] != self._seq_len:
       raise ValueError(
           f"data iterator state is for seq_len={state['seq_len']}, this" f" iterator has seq_len={self._seq_len}"
+      )
+    if state.get("max_patches", 0) != self._max_patches:
+      budget = lambda p: f"rows of at most max_patches={p} patches" if p else "rows of seq_len bytes"
+      raise ValueError(
+          f"data iterator state was saved for {budget(state.get('max_patches', 0))}, this iterator cuts"
+          f" {budget(self._max_patches)} (patching.rows / patching.max_patches changed since the checkpoint)"
       )
     if state["metadata"] != self._metadata:
       hint = ""

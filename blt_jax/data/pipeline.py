@@ -32,6 +32,7 @@ import numpy as np
 from blt_jax import tokenizer
 from blt_jax.data import entropy_source
 from blt_jax.data import packing
+from blt_jax.data import patch_rows
 from blt_jax.data import sources as sources_lib
 
 log = logging.getLogger(__name__)
@@ -475,6 +476,7 @@ def build_train_dataset(
     read_buffer_size: int = 64,
     prefetch: int = 2,
     source_is_share: bool = False,
+    row_patcher: patch_rows.RowPatcher | None = None,
 ) -> grain.IterDataset:
   """Infinite batches of `batch_size` packed windows for one host.
 
@@ -503,7 +505,7 @@ def build_train_dataset(
   }
   if process_count > 1:  # (one process reads the same either way)
     metadata["sharding"] = "token_shares" if source_is_share else "strided"
-  ds = packing.PackedWindowsIterDataset(ds, seq_len, metadata=metadata)
+  ds = packing.PackedWindowsIterDataset(ds, seq_len, metadata=metadata, row_patcher=row_patcher)
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
   if prefetch > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
@@ -517,6 +519,7 @@ def make_train_iterator(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    row_patcher: patch_rows.RowPatcher | None = None,
 ) -> grain.DatasetIterator:
   """Infinite, checkpointable iterator of this host's training batches.
 
@@ -529,6 +532,7 @@ def make_train_iterator(
     seed: shuffle seed unless `data_cfg.shuffle_seed` is set.
     process_index: this host (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
+    row_patcher: rows end after its `max_patches` patches (`patching.rows="patches"`) and carry `patch_starts`.
 
   Returns:
     A grain DatasetIterator of dicts {tokens, targets, loss_mask[, extras]}
@@ -552,6 +556,7 @@ def make_train_iterator(
       read_buffer_size=int(_get(data_cfg, "read_buffer_size")),
       prefetch=int(_get(data_cfg, "prefetch")),
       source_is_share=True,
+      row_patcher=row_patcher,
   )
   it = iter(ds)
   it.bad_records = bad  # for the trainer's metrics
@@ -590,8 +595,10 @@ class EvalIterator:
       read_buffer_size: int = 64,
       prefetch: int = 2,
       max_batches: int | None = None,
+      row_patcher: patch_rows.RowPatcher | None = None,
   ):
     self.source = source
+    self.row_patcher = row_patcher
     self.seq_len = seq_len
     self.batch_size = batch_size
     self.process_index = process_index
@@ -599,13 +606,17 @@ class EvalIterator:
     self._num_threads = num_threads
     self._read_buffer_size = read_buffer_size
     self._prefetch = prefetch
-    self.extra_fields = tuple(getattr(source, "extra_fields", ()))
+    self.extra_fields = tuple(getattr(source, "extra_fields", ())) + ((patch_rows.STARTS,) if row_patcher else ())
     # Every host counts every host's windows (cheap: file sizes / an index)
-    # so all agree on the number of batches without communicating.
-    tokens_per_host = [0] * process_count
-    for i in range(len(source)):
-      tokens_per_host[i % process_count] += _num_tokens(source, i)
-    windows = [_num_windows(t, seq_len) for t in tokens_per_host]
+    # so all agree on the number of batches without communicating. Rows cut to
+    # a patch budget depend on the patches: every host cuts every host's rows.
+    if row_patcher is None:
+      tokens_per_host = [0] * process_count
+      for i in range(len(source)):
+        tokens_per_host[i % process_count] += _num_tokens(source, i)
+      windows = [_num_windows(t, seq_len) for t in tokens_per_host]
+    else:
+      windows = [sum(1 for _ in self._windows(host)) for host in range(process_count)]
     num_batches = max(math.ceil(w / batch_size) for w in windows)
     if max_batches is not None and max_batches > 0:
       num_batches = min(num_batches, max_batches)
@@ -627,13 +638,14 @@ class EvalIterator:
       rows[name] = np.zeros(shape, np.float32)
     return rows
 
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+  def _windows(self, process_index: int) -> grain.IterDataset:
+    """The padded windows of one host's share of the validation documents, in order."""
     docs = document_dataset(
         self.source,
         seed=None,
         shuffle=False,
         repeat=False,
-        process_index=self.process_index,
+        process_index=process_index,
         process_count=self.process_count,
     )
     ds = docs.to_iter_dataset(
@@ -642,7 +654,10 @@ class EvalIterator:
             prefetch_buffer_size=self._read_buffer_size,
         )
     )
-    ds = packing.PackedWindowsIterDataset(ds, self.seq_len, pad_final=True)
+    return packing.PackedWindowsIterDataset(ds, self.seq_len, pad_final=True, row_patcher=self.row_patcher)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    ds = self._windows(self.process_index)
     ds = ds.batch(self.batch_size, drop_remainder=False, batch_fn=_stack)
     if self._prefetch > 0:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self._prefetch)
@@ -672,6 +687,7 @@ def make_eval_iterator(
     global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    row_patcher: patch_rows.RowPatcher | None = None,
 ) -> EvalIterator:
   """Re-iterable validation pass for this host (see `EvalIterator`).
 
@@ -693,6 +709,7 @@ def make_eval_iterator(
       read_buffer_size=int(_get(data_cfg, "read_buffer_size")),
       prefetch=int(_get(data_cfg, "prefetch")),
       max_batches=_get(data_cfg, "max_eval_batches"),
+      row_patcher=row_patcher,
   )
 
 
