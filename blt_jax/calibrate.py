@@ -26,8 +26,10 @@ import jax
 import numpy as np
 
 from blt_jax import data as data_lib
+from blt_jax import patching as patching_lib
 from blt_jax import steps
 from blt_jax.config import EntropyModelConfig, PatchingConfig
+from blt_jax.data import patch_rows
 from blt_jax.entropy_model import compute_entropies_jit
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -246,6 +248,91 @@ def calibrate(
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class RowBudget:
+  """Rows cut to a patch budget (`patching.rows="patches"`), fitted by `fit_row_budget`: the max_patches that makes
+  the fewest FLOPs per byte learnt, set against rows of `seq_len` bytes with `Calibration.max_patches` slots."""
+
+  max_patches: int
+  row_fill: float  # bytes per row / seq_len (the local models' positions that hold a byte)
+  slot_fill: float  # patches per row / max_patches (the global stack's slots that hold a patch)
+  cost_per_byte: float  # training FLOPs per byte learnt (flops.py over every position and slot the step runs)
+  byte_rows_cost_per_byte: float  # the same for rows of seq_len bytes with Calibration.max_patches slots
+  model_cost_per_byte: float  # flops.py's model FLOPs per byte at the measured bytes per patch (no padding)
+
+  def overrides(self) -> str:
+    return f"--config.patching.rows=patches --config.patching.max_patches={self.max_patches}"
+
+  def to_json(self) -> dict:
+    return dict(dataclasses.asdict(self), overrides=self.overrides())
+
+
+def row_starts(tokens_RN: np.ndarray, entropies_RN: np.ndarray, patching: PatchingConfig) -> np.ndarray:
+  """bool `[R, N + 1]`: the patch starts of rows that begin where the rows do (the step's rule, op by op)."""
+  kwargs = patching.patch_kwargs()
+  max_len = kwargs.pop("max_patch_length")
+  out = []
+  with jax.disable_jit():
+    for start in range(0, tokens_RN.shape[0], 256):
+      starts = patching_lib.mode_starts(
+          tokens_RN[start : start + 256], entropies_RN[start : start + 256], include_next_token=True, **kwargs
+      )
+      out.append(np.asarray(patching_lib.limit_patch_length(starts, max_len)))
+  return np.concatenate(out)
+
+
+def fit_row_budget(starts_RT: np.ndarray, model_config, byte_rows_max_patches: int, multiple_of: int = 1) -> RowBudget:
+  """The `max_patches` (a multiple of `multiple_of`) whose rows cost the fewest training FLOPs per byte learnt.
+
+  A row's cost is what the step runs whatever it holds, flops.py's FLOPs for `seq_len` bytes in `max_patches`
+  patches; rows cut to a budget learn the bytes `patch_rows.row_lengths` gives. Rows of `seq_len` bytes learn them all
+  but run `byte_rows_max_patches` slots (and merge the patches of the rows that need more).
+
+  The sampled rows start at evenly spaced stream positions; a packed stream cuts more rows where rows are short,
+  k(x) bytes at position x take 1 / k(x) rows per byte, so rows per byte learnt are the mean of 1 / k (and the
+  bytes a row holds its harmonic mean), and the slots' fill is averaged with the same weights.
+  """
+  from blt_jax import flops  # pylint: disable=g-import-not-at-top
+
+  seq_len = starts_RT.shape[1] - 1
+  row_cost = lambda slots: flops.blt_train_flops_per_byte(model_config, seq_len, seq_len / slots) * seq_len
+  patches_R = starts_RT.sum(axis=1)
+  best = None
+  first = -(-2 // multiple_of) * multiple_of  # a row's first two positions are two patches
+  for slots in range(first, max(first, int(patches_R.max())) + 1, multiple_of):
+    lengths = patch_rows.row_lengths(starts_RT, slots)
+    cost = row_cost(slots) * float(np.mean(1.0 / lengths))
+    if best is None or cost < best[1]:
+      best = (slots, cost, lengths)
+  slots, cost, lengths = best
+  cum_RT = np.cumsum(starts_RT, axis=1)
+  used = cum_RT[np.arange(len(lengths)), lengths]  # starts at positions 0..k
+  weights = (1.0 / lengths) / np.sum(1.0 / lengths)  # each sampled start's share of the packed stream's rows
+  mean_patch = float(starts_RT.shape[1]) / float(np.mean(patches_R))  # (seq_len + 1) / patches per row
+  return RowBudget(
+      max_patches=int(slots),
+      row_fill=1.0 / (float(np.mean(1.0 / lengths)) * seq_len),
+      slot_fill=float(np.sum(weights * used)) / slots,
+      cost_per_byte=cost,
+      byte_rows_cost_per_byte=row_cost(byte_rows_max_patches) / seq_len,
+      model_cost_per_byte=flops.blt_train_flops_per_byte(model_config, seq_len, mean_patch),
+  )
+
+
+def budget_report(b: RowBudget) -> str:
+  """The lines the command prints for `--rows patches`."""
+  return "\n".join(
+      [
+          f"rows cut to a patch budget: max_patches {b.max_patches} fills {b.slot_fill:.1%} of the slots and "
+          f"{b.row_fill:.1%} of the bytes",
+          f"training FLOPs per byte learnt: {b.cost_per_byte:.4g} ({b.cost_per_byte / b.model_cost_per_byte:.3f}x "
+          f"flops.py's model); rows of seq_len bytes: {b.byte_rows_cost_per_byte:.4g} "
+          f"({b.byte_rows_cost_per_byte / b.model_cost_per_byte:.3f}x)",
+          f"overrides: {b.overrides()}",
+      ]
+  )
+
+
 def report(c: Calibration) -> str:
   """The lines the command prints."""
   dist = "  ".join(f"{k} {v}" for k, v in c.patches_per_row.items())
@@ -264,14 +351,15 @@ def report(c: Calibration) -> str:
   )
 
 
-def write_json(path: str, c: Calibration) -> None:
-  """Writes `c.to_json()` atomically (a reader sees the old file or the whole new one)."""
+def write_json(path: str, c: Calibration, budget: Optional[RowBudget] = None) -> None:
+  """Writes `c.to_json()` (and `budget`'s as "row_budget") atomically (a reader sees the old file or the whole
+  new one)."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".calibration-", suffix=".json")
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(c.to_json(), f, indent=2)
+      json.dump(dict(c.to_json(), **({"row_budget": budget.to_json()} if budget else {})), f, indent=2)
       f.write("\n")
     os.replace(tmp, path)
   except BaseException:
@@ -327,6 +415,14 @@ def _parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--monotonicity", action="store_true", default=None, help="patching.monotonicity")
   p.add_argument("--seed", type=int, default=0, help="the training run's seed (its shuffle of documents)")
+  p.add_argument(
+      "--rows",
+      choices=("bytes", "patches"),
+      default="bytes",
+      help="patches: also fit max_patches for rows cut to a patch budget (patching.rows=patches), by FLOPs per byte "
+      "learnt; needs --config",
+  )
+  p.add_argument("--config", default=None, help="the BLT config trained (configs/*.py): its model prices the rows")
   p.add_argument("--json", default=None, help="also write the numbers here (atomically)")
   return p
 
@@ -339,6 +435,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_target(args.bytes_per_patch, args.seq_len)
     if args.max_rows < 1:
       raise ValueError(f"--max-rows {args.max_rows}: expected >= 1")
+    if args.rows == "patches" and not args.config:
+      raise ValueError("--rows patches needs --config (a BLT config: its model prices rows and patch slots)")
+    model_config = None
+    if args.config:
+      blt_cfg = train_config.load_config_file(args.config)
+      if blt_cfg.model_type != "blt":
+        raise ValueError(f"--config {args.config}: model_type={blt_cfg.model_type!r}, expected a BLT config")
+      model_config = train_config.model_config(blt_cfg)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   patching = _checkpoint_patching(args.checkpoint)
@@ -374,8 +478,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   print(report(result), flush=True)
+  budget = None
+  if args.rows == "patches":
+    tokens = np.asarray(rows["tokens"])
+    entropies = rows.get("entropies")
+    if entropies is None:
+      entropies = row_entropies(tokens, params, entropy_config)
+    fitted = dataclasses.replace(patching, mode="entropy", threshold=result.threshold)
+    starts = row_starts(tokens, np.asarray(entropies, np.float32), fitted)
+    budget = fit_row_budget(starts, model_config, result.max_patches, args.multiple_of)
+    print(budget_report(budget), flush=True)
   if args.json:
-    write_json(args.json, result)
+    write_json(args.json, result, budget)
 
 
 if __name__ == "__main__":

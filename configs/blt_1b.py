@@ -34,10 +34,18 @@ def get_config():
   c.entropy_checkpoint = "checkpoints/blt_1b/entropy_model"
   c.patching.mode = "entropy"
   c.patching.threshold = 1.335442066192627
-  # The released model's global RoPE table covers 4096 patches (max_seqlen). At ~4.1 bytes/patch a 14 KiB row
-  # needs ~3500, leaving 16% headroom for denser rows (code, numbers); the global model runs over every slot.
-  c.patching.max_patches = 4096
-  c.seq_len = 14336  # bytes per row
+  # Rows cut to a patch budget (data/patch_rows.py): each holds at most max_patches patches and seq_len bytes, so
+  # the global stack's slots hold patches and nothing overflows. The loader patches from stored entropies, written
+  # once with `python scripts/precompute_entropies.py --config configs/blt_1b.py --out <store>` (the reference's
+  # preprocessing, spec 13.5). max_patches is the one with the fewest training FLOPs per byte learnt on the corpus:
+  #   python -m blt_jax.calibrate --checkpoint <entropy model> --input <data> --bytes-per-patch 4.5 --seq-len 14336
+  #       --multiple-of 128 --rows patches --config configs/blt_1b.py
+  # On the stdlib corpus at 4.5 bytes per patch (README's entropy model): 2816 slots, filled 98.0%, rows 90.5% full,
+  # 1.01x flops.py's model FLOPs per byte learnt; rows of 14336 bytes need 10880 slots for 0.1% overflow (3.24x).
+  c.patching.rows = "patches"
+  c.patching.max_patches = 2816
+  c.data.entropy_store = "stores/blt_1b_entropies"
+  c.seq_len = 14336  # bytes per row (at most)
   c.global_batch_size = 256
   c.num_steps = 240000
   c.compute_dtype = "bfloat16"

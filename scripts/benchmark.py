@@ -10,6 +10,8 @@ Sections:
   train       BLT train-step throughput (bytes/s, patches/s) and MFU with the one FLOP model of blt_jax.flops
   calibration the entropy threshold and max_patches `blt_jax.calibrate` fits for 3, 4.5 and 6 bytes per patch on 4
               and 14 KiB rows of the default corpus, and what they give on its validation split (--entropy-checkpoint)
+  rows        rows of seq_len bytes vs rows cut to a patch budget on the default corpus with stored entropies: bytes
+              and slots filled, FLOPs per byte learnt (--entropy-store, --threshold, --budgets blt_1b=2816:3072,...)
   scoring     the scoring CLI on ~1 MB of stdlib sources: packed rows vs one document per row (--sections scoring)
   generation  cached generation vs full recompute per byte, and per-byte cost against prompt length
   compile     train-step compile time, 4 vs 25 global layers: loop, scan over a per-layer state, scan (stacked)
@@ -402,6 +404,74 @@ def bench_calibration(entropy_checkpoint):
                 held_out_overflow_rows=float(np.mean(counts > c.max_patches)),
             )
         )
+  return out
+
+
+def bench_rows(entropy_store, threshold, configs, num_rows, budgets):
+  """Rows of seq_len bytes against rows cut to a patch budget, on the default corpus's training stream with stored
+  entropies (the trainer's own loaders, `make_train_iterator`): the bytes and patches rows hold, and the training
+  FLOPs each configuration runs per byte learnt (flops.py over every position and slot the step runs) against
+  flops.py's model FLOPs per byte at the stream's mean patch length and at 4.5 bytes per patch."""
+  from blt_jax import calibrate, data as data_lib, flops, train_config  # pylint: disable=g-import-not-at-top
+  from blt_jax.data import patch_rows  # pylint: disable=g-import-not-at-top
+
+  data_cfg = data_lib.default_data_config()
+  data_cfg.entropy_store = entropy_store
+  data_cfg.prefetch = 0
+  patching_cfg = PatchingConfig(mode="entropy", threshold=float(threshold))
+  out = []
+  for name in configs:
+    cfg = train_config.load_config_file(f"configs/{name}.py")
+    model, seq_len = train_config.model_config(cfg), cfg.seq_len
+    row_cost = lambda slots: flops.blt_train_flops_per_byte(model, seq_len, seq_len / slots) * seq_len
+    t = time.perf_counter()
+    it = data_lib.make_train_iterator(data_cfg, seq_len, 64, 0, process_index=0, process_count=1)
+    batches = [next(it) for _ in range(num_rows // 64)]
+    it.close()
+    tokens = np.concatenate([b["tokens"] for b in batches])
+    entropies = np.concatenate([b["entropies"] for b in batches])
+    counts = calibrate.patches_per_row(tokens, entropies, patching_cfg, threshold)
+    mean_patch = calibrate.bytes_per_patch(counts, seq_len)
+    model_cost = flops.blt_train_flops_per_byte(model, seq_len, mean_patch)
+    model_cost_45 = flops.blt_train_flops_per_byte(model, seq_len, 4.5)
+    common = dict(config=name, seq_len=seq_len, rows=len(counts), stream_bytes_per_patch=mean_patch)
+    for slots in (
+        cfg.patching.max_patches if cfg.patching.rows == "bytes" else 4096,
+        calibrate.slots_for(counts, 1e-3, 128),
+    ):
+      out.append(
+          dict(
+              common,
+              rows_of="bytes",
+              max_patches=slots,
+              row_fill=1.0,
+              slot_fill=float(np.mean(np.minimum(counts, slots))) / slots,
+              overflow_rows=float(np.mean(counts > slots)),
+              cost_vs_model=row_cost(slots) / seq_len / model_cost,
+              cost_vs_model_at_4_5=row_cost(slots) / seq_len / model_cost_45,
+          )
+      )
+    for slots in budgets.get(name, ()):
+      patcher = patch_rows.RowPatcher(patching_cfg.patch_kwargs(), slots, seq_len)
+      it = data_lib.make_train_iterator(data_cfg, seq_len, 64, 0, process_index=0, process_count=1, row_patcher=patcher)
+      rows = [next(it) for _ in range(num_rows // 64)]
+      it.close()
+      bytes_R = np.concatenate([r["loss_mask"].sum(-1) for r in rows])
+      patches_R = np.concatenate([1 + r[patch_rows.STARTS].sum(-1) for r in rows])
+      cost = row_cost(slots) / float(np.mean(bytes_R))
+      out.append(
+          dict(
+              common,
+              rows_of="patches",
+              max_patches=slots,
+              row_fill=float(np.mean(bytes_R)) / seq_len,
+              slot_fill=float(np.mean(patches_R)) / slots,
+              overflow_rows=0.0,
+              cost_vs_model=cost / model_cost,
+              cost_vs_model_at_4_5=cost / model_cost_45,
+          )
+      )
+    out[-1]["seconds"] = time.perf_counter() - t
   return out
 
 
@@ -931,6 +1001,12 @@ def main():
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   parser.add_argument("--sections", default="attention,train")
   parser.add_argument("--json", default="", help="also write the results here")
+  parser.add_argument("--entropy-store", default="runs/entropies_stdlib", help="rows: stored entropies of the corpus")
+  parser.add_argument("--threshold", type=float, default=2.977799892425537, help="rows: the entropy threshold")
+  parser.add_argument("--rows", type=int, default=512, help="rows: training rows measured per configuration")
+  parser.add_argument(
+      "--budgets", default="blt_1b=2816,blt_7b=2560", help="rows: max_patches of rows cut to a budget, per config"
+  )
   parser.add_argument("--workdir", default="runs/benchmark", help="scoring: corpus and random checkpoints go here")
   parser.add_argument("--corpus-bytes", type=int, default=1_000_000, help="scoring: corpus size")
   parser.add_argument(
@@ -1028,6 +1104,26 @@ def main():
           f"({r['held_out_rows']} rows) | {q['p50']} / {q['p90']} / {q['p99']} / {q['max']} | {r['max_patches']} | "
           f"{100 * r['held_out_overflow_rows']:.2g}% | {r['slots_per_patch']:.2f} | "
           f"{r['slots_per_patch'] * (r['seq_len'] + 1) / r['max_patches']:.2f} |"
+      )
+  if "rows" in args.sections:
+    budgets = {
+        name: [int(b) for b in spec.split(":")] for name, spec in (x.split("=") for x in args.budgets.split(","))
+    }
+    results["rows"] = bench_rows(args.entropy_store, args.threshold, sorted(budgets), args.rows, budgets)
+    print(
+        f"\nrows of seq_len bytes vs rows cut to a patch budget: {args.rows} training rows of the default corpus, "
+        f"entropies from {args.entropy_store}, threshold {args.threshold}"
+    )
+    print(
+        "| config | rows of | max_patches | bytes per row / seq_len | slots holding a patch | rows that overflow | "
+        "FLOPs per byte learnt / model's | / model's at 4.5 bytes per patch |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+      print(
+          f"| {r['config']} (stream {r['stream_bytes_per_patch']:.2f} bytes/patch) | {r['rows_of']} | "
+          f"{r['max_patches']} | {r['row_fill']:.1%} | {r['slot_fill']:.1%} | {r['overflow_rows']:.1%} | "
+          f"{r['cost_vs_model']:.3f}x | {r['cost_vs_model_at_4_5']:.3f}x |"
       )
   if "generation" in args.sections:
     r = results["generation"] = bench_generation()

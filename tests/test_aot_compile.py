@@ -101,6 +101,8 @@ def test_an_axis_that_splits_a_ring_is_laid_on_neighbouring_chips():
 
 def test_in_graph_entropy_model_needs_its_shape():
   cfg = _config("blt_1b.py")  # its entropy_checkpoint is not on this machine
+  cfg.data.entropy_store = ""
+  cfg.patching.rows = "bytes"  # rows of seq_len bytes, patched by the step's own entropy model
   with pytest.raises(aot.AotError, match="--entropy_config"):
     aot.entropy_model_config(cfg)
   entropy = aot.entropy_model_config(cfg, str(ROOT / "configs" / "entropy_100m.py"))

@@ -19,6 +19,7 @@ from blt_jax import data as data_lib
 from blt_jax.config import EntropyModelConfig, PatchingConfig
 from blt_jax.entropy_model import init_entropy_model
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEQ_LEN = 256
 ENTROPY = EntropyModelConfig(dim=32, n_layers=1, n_heads=2, multiple_of=32, sliding_window=32, max_seqlen=128)
 
@@ -269,3 +270,49 @@ def test_init_from_a_blt_keeps_its_threshold():
   changes = train_config.apply_checkpoint_config(cfg, meta)
   assert cfg.patching.threshold == 1.25 and cfg.patching.target_bytes_per_patch == 0.0
   assert ("patching.target_bytes_per_patch", 4.5, 0.0) in changes
+
+
+def test_row_budget_is_the_cheapest_and_the_packers(seen, entropy_model):
+  """`fit_row_budget` picks the max_patches with the fewest FLOPs per byte learnt, counting a row's bytes as the
+  loader's `RowPatcher` cuts them, with rows weighted as a packed stream takes them (1 / bytes)."""
+  from blt_jax import flops, train_config  # pylint: disable=g-import-not-at-top
+  from blt_jax.data import patch_rows  # pylint: disable=g-import-not-at-top
+
+  tokens = np.asarray(seen["tokens"])[:64]
+  entropies = calibrate.row_entropies(tokens, entropy_model, ENTROPY)
+  patching = PatchingConfig(mode="entropy", max_patch_length=12)
+  threshold, _ = calibrate.fit_threshold(tokens, entropies, patching, 4.0)
+  patching = dataclasses.replace(patching, threshold=threshold)
+  starts = calibrate.row_starts(tokens, entropies, patching)
+  assert starts.shape == (64, SEQ_LEN + 1)
+  model = train_config.model_config(train_config.load_config_file(str(ROOT / "configs" / "tiny.py")))
+  budget = calibrate.fit_row_budget(starts, model, byte_rows_max_patches=SEQ_LEN + 1, multiple_of=8)
+  assert budget.max_patches % 8 == 0 and 0 < budget.row_fill <= 1 and 0 < budget.slot_fill <= 1
+  patcher = patch_rows.RowPatcher(patching.patch_kwargs(), 2, SEQ_LEN)
+
+  def cost(slots):  # the loader's own cut, row by row
+    patcher.max_patches = slots
+    lengths = np.array([patcher.row_length(s, SEQ_LEN) for s in starts])
+    assert np.all(np.cumsum(starts, axis=1)[np.arange(64), lengths] <= slots)
+    return flops.blt_train_flops_per_byte(model, SEQ_LEN, SEQ_LEN / slots) * SEQ_LEN * np.mean(1.0 / lengths)
+
+  costs = {slots: cost(slots) for slots in range(8, int(starts.sum(axis=1).max()) + 8, 8)}
+  assert min(costs, key=costs.get) == budget.max_patches
+  np.testing.assert_allclose(budget.cost_per_byte, costs[budget.max_patches], rtol=1e-9)
+  assert budget.overrides() == f"--config.patching.rows=patches --config.patching.max_patches={budget.max_patches}"
+
+
+def test_command_fits_a_row_budget(entropy_dir, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(calibrate, "SAMPLE_SPAN_BYTES", 256 << 10)
+  out = tmp_path / "calibration.json"
+  argv = ["--checkpoint", str(entropy_dir), "--bytes-per-patch", "3", "--seq-len", str(SEQ_LEN), "--max-rows", "32"]
+  with pytest.raises(SystemExit, match="--rows patches needs --config"):
+    calibrate.main(argv + ["--rows", "patches"])
+  calibrate.main(
+      argv
+      + ["--rows", "patches", "--config", str(ROOT / "configs" / "tiny.py"), "--multiple-of", "8", "--json", str(out)]
+  )
+  printed = capsys.readouterr().out
+  saved = json.loads(out.read_text())["row_budget"]
+  assert saved["max_patches"] % 8 == 0 and saved["overrides"] in printed
+  assert "FLOPs per byte learnt" in printed

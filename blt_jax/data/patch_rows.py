@@ -70,15 +70,20 @@ class RowPatcher:
     return np.asarray(starts)[0, :n]
 
   def row_length(self, starts_T: np.ndarray, available: int) -> int:
-    """Bytes k of the row: k <= `available` (<= seq_len) and at most `max_patches` starts at positions 0..k.
+    """Bytes of the row that starts with `starts_T` (`row_lengths`), at most `available` (<= seq_len)."""
+    return int(row_lengths(starts_T[None, : available + 1], self.max_patches)[0])
 
-    `starts_T` must cover positions 0..available (the last one is the next-token position of a full row).
-    """
-    starts_at = np.flatnonzero(starts_T[: available + 1])
-    if len(starts_at) > self.max_patches:
-      # Ends before the position where patch max_patches + 1 would begin: that position is its next token.
-      return int(starts_at[self.max_patches]) - 1
-    return int(available)
+
+def row_lengths(starts_RT: np.ndarray, max_patches: int) -> np.ndarray:
+  """int [R]: the bytes k < T of rows cut to `max_patches` patches, whose starts are `starts_RT` [R, T]: the
+  largest k whose positions 0..k, the next-token one included, hold at most `max_patches` starts.
+
+  A row ends before the position where patch max_patches + 1 would begin (that position is its next token), or
+  at T - 1 bytes.
+  """
+  count_RT = np.cumsum(np.asarray(starts_RT, bool), axis=1)
+  first_over_R = np.argmax(count_RT > max_patches, axis=1)  # 0 when never over (position 0 holds one start)
+  return np.where(count_RT[:, -1] > max_patches, first_over_R - 1, starts_RT.shape[1] - 1)
 
 
 def starts_field(starts_T: np.ndarray, length: int, seq_len: int) -> np.ndarray:
