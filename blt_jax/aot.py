@@ -147,6 +147,10 @@ class Report:
   temp_bytes: int = 0
   code_bytes: int = 0
   xla_flops: float = 0.0  # XLA's cost analysis for one chip: every loop body counted once
+  # The TPU compiler's own estimate of the step's time (cost analysis `optimal_seconds`, one chip); negative when an
+  # op has no cost model (libtpu's scalar scatter-adds, which patching no longer uses).
+  optimal_seconds: float = 0.0
+  peak_flops: float = 0.0  # the chip's vendor bf16 peak (flops.PEAK_FLOPS), 0 when unknown
   matmul_flops: float = 0.0  # the program's matmuls with loops times their trip counts (hlo_stats), one chip
   uncounted_loops: int = 0  # loops whose trip count could not be read (their matmuls counted once)
   pallas_kernels: int = 0  # Pallas kernel calls (splash attention): their FLOPs are not in matmul_flops
@@ -191,6 +195,7 @@ class Report:
         f"times their trip counts, conditionals at their costliest branch{loops}{kernels}); XLA's cost "
         f"analysis {self.xla_flops:.3g} (loop bodies once)"
     )
+    out.append(self._estimate_line(model))
     for name, value in self.model_flops.items():
       if name != "model":
         out.append(f"  flops.py {name}: {value:.3g}" + (f" ({value / model:.2f} x model)" if model else ""))
@@ -200,6 +205,27 @@ class Report:
         + ", ".join(f"{k} {v['ops']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in self.collectives.items() if v["ops"])
     )
     return out
+
+  @property
+  def estimated_mfu(self) -> float:
+    """flops.py's model FLOPs per chip over the compiler's estimated step time, against the chip's peak (0: none)."""
+    model = self.model_flops.get("model", 0.0)
+    if self.optimal_seconds <= 0 or not self.peak_flops or not model:
+      return 0.0
+    return model / self.optimal_seconds / self.peak_flops
+
+  def _estimate_line(self, model: float) -> str:
+    if self.optimal_seconds <= 0:
+      return (
+          f"TPU compiler's time estimate: none (optimal_seconds {self.optimal_seconds:.3g}: an op without a cost "
+          f"model)"
+      )
+    rate = model / self.optimal_seconds
+    mfu = f", {self.estimated_mfu:.1%} of the chip's {self.peak_flops / 1e12:g} TFLOP/s" if self.peak_flops else ""
+    return (
+        f"TPU compiler's time estimate: {self.optimal_seconds:.3g} s per step (optimal_seconds): flops.py's model "
+        f"FLOPs at {rate / 1e12:.1f} TFLOP/s per chip{mfu} (estimated MFU)"
+    )
 
   def _breakdown_lines(self) -> list:
     """Per stage: compiled matmul FLOPs by pass, and the attention (scores and values) share."""
@@ -264,11 +290,11 @@ def model_flops_per_chip(
   return out
 
 
-def _xla_flops(compiled) -> float:
+def _xla_cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per partition
     cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
+  return dict(cost or {})
 
 
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|exceed(s|ed)? .*(hbm|memory)", re.S)
@@ -343,7 +369,10 @@ def compile_step(
   report.fits = not report.hbm_bytes or report.total_bytes <= report.hbm_bytes
   if not report.fits:
     report.error = f"needs {report.total_bytes / GiB:.2f} GiB"
-  report.xla_flops = _xla_flops(compiled)
+  cost = _xla_cost(compiled)
+  report.xla_flops = float(cost.get("flops", 0.0))
+  report.optimal_seconds = float(cost.get("optimal_seconds", 0.0))
+  report.peak_flops = flops_lib.device_peak_flops(devices[0])
   hlo = compiled.as_text()
   report.matmul_parts, report.uncounted_loops = hlo_stats.matmul_flops_by(hlo, flops_part)
   report.matmul_flops = sum(report.matmul_parts.values())
@@ -364,7 +393,7 @@ def _oom_summary(message: str) -> str:
 
 def report_dict(report: Report) -> dict:
   """The report as json-able data (`total_bytes` included)."""
-  return dict(dataclasses.asdict(report), total_bytes=report.total_bytes)
+  return dict(dataclasses.asdict(report), total_bytes=report.total_bytes, estimated_mfu=report.estimated_mfu)
 
 
 def main(argv=None) -> int:

@@ -206,6 +206,15 @@ def limit_patch_length(starts_BT: jnp.ndarray, max_patch_length: int | None) -> 
   return starts_BT | (offset_BT % max_patch_length == 0)
 
 
+def _first_reaching(sorted_BC: jnp.ndarray, targets_K: jnp.ndarray) -> jnp.ndarray:
+  """int32 [B, K]: per row of nondecreasing `sorted_BC`, the first index whose value is >= each target (C if none).
+
+  A binary search (log2 C steps of gathers), not a scatter, so every backend and libtpu's cost model handle it.
+  """
+  search = lambda row_C: jnp.searchsorted(row_C, targets_K, side="left", method="scan")
+  return jax.vmap(search)(sorted_BC).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("max_patches",))
 def starts_to_patches(starts_BT: jnp.ndarray, max_patches: int) -> Patches:
   """Start mask -> fixed-shape `Patches` with `max_patches` columns.
@@ -220,12 +229,15 @@ def starts_to_patches(starts_BT: jnp.ndarray, max_patches: int) -> Patches:
   if max_patches < 1:
     raise ValueError(f"max_patches must be >= 1, got {max_patches}")
   starts_BT = starts_BT.at[:, 0].set(True)
-  raw_ids_BT = jnp.cumsum(starts_BT.astype(jnp.int32), axis=1) - 1
-  needed_B = raw_ids_BT[:, -1] + 1
-  patch_ids_BT = jnp.minimum(raw_ids_BT, max_patches - 1)
-  rows_BT = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, num_positions))
-  lengths_BP = jnp.zeros((batch, max_patches), jnp.int32)
-  lengths_BP = lengths_BP.at[rows_BT, patch_ids_BT].add(1)
+  count_BT = jnp.cumsum(starts_BT.astype(jnp.int32), axis=1)  # starts at or before each position
+  needed_B = count_BT[:, -1]
+  patch_ids_BT = jnp.minimum(count_BT - 1, max_patches - 1)
+  # Patch p begins at the first position whose count reaches p + 1 (T past the row's patches) and ends where
+  # patch p + 1 begins; the last slot runs to T, taking in the overflow. (A scatter-add of ones would say the same,
+  # but libtpu has no cost model for scalar scatter-adds: `aot`'s time estimate.)
+  begin_BP = _first_reaching(count_BT, jnp.arange(1, max_patches + 1, dtype=jnp.int32))
+  end_BP = jnp.concatenate([begin_BP[:, 1:], jnp.full((batch, 1), num_positions, jnp.int32)], axis=1)
+  lengths_BP = end_BP - begin_BP
   return Patches(
       patch_lengths_BP=lengths_BP,
       patch_ids_BT=patch_ids_BT,
@@ -245,11 +257,8 @@ def patch_ids_from_lengths(patch_lengths_BP: jnp.ndarray, num_positions: int) ->
   lengths_BP = jnp.asarray(patch_lengths_BP).astype(jnp.int32)
   batch = lengths_BP.shape[0]
   bounds_BC = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(lengths_BP, axis=1)], axis=1)
-  rows_BC = jnp.broadcast_to(jnp.arange(batch)[:, None], bounds_BC.shape)
-  # Count patch boundaries at every position; those >= num_positions drop out.
-  counts_BT = jnp.zeros((batch, num_positions), jnp.int32)
-  counts_BT = counts_BT.at[rows_BC, bounds_BC].add(1, mode="drop")
-  return jnp.cumsum(counts_BT, axis=1) - 1
+  # #{m : c_m <= j} is the first m with c_m > j, i.e. reaching j + 1 (c is nondecreasing: lengths are >= 0).
+  return _first_reaching(bounds_BC, _positions(num_positions) + 1) - 1
 
 
 @functools.partial(jax.jit, static_argnames=("num_tokens",))

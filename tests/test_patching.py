@@ -406,3 +406,24 @@ def test_space_causality():
     np.testing.assert_array_equal(starts_BT[t + 1, : t + 1], base_T[: t + 1])
     # Token t only affects starts t+1 and t+2.
     np.testing.assert_array_equal(starts_BT[t + 1, t + 3 :], base_T[t + 3 :])
+
+
+def test_lengths_and_ids_match_the_counting_definition():
+  """`starts_to_patches` and `patch_ids_from_lengths` (binary searches) against the obvious per-position counts:
+  overflow merged into the last slot, zero-length patches, positions past the lengths' sum."""
+  rng = np.random.default_rng(0)
+  for _ in range(100):
+    batch, positions = 3, int(rng.integers(2, 60))
+    slots = int(rng.integers(1, positions + 3))
+    starts = rng.random((batch, positions)) < rng.random()
+    got = patching.starts_to_patches(jnp.asarray(starts), slots)
+    starts[:, 0] = True
+    ids = np.minimum(np.cumsum(starts, axis=1) - 1, slots - 1)
+    lengths = np.stack([np.bincount(row, minlength=slots) for row in ids])
+    np.testing.assert_array_equal(got.patch_ids_BT, ids)
+    np.testing.assert_array_equal(got.patch_lengths_BP, lengths)
+    lengths = rng.integers(0, 5, (batch, slots))
+    num = int(rng.integers(1, 3 * slots + 2))
+    bounds = np.concatenate([np.zeros((batch, 1), int), np.cumsum(lengths, axis=1)], axis=1)
+    expected = np.array([[np.sum(bounds[b] <= j) - 1 for j in range(num)] for b in range(batch)])
+    np.testing.assert_array_equal(patching.patch_ids_from_lengths(jnp.asarray(lengths), num), expected)
