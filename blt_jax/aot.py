@@ -149,8 +149,13 @@ class Report:
   xla_flops: float = 0.0  # XLA's cost analysis for one chip: every loop body counted once
   # The TPU compiler's own estimate of the step's time (cost analysis `optimal_seconds`, one chip); negative when an
   # op has no cost model (libtpu's scalar scatter-adds, which patching no longer uses).
+  # XLA prices a loop's body once, as its FLOPs: with a scanned stack this is not the step's time (`estimate_step`).
   optimal_seconds: float = 0.0
+  loops: int = 0  # while loops in the compiled program (a scanned stack, grad accumulation, blocked attention)
   peak_flops: float = 0.0  # the chip's vendor bf16 peak (flops.PEAK_FLOPS), 0 when unknown
+  # `estimate_step`: the step's time from unrolled compiles of 1 and 2 global layers (0: not estimated)
+  estimated_seconds: float = 0.0
+  estimate_note: str = ""
   matmul_flops: float = 0.0  # the program's matmuls with loops times their trip counts (hlo_stats), one chip
   uncounted_loops: int = 0  # loops whose trip count could not be read (their matmuls counted once)
   pallas_kernels: int = 0  # Pallas kernel calls (splash attention): their FLOPs are not in matmul_flops
@@ -208,24 +213,31 @@ class Report:
 
   @property
   def estimated_mfu(self) -> float:
-    """flops.py's model FLOPs per chip over the compiler's estimated step time, against the chip's peak (0: none)."""
+    """flops.py's model FLOPs per chip over the estimated step time (`estimate_step`), against the chip's peak; also
+    from `optimal_seconds` itself when the program has no loop. 0: no estimate."""
     model = self.model_flops.get("model", 0.0)
-    if self.optimal_seconds <= 0 or not self.peak_flops or not model:
+    seconds = self.estimated_seconds or (self.optimal_seconds if self.loops == 0 else 0.0)
+    if seconds <= 0 or not self.peak_flops or not model:
       return 0.0
-    return model / self.optimal_seconds / self.peak_flops
+    return model / seconds / self.peak_flops
 
   def _estimate_line(self, model: float) -> str:
+    raw = f"optimal_seconds {self.optimal_seconds:.3g}"
     if self.optimal_seconds <= 0:
-      return (
-          f"TPU compiler's time estimate: none (optimal_seconds {self.optimal_seconds:.3g}: an op without a cost "
-          f"model)"
+      raw += " (negative: an op without a cost model on this chip)"
+    elif self.loops:
+      raw += f" (each of {self.loops} loop bodies priced once, as XLA's FLOPs)"
+    line = f"TPU compiler's time estimate: {raw}"
+    seconds = self.estimated_seconds or (self.optimal_seconds if self.loops == 0 else 0.0)
+    if seconds > 0:
+      mfu = f", {self.estimated_mfu:.1%} of the chip's {self.peak_flops / 1e12:g} TFLOP/s" if self.peak_flops else ""
+      line += (
+          f"; step {seconds:.3g} s{self.estimate_note}: flops.py's model FLOPs at {model / seconds / 1e12:.1f} "
+          f"TFLOP/s per chip{mfu} (estimated MFU)"
       )
-    rate = model / self.optimal_seconds
-    mfu = f", {self.estimated_mfu:.1%} of the chip's {self.peak_flops / 1e12:g} TFLOP/s" if self.peak_flops else ""
-    return (
-        f"TPU compiler's time estimate: {self.optimal_seconds:.3g} s per step (optimal_seconds): flops.py's model "
-        f"FLOPs at {rate / 1e12:.1f} TFLOP/s per chip{mfu} (estimated MFU)"
-    )
+    elif self.loops and self.optimal_seconds > 0:
+      line += "; --estimate_time prices the whole stack"
+    return line
 
   def _breakdown_lines(self) -> list:
     """Per stage: compiled matmul FLOPs by pass, and the attention (scores and values) share."""
@@ -373,6 +385,7 @@ def compile_step(
   report.xla_flops = float(cost.get("flops", 0.0))
   report.optimal_seconds = float(cost.get("optimal_seconds", 0.0))
   report.peak_flops = flops_lib.device_peak_flops(devices[0])
+  report.loops = hlo_stats.while_loops(compiled.as_text())
   hlo = compiled.as_text()
   report.matmul_parts, report.uncounted_loops = hlo_stats.matmul_flops_by(hlo, flops_part)
   report.matmul_flops = sum(report.matmul_parts.values())
@@ -389,6 +402,38 @@ def _oom_summary(message: str) -> str:
   lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
   keep = [line for line in lines if re.search(r"[Rr]an out of memory|[Uu]sed .* of .*|[Ee]xceeded", line)]
   return " ".join(keep[:3] or lines[:1])[:600]
+
+
+def estimate_step(
+    cfg: ml_collections.ConfigDict, topology: str, report: Report, entropy_config: Optional[str] = None, progress=None
+) -> Report:
+  """Fills `report.estimated_seconds`: the TPU compiler's time for the step of `cfg` with its whole global stack.
+
+  XLA prices a loop's body once, so a scanned stack's `optimal_seconds` is about one layer's. The step is compiled
+  twice more, unrolled (`scan_layers=False`) with 1 and 2 global layers, which is quick; their difference is one
+  layer's time, and the step's is the 1-layer time plus `n_layers_global - 1` of those. Left at 0, with
+  `estimate_note` saying why, when either compile has a loop or no valid estimate.
+  """
+  import copy  # pylint: disable=g-import-not-at-top
+
+  seconds = []
+  for layers in (1, 2):
+    small = copy.deepcopy(cfg)
+    small.scan_layers = False
+    small.model.n_layers_global = layers
+    if progress is not None:
+      progress(f"estimating the step's time: compiling {layers} unrolled global layer(s) ...")
+    r = compile_step(small, topology, entropy_config)
+    if not r.fits or r.optimal_seconds <= 0 or r.loops:
+      why = "does not fit" if not r.fits else f"loops {r.loops}, optimal_seconds {r.optimal_seconds:.3g}"
+      report.estimate_note = f" (no estimate: the {layers}-layer compile {why})"
+      return report
+    seconds.append(r.optimal_seconds)
+  per_layer = seconds[1] - seconds[0]
+  layers = int(cfg.model.n_layers_global)
+  report.estimated_seconds = seconds[0] + (layers - 1) * per_layer
+  report.estimate_note = f" (1 layer {seconds[0]:.3g} s + {layers - 1} x {per_layer:.3g} s, unrolled compiles)"
+  return report
 
 
 def report_dict(report: Report) -> dict:
@@ -415,6 +460,11 @@ def main(argv=None) -> int:
   )
   flags.DEFINE_float("mean_patch_length", 4.5, "Bytes per patch for flops.py's model FLOPs (paper accounting).")
   flags.DEFINE_string("json", None, "Also write the report as json to this file.")
+  flags.DEFINE_bool(
+      "estimate_time",
+      False,
+      "Also compile the step unrolled with 1 and 2 global layers for the TPU compiler's step time (estimate_step).",
+  )
   flags.DEFINE_string("hlo", None, "Also write the compiled program's HLO text to this file.")
   flags.DEFINE_enum(
       "step",
@@ -452,6 +502,8 @@ def main(argv=None) -> int:
           progress=lambda line: print(line, flush=True),
           hlo_path=f.hlo,
       )
+      if f.estimate_time and report.fits:
+        estimate_step(cfg, topology, report, f.entropy_config, progress=lambda line: print(line, flush=True))
       data = report_dict(report)
     else:
       from blt_jax import aot_inference  # pylint: disable=g-import-not-at-top

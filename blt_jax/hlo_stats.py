@@ -326,3 +326,9 @@ def count_collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
 def pallas_kernels(hlo_text: str) -> int:
   """Pallas (Mosaic) kernel calls in a compiled TPU program: opaque custom calls whose FLOPs no count above sees."""
   return len(re.findall(r'custom_call_target="tpu_custom_call"', hlo_text))
+
+
+def while_loops(hlo_text: str) -> int:
+  """`while` instructions in a compiled program (a scanned stack, grad accumulation, a blocked attention's loops)."""
+  computations, _ = parse_module(hlo_text)
+  return sum(1 for instructions in computations.values() for i in instructions if i.op == "while")

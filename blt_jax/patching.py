@@ -209,9 +209,10 @@ def limit_patch_length(starts_BT: jnp.ndarray, max_patch_length: int | None) -> 
 def _first_reaching(sorted_BC: jnp.ndarray, targets_K: jnp.ndarray) -> jnp.ndarray:
   """int32 [B, K]: per row of nondecreasing `sorted_BC`, the first index whose value is >= each target (C if none).
 
-  A binary search (log2 C steps of gathers), not a scatter, so every backend and libtpu's cost model handle it.
+  A binary search (log2 C steps of gathers, unrolled: no loop for a cost model to price once), not a scatter,
+  so every backend and libtpu's cost model handle it.
   """
-  search = lambda row_C: jnp.searchsorted(row_C, targets_K, side="left", method="scan")
+  search = lambda row_C: jnp.searchsorted(row_C, targets_K, side="left", method="scan_unrolled")
   return jax.vmap(search)(sorted_BC).astype(jnp.int32)
 
 

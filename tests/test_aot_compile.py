@@ -251,15 +251,24 @@ def test_a_tensor_group_does_not_repeat_the_patcher_or_the_byte_logits(tmp_path)
   assert by_op["output"] == pytest.approx(3 * 2 * rows * dim * vocab / 8, rel=0.01), by_op["output"]
 
 
-def test_a_v5p_step_has_a_time_estimate():
-  """The TPU compiler's own step time (`optimal_seconds`) is valid on v5p and gives an estimated MFU below 1. (On
-  v5e the same step comes back negative, -3.0 s: some op has no v5e cost model; not found.)"""
+def test_a_scanned_v5p_step_gets_the_time_of_its_whole_stack():
+  """The TPU compiler's `optimal_seconds` prices a loop body once (a scanned stack of 4 layers costs about what 1
+  does); `estimate_step` extrapolates unrolled 1- and 2-layer compiles, and lands on the unrolled 4-layer step's
+  own estimate. (On v5e the tiny step comes back negative, -3.0 s: some op has no v5e cost model; not found.)"""
   cfg = _small_tiny()
   cfg.global_batch_size = 8
+  cfg.model.n_layers_global = 4
+  cfg.scan_layers = True
   report = aot.compile_step(cfg, "v5p:2x2x1")
-  assert report.optimal_seconds > 0 and report.peak_flops == flops.PEAK_FLOPS["TPU v5"]
-  assert 0 < report.estimated_mfu < 1
-  assert "estimated MFU" in "\n".join(report.lines())
+  assert report.optimal_seconds > 0 and report.loops > 0 and report.peak_flops == flops.PEAK_FLOPS["TPU v5"]
+  assert report.estimated_mfu == 0 and "--estimate_time" in "\n".join(report.lines())  # one layer's time is no MFU
+  aot.estimate_step(cfg, "v5p:2x2x1", report)
+  cfg.scan_layers = False
+  unrolled = aot.compile_step(cfg, "v5p:2x2x1")
+  assert unrolled.loops == 0 and unrolled.estimated_mfu > 0
+  assert report.estimated_seconds == pytest.approx(unrolled.optimal_seconds, rel=0.1)
+  assert report.estimated_seconds > report.optimal_seconds  # three more layers than the loop body priced once
+  assert 0 < report.estimated_mfu < 1 and "estimated MFU" in "\n".join(report.lines())
 
 
 def test_patching_has_a_tpu_time_estimate():
