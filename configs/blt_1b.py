@@ -51,10 +51,11 @@ def get_config():
   c.compute_dtype = "bfloat16"
   c.remat = True
   # What the backward pass keeps: the projections, in host memory (no recompute). Chosen by compiling
-  # (scripts/aot_compile.py; BENCHMARKS.md "Pod steps that run the model's FLOPs"), per chip, 1.14x flops.py's model
-  # FLOPs on both slices ("full" recompute: 1.40x):
-  #   v6e:8x16   19.8 of 32 GiB; "dots" (kept in HBM) needs 34.1 GiB and does not fit.
-  #   v5p:4x4x8  20.2 of 95 GiB; --config.remat_policy=dots also fits (34.5 GiB) and spares the host transfers.
+  # (scripts/aot_compile.py; BENCHMARKS.md "Pod steps that run the model's FLOPs"). With 4096 slots of 14 KiB rows,
+  # per chip 1.14x flops.py's model FLOPs on both slices ("full" recompute: 1.40x). With the patch budget above
+  # (BENCHMARKS.md "Rows cut to a patch budget"): 0.84x, 0.98x per byte the rows hold.
+  #   v6e:8x16   18.5 of 32 GiB; "dots" (kept in HBM) needed 34.1 GiB with 4096 slots and did not fit.
+  #   v5p:4x4x8  18.9 of 95 GiB; --config.remat_policy=dots also fits (28.8 GiB) and spares the host transfers.
   c.remat_policy = "offload_dots_no_batch"
   c.optimizer.lr = 4e-4
   c.optimizer.warmup = 2000

@@ -30,7 +30,8 @@ def get_config():
   c.mesh.fsdp = -1
   c.mesh.tensor = 4  # 7B global layers: tensor parallel within a host (on a 16 x 16 v6e: segments of one ring)
   # As the 1B: the projections kept in host memory, no recompute (BENCHMARKS.md "Pod steps that run the model's
-  # FLOPs"), per chip 1.19x flops.py's model FLOPs. v5p:4x4x8: 51.5 of 95 GiB ("dots", kept in HBM: 90.8 GiB, over
-  # the 10% margin). v6e:16x16: 26.0 of 32 GiB.
+  # FLOPs"), per chip 1.19x flops.py's model FLOPs with 4096 slots, 0.82x (0.98x per byte learnt) with the patch
+  # budget. v5p:4x4x8: 41.0 of 95 GiB ("dots", kept in HBM, needed 90.8 GiB with 4096 slots, over the 10% margin).
+  # v6e:16x16: 23.6 of 32 GiB.
   c.remat_policy = "offload_dots_no_batch"
   return c
