@@ -269,15 +269,11 @@ class RowBudget:
 
 def row_starts(tokens_RN: np.ndarray, entropies_RN: np.ndarray, patching: PatchingConfig) -> np.ndarray:
   """bool `[R, N + 1]`: the patch starts of rows that begin where the rows do (the step's rule, op by op)."""
-  kwargs = patching.patch_kwargs()
-  max_len = kwargs.pop("max_patch_length")
   out = []
   with jax.disable_jit():
     for start in range(0, tokens_RN.shape[0], 256):
-      starts = patching_lib.mode_starts(
-          tokens_RN[start : start + 256], entropies_RN[start : start + 256], include_next_token=True, **kwargs
-      )
-      out.append(np.asarray(patching_lib.limit_patch_length(starts, max_len)))
+      rows = tokens_RN[start : start + 256], entropies_RN[start : start + 256]
+      out.append(np.asarray(patching_lib.starts(*rows, include_next_token=True, **patching.patch_kwargs())))
   return np.concatenate(out)
 
 

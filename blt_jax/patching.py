@@ -324,6 +324,19 @@ def mode_starts(
   raise ValueError(f"unknown patching mode {opts.mode!r}; expected one of {MODES}")
 
 
+@functools.partial(jax.jit, static_argnames=ModeOptions._fields + ("max_patch_length",))
+def starts(
+    tokens_BN: jnp.ndarray,
+    entropies_BN: jnp.ndarray | None = None,
+    *,
+    max_patch_length: int | None = None,
+    **mode_options,
+) -> jnp.ndarray:
+  """The patch starts, bool [B, T]: the mode's (`mode_starts`), then `max_patch_length` splits. The one rule the
+  step (`patch`), the loader's patch budget (`data.patch_rows`) and calibration use."""
+  return limit_patch_length(mode_starts(tokens_BN, entropies_BN, **mode_options), max_patch_length)
+
+
 @functools.partial(jax.jit, static_argnames=ModeOptions._fields + ("max_patch_length", "max_patches"))
 def patch(
     tokens_BN: jnp.ndarray,
@@ -339,8 +352,7 @@ def patch(
   `max_patches=None` uses T columns, which can never overflow. All arguments
   but the two arrays are static (hashable), so a jnp threshold is not allowed.
   """
-  starts_BT = mode_starts(tokens_BN, entropies_BN, **mode_options)
-  starts_BT = limit_patch_length(starts_BT, max_patch_length)
+  starts_BT = starts(tokens_BN, entropies_BN, max_patch_length=max_patch_length, **mode_options)
   if max_patches is None:
     max_patches = starts_BT.shape[1]
   return starts_to_patches(starts_BT, max_patches)

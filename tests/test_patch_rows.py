@@ -93,11 +93,13 @@ def test_carried_starts_are_the_steps_rule_on_the_row(name):
   for r in rows:
     length = int(r["loss_mask"].sum())
     entropies = jnp.asarray(r["entropies"][None]) if pc.mode == "entropy" else None
-    kwargs = pc.patch_kwargs()
-    max_len = kwargs.pop("max_patch_length")
-    in_step = patching.limit_patch_length(
-        patching.mode_starts(jnp.asarray(r["tokens"][None]), entropies, include_next_token=True, **kwargs), max_len
-    )
+    # The step's own patcher on the row (`patching.patch`), its starts read back from its lengths.
+    lengths = np.asarray(
+        patching.patch(jnp.asarray(r["tokens"][None]), entropies, **pc.patch_kwargs()).patch_lengths_BP
+    )[0]
+    in_step = np.zeros((1, L + 1), bool)
+    in_step[0, np.cumsum(lengths[lengths > 0])[:-1]] = True
+    in_step[0, 0] = True
     carried = np.asarray(patch_rows.step_starts(jnp.asarray(r[patch_rows.STARTS][None])))[0]
     # Positions 0..length: the row's bytes and its next-token position (a start depends only on what precedes it).
     np.testing.assert_array_equal(np.asarray(in_step)[0, : length + 1], carried[: length + 1])

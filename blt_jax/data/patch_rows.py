@@ -4,7 +4,7 @@ A row of `seq_len` bytes patched inside the step needs a varying number of patch
 `max_patches` slots sized for the densest rows, and most rows leave many of them empty (the padding term of
 BENCHMARKS.md's pod tables). Here the loader patches instead: for each row it runs the model's own rule
 (`patching.mode_starts` and `limit_patch_length`, on the host CPU) over the next `seq_len + 1` tokens of the stream,
-exactly as the step would over a row starting there, and ends the row at `seq_len` bytes or before, so that its
+(`patching.starts`), exactly as the step would over a row starting there, and ends the row at `seq_len` bytes or before, so that its
 positions, the next-token one included (spec 3.2: a row of k bytes is patched over k + 1 positions), hold at most
 `max_patches` patches. The row carries its starts (`patch_starts`), so the step builds its patches from them and
 never overflows; the next row starts at the next-token position of this one (every token is an input once).
@@ -16,7 +16,6 @@ it, as the step does for each row: positions 0 and 1 of every row start (the mod
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -29,12 +28,6 @@ from blt_jax import patching, tokenizer
 # the next-token position of a row of k bytes), 0 over the padding.
 STARTS = "patch_starts"
 ROW_MODES = ("bytes", "patches")
-
-
-@functools.partial(jax.jit, static_argnames=("max_patch_length",) + patching.ModeOptions._fields)
-def _window_starts(tokens_1T, entropies_1T, *, max_patch_length, **mode_options):
-  starts_1T = patching.mode_starts(tokens_1T, entropies_1T, include_next_token=False, **mode_options)
-  return patching.limit_patch_length(starts_1T, max_patch_length)
 
 
 class RowPatcher:
@@ -66,7 +59,8 @@ class RowPatcher:
     if entropies_T is not None:
       ent[0, :n] = entropies_T
     with jax.default_device(self._cpu):
-      starts = _window_starts(jnp.asarray(ids), jnp.asarray(ent) if self.needs_entropies else None, **self.kwargs)
+      entropies = jnp.asarray(ent) if self.needs_entropies else None
+      starts = patching.starts(jnp.asarray(ids), entropies, include_next_token=False, **self.kwargs)
     return np.asarray(starts)[0, :n]
 
   def row_length(self, starts_T: np.ndarray, available: int) -> int:
